@@ -167,6 +167,14 @@ class MatryoshkaTrainingSAEConfig(TrainingSAEConfig):
             ``sum_i c_i * [h_i > theta_i]``, same nesting.
         jumprelu_init_threshold, jumprelu_bandwidth: (jumprelu) initial
             threshold and the straight-through estimators' kernel width.
+        training_path: how a training step is computed. ``"sparse"`` (what
+            ``"auto"`` picks for batchtopk and topk) runs only the encoder's
+            forward matmul densely and everything else from the ``k`` active
+            latents per token: several times faster, same loss and gradients.
+            ``"dense"`` uses dense matmuls throughout (the only path for
+            jumprelu and relu, whose activations are not k-sparse), and is the
+            one to pick when a hook on ``hook_sae_acts_post`` must edit
+            activations during training (the sparse path only lets hooks observe).
     """
 
     matryoshka_widths: list[int] = field(default_factory=list)
@@ -188,6 +196,7 @@ class MatryoshkaTrainingSAEConfig(TrainingSAEConfig):
     l0_warm_up_steps: int = 0
     jumprelu_init_threshold: float = 0.01
     jumprelu_bandwidth: float = 0.05
+    training_path: Literal["auto", "sparse", "dense"] = "auto"
 
     @override
     @classmethod
@@ -212,6 +221,13 @@ class MatryoshkaTrainingSAEConfig(TrainingSAEConfig):
                 stacklevel=3,
             )
         self.k = _check_k(f"{name}.k", self.k, self.activation, self.d_sae)
+        _check_choice(f"{name}.training_path", self.training_path, ("auto", "sparse", "dense"))
+        if self.training_path == "sparse" and self.activation not in K_ACTIVATIONS:
+            raise ValueError(
+                f"{name}.training_path='sparse' needs activation {' or '.join(K_ACTIVATIONS)} "
+                f"(at most k active latents per token); activation={self.activation!r} is not "
+                "k-sparse. Use training_path='auto' or 'dense'."
+            )
         self._check_levels(name)
         self._check_coefficients(name)
         if (
@@ -272,6 +288,13 @@ class MatryoshkaTrainingSAEConfig(TrainingSAEConfig):
         _check_number(f"{name}.jumprelu_bandwidth", self.jumprelu_bandwidth, 0.0, inclusive=False)
         for field_name in ("l1_warm_up_steps", "l0_warm_up_steps"):
             _check_int(f"{name}.{field_name}", getattr(self, field_name), 0)
+
+    @property
+    def sparse_training(self) -> bool:
+        """Whether training steps take the sparse path (see ``training_path``)."""
+        if self.training_path == "auto":
+            return self.activation in K_ACTIVATIONS
+        return self.training_path == "sparse"
 
     @property
     def inference_activation(self) -> str:

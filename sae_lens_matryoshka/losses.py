@@ -13,6 +13,21 @@ def level_mse(levels: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
     return (levels - sae_in).pow(2).sum(dim=-1).flatten(1).mean(dim=1)
 
 
+def aux_k(d_in: int) -> int:
+    """How many dead latents per token the auxiliary loss uses: ``d_in // 2`` (Gao et al. 2024)."""
+    return max(d_in // 2, 1)
+
+
+def dead_latent_mse(recon: torch.Tensor, residual: torch.Tensor, n_dead: int) -> torch.Tensor:
+    """The auxiliary loss of a dead-latent reconstruction ``recon`` of ``residual``.
+
+    Scaled by ``min(n_dead / k_aux, 1)`` so that a handful of dead latents do
+    not dominate (Gao et al. 2024, Appendix B.1).
+    """
+    scale = min(n_dead / aux_k(residual.shape[-1]), 1.0)
+    return scale * (recon - residual).pow(2).sum(dim=-1).mean()
+
+
 def dead_latent_loss(
     residual: torch.Tensor,
     hidden_pre: torch.Tensor,
@@ -20,25 +35,21 @@ def dead_latent_loss(
     W_dec: torch.Tensor,
     scale: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Squared error of the top dead latents' reconstruction of ``residual``.
+    """Squared error of the top dead latents' reconstruction of ``residual`` (dense).
 
     The ``d_in // 2`` dead latents with the largest pre-activations decode
-    (without bias) towards ``residual``; the loss is scaled by
-    ``min(n_dead / (d_in // 2), 1)`` so a handful of dead latents do not
-    dominate (Gao et al. 2024, Appendix B.1). ``scale`` rescales activations to
-    unit-norm decoder units.
+    (without bias) towards ``residual``, see :func:`dead_latent_mse`. ``scale``
+    rescales activations to unit-norm decoder units.
     """
     n_dead = int(dead.sum())
     if n_dead == 0:
         return residual.new_zeros(())
-    k_aux = max(residual.shape[-1] // 2, 1)
     candidates = torch.where(dead, hidden_pre, -torch.inf)
-    top = candidates.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    top = candidates.topk(min(aux_k(residual.shape[-1]), n_dead), dim=-1, sorted=False)
     aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values)
     if scale is not None:
         aux_acts = aux_acts * scale
-    recon = aux_acts @ W_dec
-    return min(n_dead / k_aux, 1.0) * (recon - residual).pow(2).sum(dim=-1).mean()
+    return dead_latent_mse(aux_acts @ W_dec, residual, n_dead)
 
 
 def level_metrics(

@@ -10,6 +10,7 @@ saves the final dictionary with ``save_inference_model`` as a ``MatryoshkaSAE``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +27,38 @@ from sae_lens_matryoshka.levels import (
     pareto_prefix_probabilities,
     sample_prefix_widths,
 )
-from sae_lens_matryoshka.losses import dead_latent_loss, level_metrics, level_mse
+from sae_lens_matryoshka.losses import (
+    aux_k,
+    dead_latent_loss,
+    dead_latent_mse,
+    level_metrics,
+    level_mse,
+)
+from sae_lens_matryoshka.sparse_kernels import (
+    bag_sum,
+    batch_topk_indices,
+    dead_topk_indices,
+    decode_levels_sparse,
+    dense_acts,
+    encoder_values,
+    topk_indices,
+)
+
+
+@dataclass
+class _SparseBatch:
+    """A batch on the sparse path: what encoding leaves for decoding and the aux loss."""
+
+    #: the processed input, ``[n_tokens, d_in]``; its gradient reaches ``b_dec``
+    sae_in: torch.Tensor
+    #: pre-activations in activation units (times decoder norms if rescaled), no gradient
+    hidden_pre: torch.Tensor
+    #: ``||W_dec_j||`` with gradient, when activations are measured in unit-norm units
+    norms: torch.Tensor | None
+    #: the active entries: token and latent ids, and their activations (with gradient)
+    token: torch.Tensor
+    latent: torch.Tensor
+    acts: torch.Tensor
 
 
 class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
@@ -221,8 +253,14 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
         sampled = self.cfg.prefix_sampling != "fixed"
         eval_widths = self.matryoshka_widths if sampled and step_input.is_logging_step else None
 
-        feature_acts, hidden_pre = self.encode_with_hidden_pre(sae_in)
-        all_levels = self.decode_levels(feature_acts, widths, eval_widths)
+        sparse = None
+        if self.training and self.cfg.sparse_training:
+            sparse = self._sparse_encode(sae_in)
+            feature_acts, hidden_pre = self._sparse_outputs(sparse, sae_in.shape)
+            all_levels = self._sparse_decode_levels(sparse, widths, eval_widths, sae_in.shape)
+        else:
+            feature_acts, hidden_pre = self.encode_with_hidden_pre(sae_in)
+            all_levels = self.decode_levels(feature_acts, widths, eval_widths)
         level_outs = all_levels[: len(widths)]
         weights = self._level_weights(len(widths), level_outs)
         mse = level_mse(level_outs, sae_in)
@@ -236,13 +274,13 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
                 losses[f"inner_mse_loss_{width}"] = value
         losses.update(self._sparsity_loss(step_input, feature_acts, hidden_pre, widths, weights))
         losses["auxiliary_reconstruction_loss"] = self._aux_loss(
-            step_input, hidden_pre, level_outs, widths
+            step_input, hidden_pre, level_outs, widths, sparse
         )
         loss = torch.stack(list(losses.values())).sum()
 
         metrics: dict[str, Any] = {}
         if self.cfg.activation == "batchtopk":
-            self._update_threshold(feature_acts)
+            self._update_threshold(feature_acts if sparse is None else sparse.acts)
             metrics["topk_threshold"] = self.topk_threshold
         if eval_widths is not None:
             eval_mse = level_mse(all_levels[len(widths) :].detach(), sae_in)
@@ -258,6 +296,73 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
             losses=losses,
             metrics=metrics,
         )
+
+    def _sparse_encode(self, x: torch.Tensor) -> _SparseBatch:
+        """Encode densely without gradient, select, then re-attach only the active entries."""
+        sae_in = self.process_sae_in(x).reshape(-1, self.cfg.d_in)
+        norms = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
+        with torch.no_grad():
+            # one n_tokens x d_sae buffer: the bias and the norms are applied in place
+            hidden_pre = torch.addmm(self.b_enc, sae_in, self.W_enc)
+            if norms is not None:
+                hidden_pre.mul_(norms)
+            if self.cfg.activation == "batchtopk":
+                token, latent = batch_topk_indices(hidden_pre, self.cfg.k)  # type: ignore[arg-type]
+            else:
+                token, latent = topk_indices(hidden_pre, int(self.cfg.k))  # type: ignore[arg-type]
+        batch = _SparseBatch(sae_in, hidden_pre, norms, token, latent, hidden_pre.new_empty(0))
+        batch.acts = self._active_values(batch, token, latent)
+        return batch
+
+    def _active_values(
+        self, batch: _SparseBatch, token: torch.Tensor, latent: torch.Tensor
+    ) -> torch.Tensor:
+        """Pre-activations at ``(token, latent)`` in activation units, with a sparse backward."""
+        return encoder_values(
+            batch.sae_in, self.W_enc, self.b_enc, batch.norms, batch.hidden_pre, token, latent
+        )
+
+    def _decode_weights(
+        self, batch: _SparseBatch, acts: torch.Tensor, latent: torch.Tensor
+    ) -> torch.Tensor:
+        """Activations as they multiply decoder rows (divided back by the norms if rescaled)."""
+        if batch.norms is None:
+            return acts
+        return acts * (1 / batch.norms)[latent]
+
+    def _sparse_outputs(
+        self, batch: _SparseBatch, shape: torch.Size
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense activations and pre-activations (no gradient) for SAELens's statistics and hooks.
+
+        The hooks observe them; edits a hook makes do not reach the loss (use
+        ``training_path="dense"`` for that).
+        """
+        out_shape = (*shape[:-1], self.cfg.d_sae)
+        hidden_pre = self.hook_sae_acts_pre(batch.hidden_pre.view(out_shape))
+        acts = dense_acts(batch.acts, batch.token, batch.latent, batch.hidden_pre.shape)
+        return self.hook_sae_acts_post(acts.view(out_shape)), hidden_pre
+
+    def _sparse_decode_levels(
+        self,
+        batch: _SparseBatch,
+        widths: list[int],
+        eval_widths: list[int] | None,
+        shape: torch.Size,
+    ) -> torch.Tensor:
+        """:meth:`decode_levels` computed from the active entries only."""
+        weights = self._decode_weights(batch, batch.acts, batch.latent)
+        n_tokens = batch.sae_in.shape[0]
+        args = (batch.token, batch.latent, self.W_dec, self.b_dec)
+        levels = decode_levels_sparse(
+            weights, *args, widths, n_tokens, self.cfg.detach_between_levels
+        )
+        if eval_widths is not None:
+            with torch.no_grad():
+                extra = decode_levels_sparse(weights, *args, eval_widths, n_tokens)
+            levels = torch.cat([levels, extra])
+        levels = levels.view(levels.shape[0], *shape)
+        return self.run_time_activation_norm_fn_out(levels)
 
     def _sparsity_loss(
         self,
@@ -312,6 +417,7 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
         hidden_pre: torch.Tensor,
         level_outs: torch.Tensor,
         widths: list[int],
+        sparse: _SparseBatch | None = None,
     ) -> torch.Tensor:
         """Dead-latent auxiliary loss (Gao et al. 2024), whole-SAE or per level.
 
@@ -329,17 +435,37 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
             parts = list(zip(starts, widths, level_outs, strict=True))
         else:
             parts = [(0, self.cfg.d_sae, level_outs[-1])]
-        scale = self._decoder_scale()
+        scale = self._decoder_scale() if sparse is None else None
         total = zero
         for start, end, recon in parts:
+            residual = (step_input.sae_in - recon).detach()
+            if sparse is not None:
+                total = total + self._sparse_dead_latent_loss(sparse, residual, dead, start, end)
+                continue
             total = total + dead_latent_loss(
-                residual=(step_input.sae_in - recon).detach(),
+                residual=residual,
                 hidden_pre=hidden_pre[..., start:end],
                 dead=dead[start:end],
                 W_dec=self.W_dec[start:end],
                 scale=None if scale is None else scale[start:end],
             )
         return self.cfg.aux_loss_coefficient * total
+
+    def _sparse_dead_latent_loss(
+        self, batch: _SparseBatch, residual: torch.Tensor, dead: torch.Tensor, start: int, end: int
+    ) -> torch.Tensor:
+        """:func:`~sae_lens_matryoshka.losses.dead_latent_loss` of latents ``[start, end)``, sparsely."""
+        n_dead = int(dead[start:end].sum())
+        if n_dead == 0:
+            return residual.new_zeros(())
+        token, latent = dead_topk_indices(
+            batch.hidden_pre[:, start:end], dead[start:end], aux_k(self.cfg.d_in)
+        )
+        latent = latent + start
+        acts = self._active_values(batch, token, latent)
+        weights = self._decode_weights(batch, acts, latent)
+        recon = bag_sum(self.W_dec, latent, token, weights, batch.sae_in.shape[0])
+        return dead_latent_mse(recon.view_as(residual), residual, n_dead)
 
     @torch.no_grad()
     def _update_threshold(self, feature_acts: torch.Tensor) -> None:

@@ -37,6 +37,7 @@ def _pair(
             d_in=D_IN, d_sae=D_SAE, k=K, matryoshka_widths=widths, **options
         )
     )
+    options.pop("training_path", None)
     ref = MatryoshkaBatchTopKTrainingSAE(
         MatryoshkaBatchTopKTrainingSAEConfig(
             d_in=D_IN, d_sae=D_SAE, k=K, matryoshka_widths=list(widths), **options
@@ -95,13 +96,19 @@ DEAD_MASKS = {
 @pytest.mark.parametrize("dead_name", list(DEAD_MASKS))
 @pytest.mark.parametrize("use_matryoshka_aux_loss", [False, True])
 @pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("training_path", ["sparse", "dense"])
 def test_loss_and_gradients_equal_saelens_matryoshka(
-    widths: list[int], dead_name: str, use_matryoshka_aux_loss: bool, rescale: bool
+    widths: list[int],
+    dead_name: str,
+    use_matryoshka_aux_loss: bool,
+    rescale: bool,
+    training_path: str,
 ) -> None:
     ours, ref = _pair(
         widths,
         use_matryoshka_aux_loss=use_matryoshka_aux_loss,
         rescale_acts_by_decoder_norm=rescale,
+        training_path=training_path,
     )
     x = torch.randn(40, D_IN) * 2 + 0.3
     dead = DEAD_MASKS[dead_name]
@@ -163,10 +170,11 @@ def _batches(seed: int, n: int) -> Iterator[torch.Tensor]:
         yield codes @ directions + 0.05 * torch.randn(64, D_IN, generator=generator)
 
 
-def test_training_with_saelens_trainer_reaches_the_same_weights() -> None:
+@pytest.mark.parametrize("training_path", ["sparse", "dense"])
+def test_training_with_saelens_trainer_reaches_the_same_weights(training_path: str) -> None:
     """Many optimizer steps through SAELens's own trainer: same weights as its Matryoshka."""
     steps = 60
-    ours, ref = _pair([6, 18, 48], use_matryoshka_aux_loss=True)
+    ours, ref = _pair([6, 18, 48], use_matryoshka_aux_loss=True, training_path=training_path)
     trainer_cfg = short_run_trainer_config(steps, batch_size=64, lr=1e-3, dead_feature_window=5)
     for sae in (ours, ref):
         SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(1, steps)).fit()
