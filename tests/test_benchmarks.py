@@ -1,0 +1,34 @@
+"""The step-time benchmark runs end to end at a toy size and prints one JSON object."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "step_time.py"
+
+
+def test_step_time_benchmark_reports_every_sae_as_json() -> None:
+    size = ["--d-in", "16", "--d-sae", "128", "--batch", "64", "--k", "4", "--repeats", "1"]
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARK), *size, "--e2e-tokens", "4096", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result = json.loads(completed.stdout)  # stdout holds the JSON object and nothing else
+    names = {"ours_sparse", "ours_dense", "saelens_batchtopk", "saelens_matryoshka_batchtopk"}
+    assert result["median_step_seconds"].keys() == names
+    assert result["step_peak_memory_mib"].keys() == names
+    assert all(seconds > 0 for seconds in result["median_step_seconds"].values())
+    assert result["size"]["matryoshka_widths"] == [4, 12, 28, 60, 128]
+    rates = result["end_to_end_tokens_per_second"]
+    assert rates.keys() == {"ours_sparse", "saelens_matryoshka_batchtopk"}
+    assert all(rate > 0 for rate in rates.values())
+    median = result["median_step_seconds"]
+    assert (
+        result["ours_vs_saelens_batchtopk"] == median["ours_sparse"] / median["saelens_batchtopk"]
+    )
