@@ -17,6 +17,7 @@ from sae_lens_matryoshka.interop import (
     to_portable,
 )
 from sae_lens_matryoshka.registration import register
+from sae_lens_matryoshka.safe_loading import SAEFileError, check_sae_folder, load_sae
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 __version__ = "0.1.0"
@@ -28,9 +29,12 @@ __all__ = [
     "MatryoshkaSAEConfig",
     "MatryoshkaTrainingSAE",
     "MatryoshkaTrainingSAEConfig",
+    "SAEFileError",
+    "check_sae_folder",
     "export_portable",
     "from_dictionary_learning",
     "from_saelens",
+    "load_sae",
     "register",
     "to_inference",
     "to_portable",

@@ -9,9 +9,10 @@ trained, with a message naming the field, what was expected and what was given.
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from sae_lens import SAEConfig, TrainingSAEConfig
@@ -65,6 +66,28 @@ def _check_number(owner: str, value: Any, minimum: float, inclusive: bool = True
 def _check_int(owner: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{owner} must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_field_names(owner: type, config_dict: dict[str, Any]) -> None:
+    """Refuse likely typos of our fields; warn about (and ignore) other unknown fields.
+
+    SAELens drops fields a config class does not know without a word, so a
+    misspelt ``matryoshka_width`` in a ``cfg.json`` or runner config would
+    silently train or load something else. Fields close to one of ours are an
+    error; others (e.g. written by a newer version) are ignored with a warning.
+    """
+    known = {f.name for f in fields(MatryoshkaTrainingSAEConfig)}
+    known |= {f.name for f in fields(MatryoshkaSAEConfig)} | {"architecture"}
+    unknown = sorted(set(config_dict) - known)
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        if close:
+            raise ValueError(
+                f"{owner.__name__}: unknown field {name!r}; did you mean {close[0]!r}? "
+                "(an unknown field would otherwise be ignored)"
+            )
+    if unknown:
+        warnings.warn(f"{owner.__name__} ignores fields it does not know: {unknown}.", stacklevel=3)
 
 
 def _check_k(owner: str, k: Any, activation: str, d_sae: int) -> float | None:
@@ -202,6 +225,12 @@ class MatryoshkaTrainingSAEConfig(TrainingSAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE
+
+    @override
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> MatryoshkaTrainingSAEConfig:
+        check_field_names(cls, config_dict)
+        return super().from_dict(config_dict)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -356,6 +385,12 @@ class MatryoshkaSAEConfig(SAEConfig):
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE
+
+    @override
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> MatryoshkaSAEConfig:
+        check_field_names(cls, config_dict)
+        return super().from_dict(config_dict)
 
     def __post_init__(self) -> None:
         name = type(self).__name__

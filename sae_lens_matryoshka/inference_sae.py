@@ -20,6 +20,7 @@ from typing_extensions import override
 from sae_lens_matryoshka.activations import jumprelu, topk
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig
 from sae_lens_matryoshka.levels import decode_levels
+from sae_lens_matryoshka.safe_loading import check_finite_weights
 
 
 class MatryoshkaSAE(SAE[MatryoshkaSAEConfig]):
@@ -58,6 +59,7 @@ class MatryoshkaSAE(SAE[MatryoshkaSAEConfig]):
         latent, as saving does).
         """
         super().process_state_dict_for_loading(state_dict)
+        check_finite_weights(state_dict)
         state_dict.pop("prefix_rng_state", None)
         if "topk_threshold" in state_dict:
             threshold = state_dict.pop("topk_threshold").clamp(min=0.0)

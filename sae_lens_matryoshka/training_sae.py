@@ -34,6 +34,7 @@ from sae_lens_matryoshka.losses import (
     level_metrics,
     level_mse,
 )
+from sae_lens_matryoshka.safe_loading import check_finite_weights
 from sae_lens_matryoshka.sparse_kernels import (
     bag_sum,
     batch_topk_indices,
@@ -513,6 +514,7 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         # SAELens's loaders cast every tensor to the config dtype; thresholds keep theirs
         super().process_state_dict_for_loading(state_dict)
+        check_finite_weights(state_dict)
         if "topk_threshold" in state_dict:
             state_dict["topk_threshold"] = state_dict["topk_threshold"].double()
         if self.cfg.activation == "jumprelu" and "threshold" in state_dict:
