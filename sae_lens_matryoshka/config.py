@@ -259,6 +259,14 @@ class MatryoshkaTrainingSAEConfig(TrainingSAEConfig):
             )
         self._check_levels(name)
         self._check_coefficients(name)
+        if self.dtype in ("float16", "torch.float16"):
+            warnings.warn(
+                f"{name}.dtype={self.dtype!r}: Adam cannot train float16 parameters (its "
+                "epsilon and second moments underflow, and the weights turn NaN within a few "
+                "steps; SAELens's own SAEs do the same). Train in float32 or bfloat16, with "
+                "autocast=True for speed, and load the result with dtype='float16'.",
+                stacklevel=3,
+            )
         if (
             self.aux_loss_coefficient > 0
             and self.normalize_activations in _PER_TOKEN_NORMALIZATIONS

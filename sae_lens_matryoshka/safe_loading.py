@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from sae_lens import SAE
 from sae_lens.constants import DTYPE_MAP, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
+from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 from sae_lens.registry import SAE_CLASS_REGISTRY
+from safetensors import safe_open
 
 from sae_lens_matryoshka.config import ARCHITECTURE, MatryoshkaSAEConfig, check_field_names
 
@@ -47,6 +49,8 @@ _ITEM_SIZES = {
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 #: tensors that hold SAE weights and so must be floating point
 _WEIGHT_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "topk_threshold")
+#: tensors whose saved precision exceeds the SAE dtype (see ``MatryoshkaTrainingSAE``)
+_THRESHOLD_NAMES = ("threshold", "topk_threshold")
 #: a header larger than this is not one SAELens wrote (it guards the read below)
 _MAX_HEADER_BYTES = 100 * 2**20
 
@@ -204,3 +208,19 @@ def check_finite_weights(state_dict: dict[str, torch.Tensor]) -> None:
                     f"{SAE_WEIGHTS_FILENAME}: {name} holds {bad} non-finite values (NaN/Inf) "
                     f"out of {tensor.numel()}; these weights cannot be used."
                 )
+
+
+def keep_threshold_precision(
+    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """SAELens's disk loader, except that thresholds keep the precision they were saved in.
+
+    SAELens casts every tensor to the config dtype, which rounds a bfloat16
+    SAE's float32 JumpReLU thresholds and float64 BatchTopK EMA to 3 digits.
+    """
+    cfg_dict, state_dict = sae_lens_disk_loader(path, device, cfg_overrides)
+    with safe_open(Path(path) / SAE_WEIGHTS_FILENAME, framework="pt", device=device) as file:
+        for name in _THRESHOLD_NAMES:
+            if name in state_dict:
+                state_dict[name] = file.get_tensor(name)
+    return cfg_dict, state_dict

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from sae_lens import TrainingSAE
+from sae_lens.loading.pretrained_sae_loaders import PretrainedSaeDiskLoader
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
 from torch import nn
 from typing_extensions import override
@@ -34,7 +36,7 @@ from sae_lens_matryoshka.losses import (
     level_metrics,
     level_mse,
 )
-from sae_lens_matryoshka.safe_loading import check_finite_weights
+from sae_lens_matryoshka.safe_loading import check_finite_weights, keep_threshold_precision
 from sae_lens_matryoshka.sparse_kernels import (
     bag_sum,
     batch_topk_indices,
@@ -278,6 +280,10 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
             step_input, hidden_pre, level_outs, widths, sparse
         )
         loss = torch.stack(list(losses.values())).sum()
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(
+                self._non_finite_loss_message(step_input.n_training_steps, losses)
+            )
 
         metrics: dict[str, Any] = {}
         if self.cfg.activation == "batchtopk":
@@ -482,6 +488,22 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
                 lr = self.cfg.topk_threshold_lr
                 self.topk_threshold.copy_((1 - lr) * self.topk_threshold + lr * smallest)
 
+    def _non_finite_loss_message(self, step: int, losses: dict[str, torch.Tensor]) -> str:
+        """Why the loss is NaN/Inf: poisoned parameters (say which), or which loss terms."""
+        parameters = _non_finite_names(dict(self.named_parameters()))
+        if parameters:
+            cause = (
+                f"the parameters {parameters} already hold NaN/Inf, so an earlier update "
+                "overflowed (float16 parameters with Adam do this; train in float32 or "
+                "bfloat16, or lower the learning rate)"
+            )
+        else:
+            cause = f"the loss terms {_non_finite_names(losses)} are NaN/Inf"
+        return (
+            f"Training step {step}: the loss is not finite: {cause}. This step updated nothing; "
+            "checkpoints already written are intact."
+        )
+
     @override
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
@@ -509,6 +531,19 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
         norms = self.fold_and_get_W_dec_norm()
         if threshold is not None:
             self.threshold.data = (threshold * norms).float()
+
+    @override
+    @classmethod
+    def load_from_disk(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str | None = None,
+        converter: PretrainedSaeDiskLoader = keep_threshold_precision,
+        fold_W_dec_norm: bool = False,
+    ) -> MatryoshkaTrainingSAE:
+        """SAELens's ``load_from_disk``, keeping the thresholds' saved precision (for resuming)."""
+        return super().load_from_disk(path, device, dtype, converter, fold_W_dec_norm)
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
@@ -540,6 +575,10 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
             state_dict["threshold"] = torch.full_like(state_dict["b_enc"], threshold.item())
         elif self.cfg.activation == "jumprelu":
             state_dict["threshold"] = state_dict["threshold"].to(state_dict["b_enc"].dtype)
+
+
+def _non_finite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
 
 
 def _check_finite(sae_in: torch.Tensor, step: int) -> None:
