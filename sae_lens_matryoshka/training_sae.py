@@ -9,6 +9,7 @@ saves the final dictionary with ``save_inference_model`` as a ``MatryoshkaSAE``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 from torch import nn
 from typing_extensions import override
 
+from sae_lens_matryoshka import distributed
 from sae_lens_matryoshka.activations import JumpReLUSTE, StepSTE, batch_topk, jumprelu, topk
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.levels import (
@@ -89,6 +91,8 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
 
     def __init__(self, cfg: MatryoshkaTrainingSAEConfig, use_error_term: bool = False) -> None:
         super().__init__(cfg, use_error_term)
+        #: one replica of a data-parallel SAE (set by ``distributed.prepare_data_parallel``)
+        self.data_parallel = False
         if cfg.activation == "batchtopk":
             self.register_buffer(
                 "topk_threshold",
@@ -144,6 +148,14 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
     def _activate(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         activation = self.cfg.activation
         if activation == "batchtopk":
+            if self.training and self.data_parallel:
+                token, latent = distributed.global_batch_topk_indices(
+                    hidden_pre.detach(),
+                    self.cfg.k,  # type: ignore[arg-type]
+                )
+                acts = torch.zeros_like(hidden_pre)
+                acts[token, latent] = hidden_pre[token, latent]
+                return acts
             if self.training:
                 return batch_topk(hidden_pre, self.cfg.k)  # type: ignore[arg-type]
             return jumprelu(hidden_pre, self.inference_threshold.to(hidden_pre.dtype))
@@ -246,6 +258,11 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         _check_finite(step_input.sae_in, step_input.n_training_steps)
+        if self.training and self.data_parallel and step_input.dead_neuron_mask is not None:
+            step_input = dataclasses.replace(
+                step_input,
+                dead_neuron_mask=distributed.global_dead_mask(step_input.dead_neuron_mask),
+            )
         if self.cfg.activation == "jumprelu":
             # projected rather than clamped in the graph, which would zero the
             # gradient of any threshold that reaches 0 (as SAELens does)
@@ -314,7 +331,12 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
             if norms is not None:
                 hidden_pre.mul_(norms)
             if self.cfg.activation == "batchtopk":
-                token, latent = batch_topk_indices(hidden_pre, self.cfg.k)  # type: ignore[arg-type]
+                select = (
+                    distributed.global_batch_topk_indices
+                    if self.data_parallel
+                    else batch_topk_indices
+                )
+                token, latent = select(hidden_pre, self.cfg.k)  # type: ignore[arg-type]
             else:
                 token, latent = topk_indices(hidden_pre, int(self.cfg.k))  # type: ignore[arg-type]
         batch = _SparseBatch(sae_in, hidden_pre, norms, token, latent, hidden_pre.new_empty(0))
@@ -478,10 +500,16 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
     def _update_threshold(self, feature_acts: torch.Tensor) -> None:
         """Track the smallest kept activation: the JumpReLU threshold for inference."""
         positive = feature_acts[feature_acts > 0]
-        if positive.numel() == 0:
-            return
         with torch.autocast(self.topk_threshold.device.type, enabled=False):
-            smallest = positive.min().to(self.topk_threshold.dtype)
+            smallest = (
+                positive.min().to(self.topk_threshold.dtype)
+                if positive.numel()
+                else self.topk_threshold.new_tensor(torch.inf)
+            )
+            if self.data_parallel:
+                smallest = distributed.global_min(smallest)
+            if torch.isinf(smallest):
+                return
             if self.topk_threshold < 0:
                 self.topk_threshold.copy_(smallest)
             else:

@@ -1,0 +1,202 @@
+"""Data-parallel training under ``torchrun``, with SAELens's own runner and trainer.
+
+Every rank builds the same runner, reads a disjoint shard of the token stream
+(or of a cached-activation dataset), and trains a replica of one SAE. What
+keeps the replicas one SAE:
+
+- gradients are averaged across ranks as they are accumulated (a hook per
+  parameter), before SAELens clips them and Adam steps, so every rank takes the
+  same step; parameters and buffers are broadcast from rank 0 at the start;
+- **BatchTopK selects across the global batch**: the ``k * n_tokens * world_size``
+  largest pre-activations of all ranks together, exactly what one process sees
+  on the concatenated batch (ranks exchange only their local top candidates'
+  values). Per-rank selection would let a rank with quiet tokens keep weak
+  activations another rank's strong ones would have displaced;
+- a latent is dead only if it fired on no rank within the window (the AND of
+  the ranks' dead masks), and the inference threshold tracks the smallest kept
+  activation over all ranks, so the aux loss and the saved threshold are the
+  single-process ones;
+- the prefix sampler and learning-rate and coefficient schedules advance
+  identically on every rank from the same seed and step count.
+
+Rank 0 alone logs, writes checkpoints and saves the result. Collectives time
+out (``--collective-timeout``/``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT``, default
+600 s), so a rank that dies makes the others stop with :class:`CollectiveError`
+instead of hanging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset, IterableDataset
+from datasets.distributed import split_dataset_by_node
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
+
+from sae_lens_matryoshka.sparse_kernels import batch_topk_indices
+
+TIMEOUT_ENV = "SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+
+T = TypeVar("T")
+
+
+class CollectiveError(RuntimeError):
+    """A collective operation across ranks failed: another rank died, stalled or diverged."""
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def init_from_env(timeout_s: float | None = None) -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ...), if any.
+
+    Returns whether training is data-parallel. NCCL on GPUs (each rank on
+    ``cuda:LOCAL_RANK``), gloo on CPU.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        if timeout_s is None:
+            timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        backend = "gloo"
+        if torch.cuda.is_available():
+            backend = "nccl"
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return world_size() > 1
+
+
+def _collective(what: str, operation: Callable[[], T]) -> T:
+    try:
+        return operation()
+    except (RuntimeError, dist.DistError) as error:
+        raise CollectiveError(
+            f"rank {rank()} of {world_size()}: {what} failed. Another rank has probably died "
+            f"or stalled (collective timeout: set {TIMEOUT_ENV} or --collective-timeout). "
+            f"Cause: {error}"
+        ) from error
+
+
+def _average_gradient(param: torch.Tensor) -> None:
+    grad = param.grad
+    assert grad is not None
+    _collective("averaging gradients", lambda: dist.all_reduce(grad))
+    grad.div_(world_size())
+
+
+def prepare_data_parallel(sae: TrainingSAE[Any]) -> None:
+    """Make ``sae`` one replica of a data-parallel SAE (call on every rank, before training).
+
+    Broadcasts rank 0's parameters and buffers, averages every gradient across
+    ranks as it is accumulated, and switches the SAE's batch-global state
+    (BatchTopK selection, dead latents, inference threshold) to global semantics.
+    """
+    if world_size() <= 1:
+        return
+    with torch.no_grad():
+        for tensor in [*sae.parameters(), *sae.buffers()]:
+            _collective("broadcasting the initial weights", lambda t=tensor: dist.broadcast(t, 0))
+    for param in sae.parameters():
+        param.register_post_accumulate_grad_hook(_average_gradient)
+    sae.data_parallel = True  # type: ignore[attr-defined]
+
+
+def global_dead_mask(dead: torch.Tensor) -> torch.Tensor:
+    """Dead on every rank (fired on none within the window): the single-process dead mask."""
+    flags = dead.to(torch.uint8)
+    _collective("agreeing on dead latents", lambda: dist.all_reduce(flags, op=dist.ReduceOp.MIN))
+    return flags.bool()
+
+
+def global_min(value: torch.Tensor) -> torch.Tensor:
+    """The minimum of a scalar over all ranks."""
+    value = value.clone()
+    _collective("agreeing on the threshold", lambda: dist.all_reduce(value, op=dist.ReduceOp.MIN))
+    return value
+
+
+def global_batch_topk_indices(
+    hidden_pre: torch.Tensor, k: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the BatchTopK selection over the global batch.
+
+    The global batch keeps its ``k * n_tokens * world_size`` largest positive
+    values (equal batches on every rank). No rank can contribute more than that,
+    so each takes its local top that many, the ranks exchange those values, and
+    each keeps its entries at or above the global cut-off. Exact up to ties at
+    the cut-off across ranks.
+    """
+    n_ranks = world_size()
+    hidden_pre = hidden_pre.reshape(-1, hidden_pre.shape[-1])
+    n_keep = min(int(k * hidden_pre.shape[0] * n_ranks), hidden_pre.numel())
+    token, latent = batch_topk_indices(hidden_pre, k * n_ranks)
+    values = hidden_pre[token, latent]
+    local = torch.full((n_keep,), -torch.inf, dtype=values.dtype, device=values.device)
+    local[: values.numel()] = values
+    gathered = [torch.empty_like(local) for _ in range(n_ranks)]
+    _collective("the global BatchTopK selection", lambda: dist.all_gather(gathered, local))
+    cutoff = torch.cat(gathered).topk(n_keep, sorted=False).values.min()
+    keep = values >= cutoff
+    return token[keep], latent[keep]
+
+
+def shard_activation_source(runner: LanguageModelSAETrainingRunner) -> None:
+    """Give this rank a disjoint shard of the runner's token dataset or activation cache."""
+    store = runner.activations_store
+    n_ranks, index = world_size(), rank()
+    if store.cached_activation_dataset is not None:
+        store.cached_activation_dataset = store.cached_activation_dataset.shard(
+            n_ranks, index, contiguous=True
+        )
+    if isinstance(store.dataset, Dataset):
+        store.dataset = store.dataset.shard(n_ranks, index, contiguous=True)
+    elif isinstance(store.dataset, IterableDataset):
+        store.dataset = split_dataset_by_node(store.dataset, rank=index, world_size=n_ranks)
+    if store.dataset is not None:
+        store.iterable_sequences = store._iterate_tokenized_sequences()
+
+
+def rank_config(cfg: LanguageModelSAERunnerConfig[Any]) -> LanguageModelSAERunnerConfig[Any]:
+    """Rank 0 keeps the config; the others neither log, checkpoint nor save."""
+    if rank() == 0:
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        logger=dataclasses.replace(cfg.logger, log_to_wandb=False),
+        n_checkpoints=0,
+        checkpoint_path=None,
+        save_final_checkpoint=False,
+        output_path=None,
+    )
+
+
+def run(cfg: LanguageModelSAERunnerConfig[Any], **overrides: Any) -> TrainingSAE[Any]:
+    """Train with SAELens's runner: data-parallel under ``torchrun``, a plain run otherwise.
+
+    ``train_batch_size_tokens`` is per rank; the global batch is
+    ``world_size`` times larger (scale the learning rate accordingly).
+    """
+    if not init_from_env():
+        return LanguageModelSAETrainingRunner(cfg, **overrides).run()
+    if cfg.sae.normalize_activations not in ("none", "constant_norm_rescale", "layer_norm"):
+        raise ValueError(
+            f"normalize_activations={cfg.sae.normalize_activations!r} estimates statistics from "
+            "each rank's own batches, which would differ across ranks; use 'none' (or estimate "
+            "the scale once and fold it into the activations) for data-parallel training."
+        )
+    runner = LanguageModelSAETrainingRunner(rank_config(cfg), **overrides)
+    shard_activation_source(runner)
+    prepare_data_parallel(runner.sae)
+    return runner.run()

@@ -1,0 +1,142 @@
+"""Data-parallel training: 2 gloo processes on CPU equal 1 process on the concatenated batches.
+
+The test spawns the ranks itself (bounded in time), runs SAELens's own
+``SAETrainer`` on each with ``prepare_data_parallel``, and compares rank 0's
+final weights with a single process trained on the global batches with the
+same seed. Another test kills a rank mid-run: the survivor must stop with a
+``CollectiveError`` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from sae_lens.training.sae_trainer import SAETrainer
+
+from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka.distributed import CollectiveError, prepare_data_parallel
+from sae_lens_matryoshka.toy import short_run_trainer_config
+
+D_IN, D_SAE, RANK_BATCH, STEPS, WORLD = 10, 48, 24, 25, 2
+VARIANTS: dict[str, dict[str, Any]] = {
+    "batchtopk-sparse-aux": {"activation": "batchtopk", "k": 3, "use_matryoshka_aux_loss": True},
+    "batchtopk-dense": {"activation": "batchtopk", "k": 2.5, "training_path": "dense"},
+    "topk-pareto": {"activation": "topk", "k": 3, "prefix_sampling": "pareto"},
+}
+
+
+def _global_batches() -> Iterator[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    directions = torch.randn(D_SAE, D_IN, generator=generator)
+    while True:
+        codes = torch.rand(WORLD * RANK_BATCH, D_SAE, generator=generator) < 0.06
+        yield codes.float() @ directions + 0.05 * torch.randn(
+            WORLD * RANK_BATCH, D_IN, generator=generator
+        )
+
+
+def _rank_batches(rank: int, die_at: int | None = None) -> Iterator[torch.Tensor]:
+    for step, batch in enumerate(_global_batches()):
+        if step == die_at:
+            os._exit(3)  # a crash: no cleanup, no goodbye to the other ranks
+        yield batch[rank * RANK_BATCH : (rank + 1) * RANK_BATCH]
+
+
+def _train(variant: str, data: Iterator[torch.Tensor], batch: int, parallel: bool) -> Any:
+    torch.manual_seed(0)
+    fields = {"d_in": D_IN, "d_sae": D_SAE, **VARIANTS[variant]}
+    if fields.get("prefix_sampling") != "pareto":
+        fields["matryoshka_widths"] = [6, 18, D_SAE]
+    sae = MatryoshkaTrainingSAE(MatryoshkaTrainingSAEConfig(**fields))
+    if parallel:
+        prepare_data_parallel(sae)
+    cfg = dataclasses.replace(
+        short_run_trainer_config(STEPS, batch_size=batch, lr=3e-3, dead_feature_window=3),
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=3,
+        lr_end=3e-4,
+        lr_decay_steps=STEPS - 3,
+    )
+    SAETrainer(cfg=cfg, sae=sae, data_provider=data).fit()
+    return {name: tensor.clone() for name, tensor in sae.state_dict().items()}
+
+
+def _join(init_file: Path, rank: int) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=30),
+    )
+
+
+def _exactness_rank(rank: int, folder: Path) -> None:
+    _join(folder / "rendezvous", rank)
+    for variant in VARIANTS:
+        state = _train(variant, _rank_batches(rank), RANK_BATCH, parallel=True)
+        torch.save(state, folder / f"{variant}-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _spawn(target: Any, folder: Path, timeout_s: float) -> None:
+    context = mp.spawn(target, args=(folder,), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish within {timeout_s} s")
+
+
+def test_two_ranks_equal_one_process_on_the_concatenated_batches(tmp_path: Path) -> None:
+    _spawn(_exactness_rank, tmp_path, timeout_s=240)
+    for variant in VARIANTS:
+        single = _train(variant, _global_batches(), WORLD * RANK_BATCH, parallel=False)
+        ranks = [torch.load(tmp_path / f"{variant}-rank{r}.pt") for r in range(WORLD)]
+        for name, value in single.items():
+            for rank_state in ranks:
+                torch.testing.assert_close(
+                    rank_state[name], value, rtol=1e-4, atol=1e-5, msg=f"{variant} {name}"
+                )
+        assert torch.equal(ranks[0]["W_dec"], ranks[1]["W_dec"])  # replicas never drift
+
+
+def _dying_rank(rank: int, folder: Path) -> None:
+    _join(folder / "rendezvous", rank)
+    start = time.monotonic()
+    try:
+        _train(
+            "batchtopk-sparse-aux",
+            _rank_batches(rank, die_at=5 if rank == 1 else None),
+            RANK_BATCH,
+            parallel=True,
+        )
+    except CollectiveError as error:
+        report = {"message": str(error), "seconds": time.monotonic() - start}
+        (folder / "survivor.json").write_text(json.dumps(report))
+
+
+def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(tmp_path: Path) -> None:
+    context = mp.spawn(_dying_rank, args=(tmp_path,), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    for process in context.processes:
+        process.join(timeout=max(deadline - time.monotonic(), 1))
+        if process.is_alive():
+            process.kill()
+            pytest.fail("a surviving rank hung instead of stopping")
+    assert context.processes[1].exitcode == 3
+    report = json.loads((tmp_path / "survivor.json").read_text())
+    assert "rank 0 of 2" in report["message"] and "died or stalled" in report["message"]
+    assert report["seconds"] < 90
