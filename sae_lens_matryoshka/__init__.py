@@ -6,6 +6,7 @@ runner configs given as dicts or JSON, the command line and
 ``SAE.load_from_disk`` / ``SAE.from_pretrained`` all know it.
 """
 
+from sae_lens_matryoshka import distributed
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.hub import upload_to_huggingface
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
@@ -31,6 +32,7 @@ __all__ = [
     "MatryoshkaTrainingSAEConfig",
     "SAEFileError",
     "check_sae_folder",
+    "distributed",
     "export_portable",
     "from_dictionary_learning",
     "from_saelens",

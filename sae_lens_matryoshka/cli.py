@@ -11,6 +11,10 @@ accepts every ``LanguageModelSAERunnerConfig`` flag and, through
         --hook_name blocks.4.hook_resid_post --dataset_path roneneldan/TinyStories \\
         --is_dataset_tokenized False --d_in 64 --d_sae 1024 --k 16 \\
         --matryoshka_widths 64 256 1024
+
+Under ``torchrun`` the same command trains data-parallel (see ``distributed``)::
+
+    torchrun --nproc_per_node 8 -m sae_lens_matryoshka train ...
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+from sae_lens import LanguageModelSAERunnerConfig
 
 # SAELens's runner command line; importing the package registers "matryoshka" first.
 from sae_lens.llm_sae_training_runner import _parse_cfg_args
 
 import sae_lens_matryoshka  # noqa: F401  (registers the architecture)
+from sae_lens_matryoshka import distributed
 from sae_lens_matryoshka.config import ARCHITECTURE
 from sae_lens_matryoshka.toy_demo import run_toy_demo
 
@@ -50,7 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "train",
         add_help=False,  # `train --help` shows SAELens's full list of runner flags
         help="train a Matryoshka SAE with SAELens's runner (all runner flags accepted; "
-        "`train --help` lists them)",
+        "`train --help` lists them); data-parallel when launched with torchrun",
     )
     toy = commands.add_parser(
         "toy",
@@ -82,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parsed, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if parsed.command == "train":
         cfg = parse_train_args(rest)
-        LanguageModelSAETrainingRunner(cfg).run()
+        distributed.run(cfg)  # data-parallel under torchrun, a plain runner run otherwise
         return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

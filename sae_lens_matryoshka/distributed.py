@@ -20,15 +20,15 @@ keeps the replicas one SAE:
   identically on every rank from the same seed and step count.
 
 Rank 0 alone logs, writes checkpoints and saves the result. Collectives time
-out (``--collective-timeout``/``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT``, default
-600 s), so a rank that dies makes the others stop with :class:`CollectiveError`
-instead of hanging.
+out (``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT`` seconds, default 600), so a rank
+that dies makes the others stop with :class:`CollectiveError` instead of hanging.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -84,7 +84,7 @@ def _collective(what: str, operation: Callable[[], T]) -> T:
     except (RuntimeError, dist.DistError) as error:
         raise CollectiveError(
             f"rank {rank()} of {world_size()}: {what} failed. Another rank has probably died "
-            f"or stalled (collective timeout: set {TIMEOUT_ENV} or --collective-timeout). "
+            f"or stalled (the collective timeout is set by {TIMEOUT_ENV}, in seconds). "
             f"Cause: {error}"
         ) from error
 
@@ -199,4 +199,10 @@ def run(cfg: LanguageModelSAERunnerConfig[Any], **overrides: Any) -> TrainingSAE
     runner = LanguageModelSAETrainingRunner(rank_config(cfg), **overrides)
     shard_activation_source(runner)
     prepare_data_parallel(runner.sae)
+    if rank() == 0:
+        print(
+            f"sae-lens-matryoshka: data-parallel training on {world_size()} ranks, "
+            f"{cfg.train_batch_size_tokens * world_size()} tokens per global batch",
+            file=sys.stderr,
+        )
     return runner.run()

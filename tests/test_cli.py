@@ -57,6 +57,42 @@ def test_bad_flags_give_the_config_error() -> None:
         )
 
 
+def _train_flags(data_dir: Path, output: Path, checkpoints: Path) -> list[str]:
+    return [
+        *SAE_FLAGS,
+        "--model_name",
+        "tiny-random",
+        "--hook_name",
+        HOOK,
+        "--dataset_path",
+        str(data_dir),
+        "--is_dataset_tokenized",
+        "true",
+        "--streaming",
+        "false",
+        "--context_size",
+        str(CONTEXT),
+        "--prepend_bos",
+        "false",
+        "--training_tokens",
+        "1280",
+        "--train_batch_size_tokens",
+        "64",
+        "--store_batch_size_prompts",
+        "4",
+        "--n_batches_in_buffer",
+        "4",
+        "--output_path",
+        str(output),
+        "--checkpoint_path",
+        str(checkpoints),
+        "--verbose",
+        "false",
+        "--log_to_wandb",
+        "false",
+    ]
+
+
 def test_train_trains_end_to_end(tiny_model, token_dataset, tmp_path: Path, monkeypatch) -> None:
     """`sae-lens-matryoshka train` with a local dataset; only the model download is replaced."""
     data_dir = tmp_path / "tokens"
@@ -64,42 +100,53 @@ def test_train_trains_end_to_end(tiny_model, token_dataset, tmp_path: Path, monk
     token_dataset.to_parquet(str(data_dir / "train.parquet"))
     monkeypatch.setattr("sae_lens.llm_sae_training_runner.load_model", lambda *a, **k: tiny_model)
     output = tmp_path / "output"
-    main(
-        [
-            "train",
-            *SAE_FLAGS,
-            "--model_name",
-            "tiny-random",
-            "--hook_name",
-            HOOK,
-            "--dataset_path",
-            str(data_dir),
-            "--is_dataset_tokenized",
-            "true",
-            "--streaming",
-            "false",
-            "--context_size",
-            str(CONTEXT),
-            "--prepend_bos",
-            "false",
-            "--training_tokens",
-            "1280",
-            "--train_batch_size_tokens",
-            "64",
-            "--store_batch_size_prompts",
-            "4",
-            "--n_batches_in_buffer",
-            "4",
-            "--output_path",
-            str(output),
-            "--checkpoint_path",
-            str(tmp_path / "ckpt"),
-            "--verbose",
-            "false",
-            "--log_to_wandb",
-            "false",
-        ]
+    main(["train", *_train_flags(data_dir, output, tmp_path / "ckpt")])
+    loaded = SAE.load_from_disk(output)
+    assert isinstance(loaded, MatryoshkaSAE)
+    assert loaded.matryoshka_widths == [8, 24, 64]
+
+
+#: torchrun runs this instead of the installed script, to swap the model download
+#: for the tiny random model; everything else is the real command line
+TORCHRUN_ENTRY = """
+import sys
+import sae_lens.llm_sae_training_runner as runner_module
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from sae_lens_matryoshka.cli import main
+
+def tiny_model(*args, **kwargs):
+    return HookedTransformer(HookedTransformerConfig(
+        n_layers=1, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=64,
+        act_fn="gelu", normalization_type="LN", seed=0))
+
+runner_module.load_model = tiny_model
+sys.exit(main())
+"""
+
+
+def test_train_under_torchrun_trains_data_parallel(token_dataset, tmp_path: Path) -> None:
+    data_dir = tmp_path / "tokens"
+    data_dir.mkdir()
+    token_dataset.to_parquet(str(data_dir / "train.parquet"))
+    entry = tmp_path / "entry.py"
+    entry.write_text(TORCHRUN_ENTRY)
+    output = tmp_path / "output"
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    completed = subprocess.run(
+        [*launch, str(entry), "train", *_train_flags(data_dir, output, tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "data-parallel training on 2 ranks, 128 tokens per global batch" in completed.stderr
     loaded = SAE.load_from_disk(output)
     assert isinstance(loaded, MatryoshkaSAE)
     assert loaded.matryoshka_widths == [8, 24, 64]

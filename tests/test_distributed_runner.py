@@ -1,0 +1,186 @@
+"""``distributed.run``: SAELens's runner, data-parallel, from tokens or from an activation cache.
+
+The cache is written by SAELens's own ``CacheActivationsRunner`` from a tiny
+random model (its model loader is pointed at that model: nothing is
+downloaded). Training from it must not run the language model again. Under two
+gloo ranks (spawned by the test with torchrun's environment variables) each
+rank reads a disjoint shard, the replicas stay identical, and only rank 0 saves.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sae_lens.cache_activations_runner as cache_module
+import torch
+import torch.multiprocessing as mp
+from datasets import Dataset
+from sae_lens import (
+    SAE,
+    CacheActivationsRunner,
+    CacheActivationsRunnerConfig,
+    LanguageModelSAERunnerConfig,
+    LoggingConfig,
+)
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig, distributed
+
+D_MODEL, CONTEXT, VOCAB, HOOK = 16, 16, 64, "blocks.0.hook_resid_post"
+
+
+def _model() -> HookedTransformer:
+    return HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=1,
+            d_model=D_MODEL,
+            n_ctx=CONTEXT,
+            d_head=4,
+            n_heads=4,
+            d_mlp=32,
+            d_vocab=VOCAB,
+            act_fn="gelu",
+            normalization_type="LN",
+            seed=0,
+        )
+    )
+
+
+def _tokens() -> Dataset:
+    tokens = torch.randint(0, VOCAB, (64, CONTEXT), generator=torch.Generator().manual_seed(0))
+    return Dataset.from_dict({"input_ids": tokens.tolist()})
+
+
+def _write_cache(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "load_model", lambda *args, **kwargs: _model())
+    cfg = CacheActivationsRunnerConfig(
+        dataset_path="",
+        model_name="tiny-random",
+        model_batch_size=8,
+        hook_name=HOOK,
+        d_in=D_MODEL,
+        training_tokens=64 * CONTEXT,
+        context_size=CONTEXT,
+        new_cached_activations_path=str(path),
+        prepend_bos=False,
+        shuffle=False,
+        streaming=False,
+        buffer_size_gb=256 * D_MODEL * 4 / 1e9,  # 256 tokens per shard, not SAELens's 2 GB
+    )
+    CacheActivationsRunner(cfg, override_dataset=_tokens()).run()
+
+
+def _runner_cfg(output: Path, cache: Path | None) -> LanguageModelSAERunnerConfig[Any]:
+    return LanguageModelSAERunnerConfig(
+        sae=MatryoshkaTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4, matryoshka_widths=[8, 64]),
+        model_name="tiny-random",
+        hook_name=HOOK,
+        dataset_path="",
+        is_dataset_tokenized=True,
+        context_size=CONTEXT,
+        training_tokens=32 * 30,
+        train_batch_size_tokens=32,
+        store_batch_size_prompts=4,
+        n_batches_in_buffer=4,
+        prepend_bos=False,
+        use_cached_activations=cache is not None,
+        cached_activations_path=None if cache is None else str(cache),
+        lr=3e-3,
+        output_path=str(output),
+        checkpoint_path=None,
+        logger=LoggingConfig(log_to_wandb=False),
+        device="cpu",
+        seed=0,
+        verbose=False,
+    )
+
+
+def test_training_from_a_cache_never_runs_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_cache(tmp_path / "cache", monkeypatch)
+    model = _model()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    sae = distributed.run(
+        _runner_cfg(tmp_path / "out", tmp_path / "cache"),
+        override_model=model,
+        override_dataset=_tokens(),
+    )
+    assert calls == []
+    loaded = SAE.load_from_disk(tmp_path / "out")
+    assert isinstance(loaded, MatryoshkaSAE)
+    torch.testing.assert_close(loaded.W_dec, sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True))
+
+
+def _rank(rank: int, folder: Path, port: int) -> None:
+    import os
+
+    os.environ.update(
+        {
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            distributed.TIMEOUT_ENV: "60",
+        }
+    )
+    report: dict[str, Any] = {}
+    for source in ("tokens", "cache"):
+        cache = folder / "cache" if source == "cache" else None
+        cfg = _runner_cfg(folder / f"out-{source}", cache)
+        captured: dict[str, Any] = {}
+        original = distributed.shard_activation_source
+
+        def spy(
+            runner: Any,
+            keep: dict[str, Any] = captured,
+            shard: Any = original,
+            column: str = "token_ids" if cache else "input_ids",
+        ) -> None:
+            shard(runner)
+            store = runner.activations_store
+            rows = store.cached_activation_dataset or store.dataset
+            keep["first_rows"] = [row[column] for row in rows][:4]
+
+        distributed.shard_activation_source = spy  # type: ignore[assignment]
+        sae = distributed.run(cfg, override_model=_model(), override_dataset=_tokens())
+        distributed.shard_activation_source = original
+        report[source] = {
+            "first_rows": [torch.as_tensor(r).tolist() for r in captured["first_rows"]],
+            "W_dec": sae.W_dec.detach().flatten().tolist(),
+        }
+    (folder / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_two_ranks_train_one_sae_from_disjoint_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_cache(tmp_path / "cache", monkeypatch)
+    context = mp.spawn(_rank, args=(tmp_path, _free_port()), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish within 240 s")
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for source in ("tokens", "cache"):
+        zero, one = reports[0][source], reports[1][source]
+        assert zero["W_dec"] == one["W_dec"]  # one SAE, not two
+        assert not any(row in one["first_rows"] for row in zero["first_rows"])  # disjoint
+        assert (tmp_path / f"out-{source}" / "cfg.json").exists()  # rank 0 saved
+        saved = SAE.load_from_disk(tmp_path / f"out-{source}")
+        assert isinstance(saved, MatryoshkaSAE)
