@@ -106,3 +106,24 @@ def test_real_model_example_runs_offline_and_plots_levels(tmp_path: Path) -> Non
     assert [row["width"] for row in rows] == [16, 48, 112, 240, 512]
     assert (tmp_path / "levels.png").read_bytes()[:4] == b"\x89PNG"
     assert len(result.stdout.strip().splitlines()) == 6
+
+
+def test_data_parallel_example_runs_under_torchrun(tmp_path: Path) -> None:
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    script = [str(EXAMPLES / "train_data_parallel.py"), "--output-dir", str(tmp_path / "dp")]
+    result = subprocess.run(
+        [*launch, *script, "--training-tokens", "10240"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 rank(s) trained one SAE" in result.stdout
+    assert isinstance(SAE.load_from_disk(tmp_path / "dp"), MatryoshkaSAE)
