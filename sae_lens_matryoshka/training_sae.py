@@ -93,6 +93,9 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
         super().__init__(cfg, use_error_term)
         #: one replica of a data-parallel SAE (set by ``distributed.prepare_data_parallel``)
         self.data_parallel = False
+        # true only inside a data-parallel training step: every rank runs the same
+        # collectives there, while encode() may run on one rank alone (evals)
+        self._collective_step = False
         if cfg.activation == "batchtopk":
             self.register_buffer(
                 "topk_threshold",
@@ -148,7 +151,7 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
     def _activate(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         activation = self.cfg.activation
         if activation == "batchtopk":
-            if self.training and self.data_parallel:
+            if self._collective_step:
                 token, latent = distributed.global_batch_topk_indices(
                     hidden_pre.detach(),
                     self.cfg.k,  # type: ignore[arg-type]
@@ -257,8 +260,15 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        self._collective_step = self.training and self.data_parallel
+        try:
+            return self._training_step(step_input)
+        finally:
+            self._collective_step = False
+
+    def _training_step(self, step_input: TrainStepInput) -> TrainStepOutput:
         _check_finite(step_input.sae_in, step_input.n_training_steps)
-        if self.training and self.data_parallel and step_input.dead_neuron_mask is not None:
+        if self._collective_step and step_input.dead_neuron_mask is not None:
             step_input = dataclasses.replace(
                 step_input,
                 dead_neuron_mask=distributed.global_dead_mask(step_input.dead_neuron_mask),
@@ -333,7 +343,7 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
             if self.cfg.activation == "batchtopk":
                 select = (
                     distributed.global_batch_topk_indices
-                    if self.data_parallel
+                    if self._collective_step
                     else batch_topk_indices
                 )
                 token, latent = select(hidden_pre, self.cfg.k)  # type: ignore[arg-type]
@@ -506,7 +516,7 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
                 if positive.numel()
                 else self.topk_threshold.new_tensor(torch.inf)
             )
-            if self.data_parallel:
+            if self._collective_step:
                 smallest = distributed.global_min(smallest)
             if torch.isinf(smallest):
                 return
