@@ -92,8 +92,12 @@ def _collective(what: str, operation: Callable[[], T]) -> T:
 def _average_gradient(param: torch.Tensor) -> None:
     grad = param.grad
     assert grad is not None
-    _collective("averaging gradients", lambda: dist.all_reduce(grad))
-    grad.div_(world_size())
+    # collectives need contiguous memory; a sparse backward may hand over a transposed view
+    buffer = grad if grad.is_contiguous() else grad.contiguous()
+    _collective("averaging gradients", lambda: dist.all_reduce(buffer))
+    buffer.div_(world_size())
+    if buffer is not grad:
+        grad.copy_(buffer)
 
 
 def prepare_data_parallel(sae: TrainingSAE[Any]) -> None:

@@ -4,11 +4,13 @@ The cache is written by SAELens's own ``CacheActivationsRunner`` from a tiny
 random model (its model loader is pointed at that model: nothing is
 downloaded). Training from it must not run the language model again. Under two
 gloo ranks (spawned by the test with torchrun's environment variables) each
-rank reads a disjoint shard, the replicas stay identical, and only rank 0 saves.
+rank reads a disjoint shard, the replicas stay identical, only rank 0 saves,
+and every rank resumes from rank 0's checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 import sae_lens.cache_activations_runner as cache_module
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from datasets import Dataset
 from sae_lens import (
@@ -27,6 +30,7 @@ from sae_lens import (
     LanguageModelSAERunnerConfig,
     LoggingConfig,
 )
+from safetensors.torch import load_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig, distributed
@@ -156,7 +160,38 @@ def _rank(rank: int, folder: Path, port: int) -> None:
             "first_rows": [torch.as_tensor(r).tolist() for r in captured["first_rows"]],
             "W_dec": sae.W_dec.detach().flatten().tolist(),
         }
+    report["resume"] = _train_then_resume(folder)
     (folder / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def _train_then_resume(folder: Path) -> bool:
+    """Every rank resumes from rank 0's checkpoint; with nothing left to train, the result is it."""
+    checkpoints = folder / "checkpoints"
+    cfg = dataclasses.replace(
+        _runner_cfg(folder / "out-checkpointed", None),
+        checkpoint_path=str(checkpoints),
+        n_checkpoints=1,
+    )
+    distributed.run(cfg, override_model=_model(), override_dataset=_tokens())
+    dist.barrier()
+    checkpoint = max(
+        (path.parent for path in checkpoints.rglob("sae_weights.safetensors")),
+        key=lambda path: int(path.name),
+    )
+    resumed_cfg = dataclasses.replace(
+        cfg,
+        training_tokens=int(checkpoint.name),
+        resume_from_checkpoint=str(checkpoint),
+        checkpoint_path=None,
+        n_checkpoints=0,
+        output_path=str(folder / "out-resumed"),
+    )
+    model = _model()  # (building it reseeds torch)
+    torch.manual_seed(1234)  # a fresh SAE unlike the first: only the checkpoint can match it
+    sae = distributed.run(resumed_cfg, override_model=model, override_dataset=_tokens())
+    saved = load_file(checkpoint / "sae_weights.safetensors")
+    state = sae.state_dict()
+    return all(torch.equal(state[name].to(value.dtype), value) for name, value in saved.items())
 
 
 def _free_port() -> int:
@@ -184,3 +219,4 @@ def test_two_ranks_train_one_sae_from_disjoint_shards(
         assert (tmp_path / f"out-{source}" / "cfg.json").exists()  # rank 0 saved
         saved = SAE.load_from_disk(tmp_path / f"out-{source}")
         assert isinstance(saved, MatryoshkaSAE)
+    assert reports[0]["resume"] and reports[1]["resume"]  # every rank resumed the checkpoint

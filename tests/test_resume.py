@@ -149,6 +149,7 @@ def test_the_runner_restores_every_piece_of_matryoshka_state(
         resume_from_checkpoint=str(checkpoint),
         output_path=str(tmp_path / "resumed"),
     )
+    torch.manual_seed(1234)  # a fresh SAE unlike the first: only the checkpoint can match it
     runner = LanguageModelSAETrainingRunner(
         resumed_cfg, override_dataset=token_dataset, override_model=tiny_model
     )
