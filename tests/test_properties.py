@@ -12,6 +12,7 @@ from sae_lens.saes.sae import TrainingSAEConfig
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaSAEConfig, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.levels import pareto_prefix_probabilities, sample_prefix_widths
+from sae_lens_matryoshka.losses import level_mse
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -115,3 +116,41 @@ def test_training_config_round_trips_through_dict_and_cfg_json(
         MatryoshkaSAEConfig.from_dict(json.loads(json.dumps(inference.to_dict()))).to_dict()
         == inference.to_dict()
     )
+
+
+@SETTINGS
+@given(
+    widths=nested_widths(max_d_sae=12, min_inner=1),
+    activation=st.sampled_from(["relu", "topk"]),
+    seed=st.integers(0, 1000),
+)
+def test_level_losses_never_increase_with_width_for_an_orthonormal_dictionary(
+    widths: list[int], activation: str, seed: int
+) -> None:
+    """Level l adds its group's decodes to level l-1's reconstruction.
+
+    For arbitrary weights a wrongly oriented decoder row can raise the error, so
+    "non-increasing in width" is not an identity of the decode. It holds exactly
+    when the latents are the input's coordinates in an orthonormal dictionary
+    (tied encoder, no biases): each kept positive coordinate ``c`` removes
+    ``c**2`` from the squared error. Checked through the real encode, the
+    cumulative level decode and the level loss.
+    """
+    torch.manual_seed(seed)
+    d_sae = widths[-1]
+    d_in = d_sae + 2
+    dictionary = torch.linalg.qr(torch.randn(d_in, d_sae)).Q.T  # orthonormal rows
+    k = {"k": max(d_sae // 3, 1)} if activation == "topk" else {}
+    sae = MatryoshkaSAE(
+        MatryoshkaSAEConfig(
+            d_in=d_in, d_sae=d_sae, matryoshka_widths=widths, activation=activation, **k
+        )  # type: ignore[arg-type]
+    )
+    with torch.no_grad():
+        sae.W_dec.copy_(dictionary)
+        sae.W_enc.copy_(dictionary.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    x = torch.randn(16, d_in)
+    losses = level_mse(sae.decode_levels(sae.encode(x)), x)
+    assert (losses[1:] <= losses[:-1] + 1e-5).all(), losses
