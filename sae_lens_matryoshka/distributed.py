@@ -109,6 +109,12 @@ def prepare_data_parallel(sae: TrainingSAE[Any]) -> None:
     """
     if world_size() <= 1:
         return
+    if not hasattr(sae, "data_parallel"):
+        raise ValueError(
+            f"Data-parallel training needs architecture 'matryoshka' (got {type(sae).__name__}, "
+            f"architecture {sae.cfg.architecture()!r}): other SAEs would select BatchTopK and "
+            "track dead latents per rank, silently unlike a single-process run."
+        )
     with torch.no_grad():
         for tensor in [*sae.parameters(), *sae.buffers()]:
             _collective("broadcasting the initial weights", lambda t=tensor: dist.broadcast(t, 0))

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
@@ -87,6 +88,11 @@ def _exactness_rank(rank: int, folder: Path) -> None:
     for variant in VARIANTS:
         state = _train(variant, _rank_batches(rank), RANK_BATCH, parallel=True)
         torch.save(state, folder / f"{variant}-rank{rank}.pt")
+    other = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3))
+    try:
+        prepare_data_parallel(other)
+    except ValueError as error:
+        (folder / f"refusal-rank{rank}.txt").write_text(str(error))
     dist.destroy_process_group()
 
 
@@ -111,6 +117,8 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batches(tmp_path: Path)
                     rank_state[name], value, rtol=1e-4, atol=1e-5, msg=f"{variant} {name}"
                 )
         assert torch.equal(ranks[0]["W_dec"], ranks[1]["W_dec"])  # replicas never drift
+    refusal = (tmp_path / "refusal-rank0.txt").read_text()
+    assert "needs architecture 'matryoshka' (got BatchTopKTrainingSAE" in refusal
 
 
 def _dying_rank(rank: int, folder: Path) -> None:
