@@ -25,41 +25,18 @@ import time
 from typing import Any
 
 import torch
-from datasets import Dataset
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from tiny_runs import process_memory_mib, runner_config, tiny_model_and_tokens
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 
-D_MODEL, CONTEXT, VOCAB = 64, 64, 512
-
-
-def resident_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+D_MODEL, CONTEXT = 64, 64
 
 
 def soak(steps: int, batch: int, every: int, tolerance_mib: float) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = HookedTransformer(
-        HookedTransformerConfig(
-            n_layers=1,
-            d_model=D_MODEL,
-            n_ctx=CONTEXT,
-            d_head=16,
-            n_heads=4,
-            d_mlp=4 * D_MODEL,
-            d_vocab=VOCAB,
-            act_fn="gelu",
-            normalization_type="LN",
-            seed=0,
-        )
-    )
-    tokens = torch.randint(0, VOCAB, (512, CONTEXT), generator=torch.Generator().manual_seed(0))
+    model, dataset = tiny_model_and_tokens(1, D_MODEL, 4, 512, CONTEXT)
     sae_cfg = MatryoshkaTrainingSAEConfig(
         d_in=D_MODEL,
         d_sae=1024,
@@ -73,35 +50,27 @@ def soak(steps: int, batch: int, every: int, tolerance_mib: float) -> dict[str, 
 
     def observed(step_input: TrainStepInput) -> TrainStepOutput:
         if step_input.n_training_steps % every == 0:
-            samples.append((step_input.n_training_steps, resident_mib()))
+            samples.append((step_input.n_training_steps, process_memory_mib()))
         return forward(step_input)
 
     sae.training_forward_pass = observed  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory() as output:
-        cfg = LanguageModelSAERunnerConfig(
-            sae=sae_cfg,
-            model_name="tiny-random",
-            hook_name="blocks.0.hook_resid_post",
-            dataset_path="",
-            is_dataset_tokenized=True,
-            context_size=CONTEXT,
-            prepend_bos=False,
+        cfg = runner_config(
+            sae_cfg,
+            "blocks.0.hook_resid_post",
+            CONTEXT,
+            output,
             training_tokens=steps * batch,
             train_batch_size_tokens=batch,
-            store_batch_size_prompts=16,
             n_batches_in_buffer=16,
             dead_feature_window=50,
             feature_sampling_window=500,
             lr=1e-3,
             device="cpu",
-            output_path=output,
-            checkpoint_path=None,
-            logger=LoggingConfig(log_to_wandb=False),
-            verbose=False,
         )
         runner = LanguageModelSAETrainingRunner(
             cfg,
-            override_dataset=Dataset.from_dict({"input_ids": tokens.tolist()}),
+            override_dataset=dataset,
             override_model=model,
             override_sae=sae,
         )

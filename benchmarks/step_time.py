@@ -40,6 +40,7 @@ from sae_lens.saes.matryoshka_batchtopk_sae import (
     MatryoshkaBatchTopKTrainingSAEConfig,
 )
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+from tiny_runs import process_memory_mib, runner_config, tiny_model_and_tokens
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 
@@ -114,14 +115,6 @@ def time_steps(args: argparse.Namespace) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
 def step_peak_mib(name: str, args: argparse.Namespace) -> float:
     """Extra memory one step of ``name`` needs at its peak, above the weights and Adam's state."""
     torch.manual_seed(0)
@@ -138,9 +131,9 @@ def step_peak_mib(name: str, args: argparse.Namespace) -> float:
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets the peak resident set (VmHWM) to the current one
-    before = _rss_mib("VmRSS")
+    before = process_memory_mib("VmRSS")
     step()
-    return _rss_mib("VmHWM") - before
+    return process_memory_mib("VmHWM") - before
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, float]:
@@ -165,27 +158,10 @@ def measure_memory(args: argparse.Namespace) -> dict[str, float]:
 
 def end_to_end_tokens_per_second(args: argparse.Namespace) -> dict[str, float]:
     """Tokens per second of whole runner runs on a tiny random model, ours vs SAELens."""
-    from datasets import Dataset
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from sae_lens import LanguageModelSAETrainingRunner
 
     d_model, d_sae, context = 256, 8192, 128
-    model = HookedTransformer(
-        HookedTransformerConfig(
-            n_layers=2,
-            d_model=d_model,
-            n_ctx=context,
-            d_head=32,
-            n_heads=8,
-            d_mlp=4 * d_model,
-            d_vocab=1024,
-            act_fn="gelu",
-            normalization_type="LN",
-            seed=0,
-        )
-    ).to(args.device)
-    tokens = torch.randint(0, 1024, (512, context), generator=torch.Generator().manual_seed(0))
-    dataset = Dataset.from_dict({"input_ids": tokens.tolist()})
+    model, dataset = tiny_model_and_tokens(2, d_model, 8, 1024, context, args.device)
     widths = paper_widths(d_sae)
     sae_cfgs = {
         "ours_sparse": MatryoshkaTrainingSAEConfig(
@@ -198,23 +174,15 @@ def end_to_end_tokens_per_second(args: argparse.Namespace) -> dict[str, float]:
     result = {}
     for name, sae_cfg in sae_cfgs.items():
         with tempfile.TemporaryDirectory() as output:
-            cfg = LanguageModelSAERunnerConfig(
-                sae=sae_cfg,
-                model_name="tiny-random",
-                hook_name="blocks.1.hook_resid_post",
-                dataset_path="",
-                is_dataset_tokenized=True,
-                context_size=context,
-                prepend_bos=False,
+            cfg = runner_config(
+                sae_cfg,
+                "blocks.1.hook_resid_post",
+                context,
+                output,
                 training_tokens=args.e2e_tokens,
                 train_batch_size_tokens=2048,
-                store_batch_size_prompts=16,
                 n_batches_in_buffer=32,
                 device=args.device,
-                output_path=output,
-                checkpoint_path=None,
-                logger=LoggingConfig(log_to_wandb=False),
-                verbose=False,
             )
             runner = LanguageModelSAETrainingRunner(
                 cfg, override_dataset=dataset, override_model=model
