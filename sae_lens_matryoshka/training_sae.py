@@ -349,17 +349,8 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
                 token, latent = select(hidden_pre, self.cfg.k)  # type: ignore[arg-type]
             else:
                 token, latent = topk_indices(hidden_pre, int(self.cfg.k))  # type: ignore[arg-type]
-        batch = _SparseBatch(sae_in, hidden_pre, norms, token, latent, hidden_pre.new_empty(0))
-        batch.acts = self._active_values(batch, token, latent)
-        return batch
-
-    def _active_values(
-        self, batch: _SparseBatch, token: torch.Tensor, latent: torch.Tensor
-    ) -> torch.Tensor:
-        """Pre-activations at ``(token, latent)`` in activation units, with a sparse backward."""
-        return encoder_values(
-            batch.sae_in, self.W_enc, self.b_enc, batch.norms, batch.hidden_pre, token, latent
-        )
+        acts = encoder_values(sae_in, self.W_enc, self.b_enc, norms, hidden_pre, token, latent)
+        return _SparseBatch(sae_in, hidden_pre, norms, token, latent, acts)
 
     def _decode_weights(
         self, batch: _SparseBatch, acts: torch.Tensor, latent: torch.Tensor
@@ -501,7 +492,9 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
             batch.hidden_pre[:, start:end], dead[start:end], aux_k(self.cfg.d_in)
         )
         latent = latent + start
-        acts = self._active_values(batch, token, latent)
+        acts = encoder_values(
+            batch.sae_in, self.W_enc, self.b_enc, batch.norms, batch.hidden_pre, token, latent
+        )
         weights = self._decode_weights(batch, acts, latent)
         recon = bag_sum(self.W_dec, latent, token, weights, batch.sae_in.shape[0])
         return dead_latent_mse(recon.view_as(residual), residual, n_dead)
