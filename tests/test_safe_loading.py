@@ -94,21 +94,19 @@ def test_an_unknown_architecture_is_named(saved: Path) -> None:
         SAE.load_from_disk(saved)
 
 
-CFG_DAMAGE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
-    "not-an-object": (lambda cfg: cfg.clear(), ""),
-    "unknown-dtype": (lambda cfg: cfg.update(dtype="float13"), r"dtype 'float13'"),
-    "metadata-not-object": (lambda cfg: cfg.update(metadata=[1, 2]), r"'metadata' must be"),
+#: damage -> (what cfg.json becomes, given its intact content; the error expected)
+CFG_DAMAGE: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
+    "not-an-object": (lambda cfg: [1, 2, 3], "must hold a JSON object, got list"),
+    "unknown-dtype": (lambda cfg: {**cfg, "dtype": "float13"}, r"dtype 'float13'"),
+    "metadata-not-object": (lambda cfg: {**cfg, "metadata": [1, 2]}, r"'metadata' must be"),
 }
 
 
 @pytest.mark.parametrize("damage", list(CFG_DAMAGE))
 def test_malformed_cfg_entries_are_named(saved: Path, damage: str) -> None:
-    edit, message = CFG_DAMAGE[damage]
-    if damage == "not-an-object":
-        (saved / "cfg.json").write_text("[1, 2, 3]")
-        message = "must hold a JSON object, got list"
-    else:
-        _edit_cfg(saved, edit)
+    damaged, message = CFG_DAMAGE[damage]
+    path = saved / "cfg.json"
+    path.write_text(json.dumps(damaged(json.loads(path.read_text()))))
     with pytest.raises(SAEFileError, match=message):
         load_sae(saved)
 
