@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 # Tests never reach the Hub or wandb: fail fast instead of trying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,7 +19,7 @@ import pytest
 import torch
 from datasets import Dataset
 from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, TrainingSAE
-from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_matryoshka  # noqa: F401  (registers "matryoshka")
@@ -30,9 +32,8 @@ VOCAB = 64
 HOOK = "blocks.0.hook_resid_post"
 
 
-@pytest.fixture
-def tiny_model() -> HookedTransformer:
-    torch.manual_seed(0)
+def build_tiny_model() -> HookedTransformer:
+    """The tiny random model; a function too, for processes the tests spawn (no fixtures there)."""
     return HookedTransformer(
         HookedTransformerConfig(
             n_layers=1,
@@ -49,11 +50,21 @@ def tiny_model() -> HookedTransformer:
     )
 
 
-@pytest.fixture
-def token_dataset() -> Dataset:
+def build_token_dataset() -> Dataset:
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (64, CONTEXT), generator=generator)
     return Dataset.from_dict({"input_ids": tokens.tolist()})
+
+
+@pytest.fixture
+def tiny_model() -> HookedTransformer:
+    torch.manual_seed(0)
+    return build_tiny_model()
+
+
+@pytest.fixture
+def token_dataset() -> Dataset:
+    return build_token_dataset()
 
 
 @pytest.fixture
@@ -89,6 +100,37 @@ def runner_cfg(tmp_path: Path) -> Callable[..., LanguageModelSAERunnerConfig[Any
         return LanguageModelSAERunnerConfig(**fields)
 
     return build
+
+
+def train_step(
+    sae: TrainingSAE, x: torch.Tensor, dead: torch.Tensor | None = None, **coefficients: float
+) -> TrainStepOutput:
+    """One logged training step from zeroed gradients: forward, then ``loss.backward()``."""
+    sae.zero_grad()
+    out = sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients=coefficients,
+            dead_neuron_mask=dead,
+            n_training_steps=0,
+            is_logging_step=True,
+        )
+    )
+    out.loss.backward()
+    return out
+
+
+def run_torchrun(arguments: list[str], timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node 2 <arguments>``, output captured."""
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    return subprocess.run([*launch, *arguments], capture_output=True, text=True, timeout=timeout_s)
 
 
 def quick_train(

@@ -13,7 +13,7 @@ from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.cli import main, parse_train_args
 
-from .conftest import CONTEXT, D_MODEL, HOOK
+from .conftest import CONTEXT, D_MODEL, HOOK, run_torchrun
 
 SAE_FLAGS = [
     "--d_in",
@@ -131,19 +131,8 @@ def test_train_under_torchrun_trains_data_parallel(token_dataset, tmp_path: Path
     entry = tmp_path / "entry.py"
     entry.write_text(TORCHRUN_ENTRY)
     output = tmp_path / "output"
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
-    completed = subprocess.run(
-        [*launch, str(entry), "train", *_train_flags(data_dir, output, tmp_path / "ckpt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    completed = run_torchrun(
+        [str(entry), "train", *_train_flags(data_dir, output, tmp_path / "ckpt")]
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "data-parallel training on 2 ranks, 128 tokens per global batch" in completed.stderr

@@ -22,7 +22,6 @@ import sae_lens.cache_activations_runner as cache_module
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from datasets import Dataset
 from sae_lens import (
     SAE,
     CacheActivationsRunner,
@@ -31,37 +30,14 @@ from sae_lens import (
     LoggingConfig,
 )
 from safetensors.torch import load_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig, distributed
 
-D_MODEL, CONTEXT, VOCAB, HOOK = 16, 16, 64, "blocks.0.hook_resid_post"
-
-
-def _model() -> HookedTransformer:
-    return HookedTransformer(
-        HookedTransformerConfig(
-            n_layers=1,
-            d_model=D_MODEL,
-            n_ctx=CONTEXT,
-            d_head=4,
-            n_heads=4,
-            d_mlp=32,
-            d_vocab=VOCAB,
-            act_fn="gelu",
-            normalization_type="LN",
-            seed=0,
-        )
-    )
-
-
-def _tokens() -> Dataset:
-    tokens = torch.randint(0, VOCAB, (64, CONTEXT), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": tokens.tolist()})
+from .conftest import CONTEXT, D_MODEL, HOOK, build_tiny_model, build_token_dataset
 
 
 def _write_cache(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache_module, "load_model", lambda *args, **kwargs: _model())
+    monkeypatch.setattr(cache_module, "load_model", lambda *args, **kwargs: build_tiny_model())
     cfg = CacheActivationsRunnerConfig(
         dataset_path="",
         model_name="tiny-random",
@@ -76,7 +52,7 @@ def _write_cache(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         streaming=False,
         buffer_size_gb=256 * D_MODEL * 4 / 1e9,  # 256 tokens per shard, not SAELens's 2 GB
     )
-    CacheActivationsRunner(cfg, override_dataset=_tokens()).run()
+    CacheActivationsRunner(cfg, override_dataset=build_token_dataset()).run()
 
 
 def _runner_cfg(output: Path, cache: Path | None) -> LanguageModelSAERunnerConfig[Any]:
@@ -108,13 +84,13 @@ def test_training_from_a_cache_never_runs_the_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _write_cache(tmp_path / "cache", monkeypatch)
-    model = _model()
+    model = build_tiny_model()
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
     sae = distributed.run(
         _runner_cfg(tmp_path / "out", tmp_path / "cache"),
         override_model=model,
-        override_dataset=_tokens(),
+        override_dataset=build_token_dataset(),
     )
     assert calls == []
     loaded = SAE.load_from_disk(tmp_path / "out")
@@ -154,7 +130,9 @@ def _rank(rank: int, folder: Path, port: int) -> None:
             keep["first_rows"] = [row[column] for row in rows][:4]
 
         distributed.shard_activation_source = spy  # type: ignore[assignment]
-        sae = distributed.run(cfg, override_model=_model(), override_dataset=_tokens())
+        sae = distributed.run(
+            cfg, override_model=build_tiny_model(), override_dataset=build_token_dataset()
+        )
         distributed.shard_activation_source = original
         report[source] = {
             "first_rows": [torch.as_tensor(r).tolist() for r in captured["first_rows"]],
@@ -172,7 +150,7 @@ def _train_then_resume(folder: Path) -> bool:
         checkpoint_path=str(checkpoints),
         n_checkpoints=1,
     )
-    distributed.run(cfg, override_model=_model(), override_dataset=_tokens())
+    distributed.run(cfg, override_model=build_tiny_model(), override_dataset=build_token_dataset())
     dist.barrier()
     checkpoint = max(
         (path.parent for path in checkpoints.rglob("sae_weights.safetensors")),
@@ -186,9 +164,9 @@ def _train_then_resume(folder: Path) -> bool:
         n_checkpoints=0,
         output_path=str(folder / "out-resumed"),
     )
-    model = _model()  # (building it reseeds torch)
+    model = build_tiny_model()  # (building it reseeds torch)
     torch.manual_seed(1234)  # a fresh SAE unlike the first: only the checkpoint can match it
-    sae = distributed.run(resumed_cfg, override_model=model, override_dataset=_tokens())
+    sae = distributed.run(resumed_cfg, override_model=model, override_dataset=build_token_dataset())
     saved = load_file(checkpoint / "sae_weights.safetensors")
     state = sae.state_dict()
     return all(torch.equal(state[name].to(value.dtype), value) for name, value in saved.items())

@@ -12,6 +12,8 @@ from sae_lens import SAE
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig
 
+from .conftest import run_torchrun
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -109,21 +111,8 @@ def test_real_model_example_runs_offline_and_plots_levels(tmp_path: Path) -> Non
 
 
 def test_data_parallel_example_runs_under_torchrun(tmp_path: Path) -> None:
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
     script = [str(EXAMPLES / "train_data_parallel.py"), "--output-dir", str(tmp_path / "dp")]
-    result = subprocess.run(
-        [*launch, *script, "--training-tokens", "10240"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_torchrun([*script, "--training-tokens", "10240"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 rank(s) trained one SAE" in result.stdout
     assert isinstance(SAE.load_from_disk(tmp_path / "dp"), MatryoshkaSAE)

@@ -24,6 +24,8 @@ from sae_lens.training.sae_trainer import SAETrainer
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
+from .conftest import train_step
+
 D_IN, D_SAE, K = 12, 48, 3
 
 
@@ -53,21 +55,6 @@ def _pair(
 def _copy_params(source: TrainingSAE, target: TrainingSAE) -> None:
     params = dict(source.named_parameters())
     target.load_state_dict({name: params[name].detach().clone() for name in params}, strict=False)
-
-
-def _step(sae: TrainingSAE, x: torch.Tensor, dead: torch.Tensor | None) -> TrainStepOutput:
-    sae.zero_grad()
-    output = sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=dead,
-            n_training_steps=0,
-            is_logging_step=True,
-        )
-    )
-    output.loss.backward()
-    return output
 
 
 def _assert_same(ours_out: TrainStepOutput, ref_out: TrainStepOutput, ours, ref) -> None:
@@ -112,20 +99,20 @@ def test_loss_and_gradients_equal_saelens_matryoshka(
     )
     x = torch.randn(40, D_IN) * 2 + 0.3
     dead = DEAD_MASKS[dead_name]
-    _assert_same(_step(ours, x, dead), _step(ref, x, dead), ours, ref)
+    _assert_same(train_step(ours, x, dead), train_step(ref, x, dead), ours, ref)
 
 
 def test_aux_loss_is_exercised_by_the_oracle() -> None:
     """The dead masks above must produce a non-zero aux loss for the comparison to mean anything."""
     ours, _ = _pair([6, 18, 48], use_matryoshka_aux_loss=True)
-    out = _step(ours, torch.randn(40, D_IN), DEAD_MASKS["some-dead"])
+    out = train_step(ours, torch.randn(40, D_IN), DEAD_MASKS["some-dead"])
     assert out.losses["auxiliary_reconstruction_loss"] > 0
 
 
 def test_apply_b_dec_to_input_false_matches_saelens() -> None:
     ours, ref = _pair([6, 18, 48], apply_b_dec_to_input=False)
     x = torch.randn(40, D_IN)
-    _assert_same(_step(ours, x, None), _step(ref, x, None), ours, ref)
+    _assert_same(train_step(ours, x, None), train_step(ref, x, None), ours, ref)
 
 
 def test_single_level_equals_saelens_batchtopk() -> None:
@@ -141,7 +128,7 @@ def test_single_level_equals_saelens_batchtopk() -> None:
     _copy_params(ours, ref)
     x = torch.randn(40, D_IN)
     dead = DEAD_MASKS["some-dead"]
-    _assert_same(_step(ours, x, dead), _step(ref, x, dead), ours, ref)
+    _assert_same(train_step(ours, x, dead), train_step(ref, x, dead), ours, ref)
 
 
 def test_calculate_aux_loss_hook_equals_training_forward_pass() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import TrainStepInput
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.activations import batch_topk, topk
@@ -25,6 +25,8 @@ from sae_lens_matryoshka.sparse_kernels import (
     encoder_values,
     topk_indices,
 )
+
+from .conftest import train_step
 
 D_IN, D_SAE = 12, 64
 
@@ -184,20 +186,6 @@ def _sae(training_path: str, **fields: Any) -> MatryoshkaTrainingSAE:
     return sae
 
 
-def _step(sae: MatryoshkaTrainingSAE, x: torch.Tensor, dead: torch.Tensor) -> TrainStepOutput:
-    out = sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=dead,
-            n_training_steps=0,
-            is_logging_step=True,
-        )
-    )
-    out.loss.backward()
-    return out
-
-
 STEP_CONFIGS: dict[str, dict[str, Any]] = {
     "paper-levels": {},
     "single-level": {"matryoshka_widths": [D_SAE]},
@@ -222,7 +210,7 @@ def test_training_step_equals_the_dense_path(config: str) -> None:
     dense, sparse = (_sae(path, **STEP_CONFIGS[config]) for path in ("dense", "sparse"))
     x = torch.randn(40, D_IN, dtype=torch.double) * 2 + 0.3
     dead = torch.arange(D_SAE) % 3 == 0
-    dense_out, sparse_out = _step(dense, x, dead), _step(sparse, x, dead)
+    dense_out, sparse_out = train_step(dense, x, dead), train_step(sparse, x, dead)
 
     assert sparse_out.losses.keys() == dense_out.losses.keys()
     assert float(sparse_out.losses["auxiliary_reconstruction_loss"].detach()) > 0
@@ -251,8 +239,7 @@ def test_many_optimizer_steps_reach_the_same_weights(activation: str) -> None:
         x = torch.randn(32, D_IN, dtype=torch.double, generator=generator)
         dead = torch.rand(D_SAE, generator=generator) < 0.2
         for sae, optimizer in zip((dense, sparse), optimizers, strict=True):
-            optimizer.zero_grad()
-            _step(sae, x, dead)
+            train_step(sae, x, dead)
             optimizer.step()
         torch.testing.assert_close(sparse.W_enc, dense.W_enc, msg=f"step {step}")
     for (name, have), want in zip(
@@ -279,7 +266,7 @@ def _largest_saved_tensor(training_path: str, n_tokens: int, d_sae: int) -> int:
         )
     )
     with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
-        _step(sae, torch.randn(n_tokens, D_IN), torch.zeros(d_sae, dtype=torch.bool))
+        train_step(sae, torch.randn(n_tokens, D_IN), torch.zeros(d_sae, dtype=torch.bool))
     return max(saved)
 
 
@@ -296,7 +283,7 @@ def test_bfloat16_autocast_step_stays_close_to_the_dense_path() -> None:
     for path in ("dense", "sparse"):
         sae = _sae(path, dtype="float32")
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = _step(sae, x, torch.arange(D_SAE) % 4 == 0)
+            out = train_step(sae, x, torch.arange(D_SAE) % 4 == 0)
         assert torch.isfinite(out.loss)
         paths[path] = (out, sae)
     (dense_out, dense), (sparse_out, sparse) = paths["dense"], paths["sparse"]

@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
-from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.levels import pareto_prefix_probabilities, sample_prefix_widths
+
+from .conftest import train_step
 
 D_IN, D_SAE = 12, 48
 WIDTHS = [6, 18, 48]
@@ -43,23 +45,6 @@ def _ours(**fields: Any) -> MatryoshkaTrainingSAE:
     return sae
 
 
-def _step(
-    sae: TrainingSAE, x: torch.Tensor, dead: torch.Tensor | None = None, **coefficients: float
-) -> TrainStepOutput:
-    sae.zero_grad()
-    out = sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients=coefficients,
-            dead_neuron_mask=dead,
-            n_training_steps=0,
-            is_logging_step=True,
-        )
-    )
-    out.loss.backward()
-    return out
-
-
 def _assert_grads_equal(ours: TrainingSAE, ref: TrainingSAE) -> None:
     ref_params = dict(ref.named_parameters())
     for name, param in ours.named_parameters():
@@ -77,7 +62,7 @@ def test_single_level_topk_equals_saelens_topk() -> None:
     ref = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4))
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(30, D_IN)
-    out, ref_out = _step(ours, x, DEAD), _step(ref, x, DEAD)
+    out, ref_out = train_step(ours, x, DEAD), train_step(ref, x, DEAD)
     assert (out.feature_acts > 0).sum(-1).max() <= 4
     torch.testing.assert_close(out.feature_acts, ref_out.feature_acts)
     for name in ("mse_loss", "auxiliary_reconstruction_loss"):
@@ -99,7 +84,7 @@ def test_single_level_jumprelu_equals_saelens_jumprelu() -> None:
     )
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(30, D_IN)
-    out, ref_out = _step(ours, x, DEAD, l0=0.7), _step(ref, x, DEAD, l0=0.7)
+    out, ref_out = train_step(ours, x, DEAD, l0=0.7), train_step(ref, x, DEAD, l0=0.7)
     torch.testing.assert_close(out.feature_acts, ref_out.feature_acts)
     for name in ("mse_loss", "l0_loss"):
         torch.testing.assert_close(out.losses[name], ref_out.losses[name], rtol=1e-5, atol=1e-5)
@@ -118,7 +103,7 @@ def test_single_level_relu_equals_saelens_standard() -> None:
     ref = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE))
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(30, D_IN)
-    out, ref_out = _step(ours, x, DEAD, l1=0.3), _step(ref, x, DEAD, l1=0.3)
+    out, ref_out = train_step(ours, x, DEAD, l1=0.3), train_step(ref, x, DEAD, l1=0.3)
     for name in ("mse_loss", "l1_loss"):
         torch.testing.assert_close(out.losses[name], ref_out.losses[name], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-5)
@@ -140,7 +125,7 @@ def test_weighted_nested_loss_matches_a_dense_reference(activation: str) -> None
     ours = _ours(activation=activation, k=k, level_weights=weights, aux_loss_coefficient=0.0)
     x = torch.randn(30, D_IN)
     coefficients = {"l1": 0.3, "l0": 0.2}
-    out = _step(ours, x, **coefficients)
+    out = train_step(ours, x, **coefficients)
     ours_grads = {name: p.grad.clone() for name, p in ours.named_parameters()}
 
     ours.zero_grad()
@@ -198,7 +183,7 @@ def test_detached_loss_matches_a_stop_gradient_reference() -> None:
         level_weights=[1.0, 0.5, 2.0],
     )
     x = torch.randn(40, D_IN)
-    out = _step(ours, x)
+    out = train_step(ours, x)
     ours_grads = {name: p.grad.clone() for name, p in ours.named_parameters()}
     ours.zero_grad()
     acts = ours.encode(x)
@@ -281,7 +266,7 @@ def test_pareto_loss_is_the_sum_over_sampled_prefixes() -> None:
     )
     widths = replay.step_widths()  # the same seed draws the same prefixes
     x = torch.randn(30, D_IN)
-    out = _step(ours, x, l1=0.0)
+    out = train_step(ours, x, l1=0.0)
     acts = out.feature_acts.detach()
     expected = sum(
         (lvl - x).pow(2).sum(-1).mean() for lvl in _masked_reference_levels(ours, acts, widths)
@@ -300,7 +285,7 @@ def test_pareto_logs_the_evaluation_levels_on_logging_steps() -> None:
         activation="batchtopk", k=4, prefix_sampling="pareto", matryoshka_widths=[12, 24, 48]
     )
     x = torch.randn(30, D_IN)
-    out = _step(ours, x)
+    out = train_step(ours, x)
     acts = out.feature_acts.detach()
     for width, level in zip(
         [12, 24, 48], _masked_reference_levels(ours, acts, [12, 24, 48]), strict=True
@@ -314,7 +299,7 @@ def test_matryoshka_aux_loss_revives_dead_latents_of_every_activation(activation
     k = 4 if activation in ("batchtopk", "topk") else None
     ours = _ours(activation=activation, k=k, use_matryoshka_aux_loss=True)
     x = torch.randn(30, D_IN)
-    out = _step(ours, x, DEAD, l1=0.0, l0=0.0)
+    out = train_step(ours, x, DEAD, l1=0.0, l0=0.0)
     assert out.losses["auxiliary_reconstruction_loss"] > 0
     ours.zero_grad()
     out = ours.training_forward_pass(
