@@ -15,7 +15,7 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from huggingface_hub import HfApi
 from sae_lens import SAE, upload_saes_to_huggingface
@@ -25,7 +25,7 @@ from sae_lens_matryoshka.config import ARCHITECTURE
 from sae_lens_matryoshka.interop import to_inference
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
-SaeRef = SAE[Any] | Path | str
+SaeRef: TypeAlias = "SAE[Any] | Path | str"
 
 
 def upload_to_huggingface(

@@ -161,6 +161,7 @@ def _check_entry(path: Path, name: str, info: Any) -> int:
         raise SAEFileError(
             f"{path}: tensor {name!r} has a malformed shape {shape!r} or byte range {offsets!r}."
         )
+    assert isinstance(shape, list) and isinstance(offsets, list)  # checked just above
     expected = math.prod(shape) * _ITEM_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
         raise SAEFileError(

@@ -98,7 +98,8 @@ class ToyHierarchy:
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}.")
         self.parents, self.children = [], {}
-        roots, probabilities = [], []
+        roots: list[HierarchyNode] = []
+        probabilities: list[float] = []
         # independent draws per child, then mutual exclusion keeps one of the
         # firing ones: P(some child | parent) = 1 - (1 - q)**n = child_probability
         child_base = 1 - (1 - self.child_probability) ** (1 / self.children_per_parent)
@@ -157,7 +158,7 @@ class ToyHierarchy:
 
     def train(
         self,
-        sae: TrainingSAE,  # type: ignore[type-arg]
+        sae: TrainingSAE,
         steps: int,
         batch_size: int = 512,
         lr: float = 3e-3,
@@ -174,6 +175,6 @@ class ToyHierarchy:
         SAETrainer(cfg=cfg, sae=sae, data_provider=self.batches(batch_size)).fit()
 
     @torch.no_grad()
-    def decoder_cosines(self, sae: SAE) -> torch.Tensor:  # type: ignore[type-arg]
+    def decoder_cosines(self, sae: SAE) -> torch.Tensor:
         """Cosine of every latent's decoder with every true feature: ``[d_sae, n_features]``."""
         return decoder_feature_cosines(sae.W_dec, self.directions)
