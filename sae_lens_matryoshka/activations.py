@@ -1,47 +1,480 @@
-"""Activation functions of the Matryoshka SAE, for training and for inference.
+"""The activations of the Matryoshka SAE: one object per activation, chosen once.
 
 One activation is shared by every level: it selects the active latents once,
-and each level decodes the subset of that selection that falls inside its
-prefix. Training activations are named by ``MatryoshkaTrainingSAEConfig.activation``;
-each maps to the activation the saved inference SAE uses
-(``MatryoshkaSAEConfig.activation``). The JumpReLU's straight-through
-estimators are the only custom autograd here.
+and each level decodes the part of that selection inside its prefix. As in
+SAELens, the activation is the ``nn.Module`` that ``get_activation_fn`` returns.
+Here it also owns everything else that differs between activations, so that
+neither SAE class ever asks which activation it has:
+
+- its selection: dense (``forward``) and, for the k-sparse ones, the
+  ``(token, latent)`` entries the sparse training path works from (``select``);
+- its sparsity penalty and that penalty's coefficient;
+- its state (BatchTopK's inference threshold, JumpReLU's thresholds), kept in
+  the precision it needs whatever the SAE's dtype (the SAEs save it under
+  SAELens's names, ``threshold`` rather than ``activation_fn.threshold``);
+- how it folds decoder norms and input scaling, and what it saves for inference.
+
+Training activations are named by ``MatryoshkaTrainingSAEConfig.activation``,
+inference activations by ``MatryoshkaSAEConfig.activation``; each training
+activation names the inference activation its saved SAE uses.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from sae_lens.saes.sae import TrainCoefficientConfig
+from sae_lens.util import str_to_dtype
+from torch import nn
+from typing_extensions import Self, override
 
-#: training activation -> the activation its saved inference SAE uses.
-#: BatchTopK's selection depends on the whole batch, so after training it is
-#: replaced by per-latent JumpReLU thresholds (as SAELens and dictionary_learning do).
-INFERENCE_ACTIVATION_FOR_TRAINING: dict[str, str] = {
-    "batchtopk": "jumprelu",
-    "topk": "topk",
-    "jumprelu": "jumprelu",
-    "relu": "relu",
+from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
+from sae_lens_matryoshka.encodings import Encoding, dense_only
+from sae_lens_matryoshka.levels import LevelPlan
+from sae_lens_matryoshka.sparse_kernels import topk_entries
+
+if TYPE_CHECKING:
+    from sae_lens_matryoshka.config import MatryoshkaSAEConfig, MatryoshkaTrainingSAEConfig
+
+
+def _required_k(cfg: MatryoshkaTrainingSAEConfig | MatryoshkaSAEConfig) -> float:
+    if cfg.k is None:  # the configs refuse this; here for the type checker
+        raise ValueError(f"activation={cfg.activation!r} needs k.")
+    return cfg.k
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainingActivation(nn.Module):
+    """The activation of a ``MatryoshkaTrainingSAE``; by default stateless and unpenalised."""
+
+    #: ``MatryoshkaSAEConfig.activation`` of the saved SAE
+    inference_activation: ClassVar[str]
+    #: at most ``k`` latents active per token, so a training step can run sparsely
+    k_sparse: ClassVar[bool] = False
+    #: tensors kept in their own precision whatever the SAE's dtype (``.to`` moves
+    #: them to a device only; loading keeps the saved precision)
+    precise_state: ClassVar[tuple[str, ...]] = ()
+
+    @override
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
+        # `.data` holds on to the original storage, which conversion replaces
+        kept = {name: getattr(self, name).data for name in self.precise_state}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            converted = getattr(self, name)
+            if converted.dtype != before.dtype:
+                converted.data = before.to(device=converted.device)
+        return self
+
+    @classmethod
+    def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> Self:
+        raise NotImplementedError
+
+    def step_forward(self, hidden_pre: torch.Tensor, collectives: Collectives) -> torch.Tensor:
+        """The activations of a training step, where batch-global selection spans all replicas."""
+        del collectives  # only batch-global selections use them
+        return self(hidden_pre)
+
+    def coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        """The penalty coefficients SAELens's trainer schedules (``l1`` / ``l0``)."""
+        return {}
+
+    def prepare_step(self) -> None:
+        """Called before every training step's forward pass."""
+
+    def select(
+        self,
+        hidden_pre: torch.Tensor,  # noqa: ARG002
+        collectives: Collectives,  # noqa: ARG002
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept ``(token, latent)`` entries of ``hidden_pre [n_tokens, d_sae]``, token-major.
+
+        Only k-sparse activations select; the others train on the dense path.
+        """
+        raise TypeError(f"{type(self).__name__} is not k-sparse: it trains on the dense path only.")
+
+    def sparsity_loss(
+        self,
+        encoding: Encoding,  # noqa: ARG002
+        plan: LevelPlan,  # noqa: ARG002
+        coefficients: dict[str, float],  # noqa: ARG002
+    ) -> dict[str, torch.Tensor]:
+        """The penalty terms of the loss, nested over this step's levels ``plan``."""
+        return {}
+
+    def update_from_step(
+        self,
+        encoding: Encoding,  # noqa: ARG002
+        collectives: Collectives,  # noqa: ARG002
+    ) -> dict[str, Any]:
+        """Learn state from a finished step's activations; returns metrics to log."""
+        return {}
+
+    def fold_scaling_factor(self, scaling_factor: float) -> None:
+        """Activations (measured in unit-norm decoder units) shrank by ``scaling_factor``."""
+
+    def fold_decoder_norms(self, fold: Callable[[], torch.Tensor]) -> None:
+        """Fold decoder norms into the encoder (``fold`` does it and returns the norms)."""
+        fold()
+
+    def to_inference(self, state_dict: dict[str, Any]) -> None:
+        """Turn this activation's saved tensors into the inference activation's."""
+
+    def keep_precision(self, state_dict: dict[str, Any]) -> None:
+        """Undo SAELens's cast of every loaded tensor to the SAE dtype for ``precise_state``."""
+        for name in self.precise_state:
+            if name in state_dict:
+                state_dict[name] = state_dict[name].to(getattr(self, name).dtype)
+
+
+class KSparseActivation(TrainingActivation):
+    """An activation that keeps ``k`` latents per token (on average for BatchTopK): TopK, BatchTopK."""
+
+    k_sparse: ClassVar[bool] = True
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    @override
+    def step_forward(self, hidden_pre: torch.Tensor, collectives: Collectives) -> torch.Tensor:
+        flat = hidden_pre.reshape(-1, hidden_pre.shape[-1])
+        token, latent = self.select(flat.detach(), collectives)
+        acts = torch.zeros_like(flat)
+        acts[token, latent] = flat[token, latent].relu()
+        return acts.view_as(hidden_pre)
+
+    @override
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        return self.step_forward(hidden_pre, SINGLE_PROCESS)
+
+    @override
+    def fold_decoder_norms(self, fold: Callable[[], torch.Tensor]) -> None:
+        raise NotImplementedError(
+            "Folding W_dec norms changes which latents a top-k keeps unless the SAE was "
+            "trained with rescale_acts_by_decoder_norm=True."
+        )
+
+
+class BatchTopK(KSparseActivation):
+    """The ``k * n_tokens`` largest pre-activations of the batch (Bussmann et al. 2024).
+
+    The selection spans the whole batch, so at inference it is replaced by a
+    JumpReLU threshold: an EMA (rate ``threshold_lr``) of the smallest kept
+    activation, set directly by the first step. In ``eval()`` mode the
+    activation already uses that threshold, exactly as the saved SAE will.
+    """
+
+    inference_activation: ClassVar[str] = "jumprelu"
+    precise_state: ClassVar[tuple[str, ...]] = ("topk_threshold",)
+    #: EMA of the smallest kept activation, float64; negative until the first step
+    topk_threshold: torch.Tensor
+
+    def __init__(self, k: float, threshold_lr: float, device: torch.device) -> None:
+        super().__init__(k)
+        self.threshold_lr = threshold_lr
+        # double precision: an EMA over many steps loses bits in float32
+        self.register_buffer(
+            "topk_threshold", torch.tensor(-1.0, dtype=torch.double, device=device)
+        )
+
+    @override
+    @classmethod
+    def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> Self:
+        return cls(_required_k(cfg), cfg.topk_threshold_lr, torch.device(cfg.device))
+
+    @property
+    def inference_threshold(self) -> torch.Tensor:
+        """The JumpReLU threshold the saved SAE will use (0 before any step)."""
+        return self.topk_threshold.clamp(min=0.0)
+
+    @override
+    def select(
+        self, hidden_pre: torch.Tensor, collectives: Collectives
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return collectives.batch_topk(hidden_pre, self.k)
+
+    @override
+    def step_forward(self, hidden_pre: torch.Tensor, collectives: Collectives) -> torch.Tensor:
+        if self.training:
+            return super().step_forward(hidden_pre, collectives)
+        return jumprelu(hidden_pre, self.inference_threshold.to(hidden_pre.dtype))
+
+    @override
+    @torch.no_grad()
+    def update_from_step(self, encoding: Encoding, collectives: Collectives) -> dict[str, Any]:
+        kept = encoding.kept_values()
+        current = self.topk_threshold
+        # computed on the device, without a host synchronisation
+        smallest = kept.min().to(current.dtype) if kept.numel() else current.new_tensor(torch.inf)
+        smallest = collectives.minimum(smallest)
+        learned = torch.where(current < 0, smallest, current.lerp(smallest, self.threshold_lr))
+        current.copy_(torch.where(torch.isinf(smallest), current, learned))
+        return {"topk_threshold": current}
+
+    @override
+    @torch.no_grad()
+    def fold_scaling_factor(self, scaling_factor: float) -> None:
+        threshold = self.topk_threshold
+        threshold.copy_(torch.where(threshold >= 0, threshold / scaling_factor, threshold))
+
+    @override
+    def to_inference(self, state_dict: dict[str, Any]) -> None:
+        threshold = state_dict.pop("topk_threshold").clamp(min=0.0)
+        state_dict["threshold"] = torch.full_like(state_dict["b_enc"], threshold.item())
+
+
+class TopK(KSparseActivation):
+    """Each token's ``k`` largest pre-activations, then ReLU; the same at inference."""
+
+    inference_activation: ClassVar[str] = "topk"
+
+    @override
+    @classmethod
+    def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> Self:
+        return cls(int(_required_k(cfg)))
+
+    @override
+    def select(
+        self,
+        hidden_pre: torch.Tensor,
+        collectives: Collectives,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_entries(hidden_pre, int(self.k))
+
+
+class JumpReLU(TrainingActivation):
+    """Learned per-latent thresholds, trained by straight-through estimators (as SAELens's JumpReLU).
+
+    The penalty is the nested L0 ``sum_i c_i * [h_i > theta_i]`` (``c_i``: the
+    summed weight of the levels containing latent ``i``). Thresholds stay
+    float32 whatever the SAE dtype: Adam's small steps on an O(1) threshold
+    round away in bfloat16.
+    """
+
+    inference_activation: ClassVar[str] = "jumprelu"
+    precise_state: ClassVar[tuple[str, ...]] = ("threshold",)
+    threshold: nn.Parameter
+
+    def __init__(
+        self,
+        d_sae: int,
+        init_threshold: float,
+        bandwidth: float,
+        l0: TrainCoefficientConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.bandwidth = bandwidth
+        self.l0 = l0
+        self.threshold = nn.Parameter(
+            torch.full((d_sae,), init_threshold, dtype=torch.float32, device=device)
+        )
+
+    @override
+    @classmethod
+    def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> Self:
+        l0 = TrainCoefficientConfig(cfg.l0_coefficient, cfg.l0_warm_up_steps)
+        device = torch.device(cfg.device)
+        return cls(cfg.d_sae, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth, l0, device)
+
+    @override
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        threshold = self.threshold.to(hidden_pre.dtype)
+        return JumpReLUSTE.apply(hidden_pre, threshold, self.bandwidth)
+
+    @override
+    def coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {"l0": self.l0}
+
+    @override
+    @torch.no_grad()
+    def prepare_step(self) -> None:
+        # projected rather than clamped in the graph, which would zero the
+        # gradient of any threshold that reaches 0 (as SAELens does)
+        self.threshold.clamp_(min=0.0)
+
+    @override
+    def sparsity_loss(
+        self, encoding: Encoding, plan: LevelPlan, coefficients: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        hidden_pre = dense_only(encoding).hidden_pre
+        fired = StepSTE.apply(hidden_pre, self.threshold.to(hidden_pre.dtype), self.bandwidth)
+        per_token = (fired * plan.latent_multiplicity()).sum(dim=-1)
+        return {"l0_loss": (coefficients["l0"] * per_token).mean()}
+
+    @override
+    @torch.no_grad()
+    def fold_scaling_factor(self, scaling_factor: float) -> None:
+        self.threshold.div_(scaling_factor)
+
+    @override
+    def fold_decoder_norms(self, fold: Callable[[], torch.Tensor]) -> None:
+        scale_with_folded_norms(self.threshold, fold)
+
+    @override
+    def to_inference(self, state_dict: dict[str, Any]) -> None:
+        state_dict["threshold"] = state_dict["threshold"].to(state_dict["b_enc"].dtype)
+
+
+class ReLU(TrainingActivation):
+    """ReLU with the nested L1 penalty ``sum_i c_i * a_i * ||d_i||``.
+
+    ``c_i`` is the summed weight of the levels containing latent ``i``, ``d_i``
+    its decoder vector as used in decoding (unit norm when activations are
+    measured in unit-norm decoder units).
+    """
+
+    inference_activation: ClassVar[str] = "relu"
+
+    def __init__(self, l1: TrainCoefficientConfig) -> None:
+        super().__init__()
+        self.l1 = l1
+
+    @override
+    @classmethod
+    def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> Self:
+        return cls(TrainCoefficientConfig(cfg.l1_coefficient, cfg.l1_warm_up_steps))
+
+    @override
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        return hidden_pre.relu()
+
+    @override
+    def coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {"l1": self.l1}
+
+    @override
+    def sparsity_loss(
+        self, encoding: Encoding, plan: LevelPlan, coefficients: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        dense = dense_only(encoding)
+        magnitude = dense.acts if dense.rescaled else dense.acts * dense.decoder_norms
+        per_token = (magnitude.abs() * plan.latent_multiplicity()).sum(dim=-1)
+        return {"l1_loss": (coefficients["l1"] * per_token).mean()}
+
+
+#: ``MatryoshkaTrainingSAEConfig.activation`` -> its class
+TRAINING_ACTIVATIONS: dict[str, type[TrainingActivation]] = {
+    "batchtopk": BatchTopK,
+    "topk": TopK,
+    "jumprelu": JumpReLU,
+    "relu": ReLU,
 }
 
-TRAINING_ACTIVATIONS: tuple[str, ...] = tuple(INFERENCE_ACTIVATION_FOR_TRAINING)
-INFERENCE_ACTIVATIONS: tuple[str, ...] = ("jumprelu", "topk", "relu")
-#: activations that fix the number of active latents (and need ``k``)
-K_ACTIVATIONS: tuple[str, ...] = ("batchtopk", "topk")
+
+def training_activation(cfg: MatryoshkaTrainingSAEConfig) -> TrainingActivation:
+    """The activation ``cfg`` names."""
+    return TRAINING_ACTIVATIONS[cfg.activation].from_config(cfg)
 
 
-def batch_topk(hidden_pre: torch.Tensor, k: float) -> torch.Tensor:
-    """Keep the ``k * n_tokens`` largest positive pre-activations of the batch.
+# -------------------------------------------------------------------------- inference
 
-    The selection is global over all tokens and latents, so on average ``k``
-    latents fire per token while individual tokens may use more or fewer.
-    Gradients flow to the kept entries only.
+
+class InferenceActivation(nn.Module):
+    """The activation of a ``MatryoshkaSAE``, built from its config: ReLU unless a subclass says otherwise.
+
+    ``forward`` gets the pre-activations of the first ``width`` latents (all
+    of them when ``selects_among_all_latents``).
     """
-    acts = hidden_pre.relu()
-    n_tokens = acts.shape[:-1].numel()
-    flat = acts.flatten()
-    top = flat.topk(int(k * n_tokens), sorted=False)
-    return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(acts)
+
+    #: whether every latent's pre-activation is needed to activate any of them
+    selects_among_all_latents: ClassVar[bool] = False
+
+    def __init__(self, cfg: MatryoshkaSAEConfig) -> None:
+        del cfg  # ReLU has no settings
+        super().__init__()
+
+    @override
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        return hidden_pre.relu()
+
+    def fold_decoder_norms(self, fold: Callable[[], torch.Tensor]) -> None:
+        """Fold decoder norms into the encoder (``fold`` does it and returns the norms)."""
+        fold()
+
+    def truncated_config(self, cfg_dict: dict[str, Any], width: int) -> None:
+        """Adjust the config of an SAE truncated to its first ``width`` latents."""
+
+
+class InferenceJumpReLU(InferenceActivation):
+    """ReLU that also zeroes every latent at or below its ``threshold`` (in the SAE's dtype)."""
+
+    threshold: nn.Parameter
+
+    def __init__(self, cfg: MatryoshkaSAEConfig) -> None:
+        super().__init__(cfg)
+        dtype = str_to_dtype(cfg.dtype)
+        self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=cfg.device))
+
+    @override
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        threshold = self.threshold[: hidden_pre.shape[-1]].to(hidden_pre.dtype)
+        return jumprelu(hidden_pre, threshold)
+
+    @override
+    def fold_decoder_norms(self, fold: Callable[[], torch.Tensor]) -> None:
+        scale_with_folded_norms(self.threshold, fold)
+
+
+class InferenceTopK(InferenceActivation):
+    """Each token's ``k`` largest pre-activations over all latents, then ReLU."""
+
+    selects_among_all_latents: ClassVar[bool] = True
+
+    def __init__(self, cfg: MatryoshkaSAEConfig) -> None:
+        super().__init__(cfg)
+        self.k = int(_required_k(cfg))
+
+    @override
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        return topk(hidden_pre, self.k)
+
+    @override
+    def fold_decoder_norms(self, fold: Callable[[], torch.Tensor]) -> None:
+        raise NotImplementedError(
+            "Folding W_dec norms changes which latents top-k keeps; this SAE was "
+            "not saved with rescale_acts_by_decoder_norm."
+        )
+
+    @override
+    def truncated_config(self, cfg_dict: dict[str, Any], width: int) -> None:
+        warnings.warn(
+            "truncating a topk SAE: the truncated SAE selects its k latents among the "
+            f"first {width} only, so a token can use latents the full SAE left inactive.",
+            stacklevel=3,
+        )
+        cfg_dict["k"] = min(self.k, width)
+
+
+#: ``MatryoshkaSAEConfig.activation`` -> its class
+INFERENCE_ACTIVATIONS: dict[str, type[InferenceActivation]] = {
+    "jumprelu": InferenceJumpReLU,
+    "topk": InferenceTopK,
+    "relu": InferenceActivation,
+}
+
+
+def inference_activation(cfg: MatryoshkaSAEConfig) -> InferenceActivation:
+    """The activation ``cfg`` names."""
+    return INFERENCE_ACTIVATIONS[cfg.activation](cfg)
+
+
+@torch.no_grad()
+def scale_with_folded_norms(threshold: nn.Parameter, fold: Callable[[], torch.Tensor]) -> None:
+    """Fold decoder norms (``fold`` does it and returns them) and scale ``threshold`` with them.
+
+    Thresholds are in the units of the pre-activation, which scales with the norm.
+    """
+    threshold.data = threshold.data * fold().to(threshold.dtype)
+
+
+# ------------------------------------------------------------------- functions and STEs
 
 
 def topk(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -55,8 +488,21 @@ def jumprelu(hidden_pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return hidden_pre.relu() * (hidden_pre > threshold).to(hidden_pre.dtype)
 
 
-def _rectangle(x: torch.Tensor) -> torch.Tensor:
-    return ((x > -0.5) & (x < 0.5)).to(x.dtype)
+def _remember(ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> None:
+    ctx.save_for_backward(x, threshold)
+    ctx.bandwidth = bandwidth
+
+
+def _kernel(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x``, ``threshold`` and ``rect((x - threshold) / bandwidth) * grad / bandwidth``.
+
+    The rectangle kernel estimates the derivative of the jump at the
+    threshold (Rajamanoharan et al. 2024); both estimators below scale it.
+    """
+    x, threshold = ctx.saved_tensors
+    scaled = (x - threshold) / ctx.bandwidth
+    rectangle = ((scaled > -0.5) & (scaled < 0.5)).to(x.dtype)
+    return x, threshold, rectangle * grad / ctx.bandwidth
 
 
 def _sum_to_latents(grad: torch.Tensor) -> torch.Tensor:
@@ -66,8 +512,8 @@ def _sum_to_latents(grad: torch.Tensor) -> torch.Tensor:
 class JumpReLUSTE(torch.autograd.Function):
     """JumpReLU whose threshold learns through a straight-through estimator.
 
-    Forward: ``x * (x > threshold)``. Backward (Rajamanoharan et al. 2024): the
-    input gets the gradient where the latent fired; the threshold gets
+    Forward: ``x * (x > threshold)``. Backward: the input gets the gradient
+    where the latent fired; the threshold gets
     ``-(threshold / bandwidth) * rect((x - threshold) / bandwidth) * grad``,
     a kernel estimate of the jump's effect.
     """
@@ -76,17 +522,14 @@ class JumpReLUSTE(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, threshold)
-        ctx.bandwidth = bandwidth
+        _remember(ctx, x, threshold, bandwidth)
         return x * (x > threshold).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        x, threshold = ctx.saved_tensors
-        bandwidth = ctx.bandwidth
-        kernel = _rectangle((x - threshold) / bandwidth) * grad
-        threshold_grad = _sum_to_latents(-(threshold / bandwidth) * kernel)
-        return (x > threshold).to(grad.dtype) * grad, threshold_grad.to(threshold.dtype), None
+        x, threshold, kernel = _kernel(ctx, grad)
+        threshold_grad = _sum_to_latents(-threshold * kernel).to(threshold.dtype)
+        return (x > threshold).to(grad.dtype) * grad, threshold_grad, None
 
 
 class StepSTE(torch.autograd.Function):
@@ -100,13 +543,10 @@ class StepSTE(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, threshold)
-        ctx.bandwidth = bandwidth
+        _remember(ctx, x, threshold, bandwidth)
         return (x > threshold).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
-        x, threshold = ctx.saved_tensors
-        bandwidth = ctx.bandwidth
-        kernel = _rectangle((x - threshold) / bandwidth) * grad
-        return None, _sum_to_latents(-kernel / bandwidth).to(threshold.dtype), None
+        _, threshold, kernel = _kernel(ctx, grad)
+        return None, _sum_to_latents(-kernel).to(threshold.dtype), None

@@ -13,20 +13,18 @@ import difflib
 import math
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from sae_lens import SAEConfig, TrainingSAEConfig
 from typing_extensions import override
 
-from sae_lens_matryoshka.activations import (
-    INFERENCE_ACTIVATION_FOR_TRAINING,
-    INFERENCE_ACTIVATIONS,
-    K_ACTIVATIONS,
-    TRAINING_ACTIVATIONS,
-)
+from sae_lens_matryoshka.activations import INFERENCE_ACTIVATIONS, TRAINING_ACTIVATIONS
 from sae_lens_matryoshka.levels import default_eval_widths, validate_widths
 
 ARCHITECTURE = "matryoshka"
+
+#: activations that fix the number of active latents (and need ``k``)
+K_ACTIVATIONS = tuple(name for name, cls in TRAINING_ACTIVATIONS.items() if cls.k_sparse)
 
 #: SAELens activation normalisations whose output is rescaled per token; the
 #: dead-latent aux loss compares a normalised reconstruction against a raw
@@ -116,8 +114,22 @@ def _check_k(owner: str, k: Any, activation: str, d_sae: int) -> float | None:
     return k
 
 
+class _MatryoshkaArchitecture:
+    """Mixed into both configs: the architecture name, and field names checked before
+    SAELens's ``from_dict`` drops the ones it does not know."""
+
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> Any:
+        check_field_names(cls, config_dict)
+        return cast(Any, super()).from_dict(config_dict)
+
+
 @dataclass
-class MatryoshkaTrainingSAEConfig(TrainingSAEConfig):
+class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
     """Training configuration of a Matryoshka SAE (architecture ``"matryoshka"``).
 
     A Matryoshka SAE trains nested prefixes of its dictionary: every prefix
@@ -221,21 +233,10 @@ class MatryoshkaTrainingSAEConfig(TrainingSAEConfig):
     jumprelu_bandwidth: float = 0.05
     training_path: Literal["auto", "sparse", "dense"] = "auto"
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
-
-    @override
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any]) -> MatryoshkaTrainingSAEConfig:
-        check_field_names(cls, config_dict)
-        return super().from_dict(config_dict)
-
     def __post_init__(self) -> None:
         name = type(self).__name__
         _check_dimensions(self)
-        _check_choice(f"{name}.activation", self.activation, TRAINING_ACTIVATIONS)
+        _check_choice(f"{name}.activation", self.activation, tuple(TRAINING_ACTIVATIONS))
         _check_choice(f"{name}.prefix_sampling", self.prefix_sampling, ("fixed", "pareto"))
         if self.prefix_sampling == "pareto" and not self.matryoshka_widths:
             self.matryoshka_widths = default_eval_widths(self.d_sae)
@@ -330,13 +331,13 @@ class MatryoshkaTrainingSAEConfig(TrainingSAEConfig):
     def sparse_training(self) -> bool:
         """Whether training steps take the sparse path (see ``training_path``)."""
         if self.training_path == "auto":
-            return self.activation in K_ACTIVATIONS
+            return TRAINING_ACTIVATIONS[self.activation].k_sparse
         return self.training_path == "sparse"
 
     @property
     def inference_activation(self) -> str:
         """The activation the saved inference SAE uses."""
-        return INFERENCE_ACTIVATION_FOR_TRAINING[self.activation]
+        return TRAINING_ACTIVATIONS[self.activation].inference_activation
 
     @override
     def get_inference_config_class(self) -> type[SAEConfig]:
@@ -364,7 +365,7 @@ class MatryoshkaTrainingSAEConfig(TrainingSAEConfig):
 
 
 @dataclass
-class MatryoshkaSAEConfig(SAEConfig):
+class MatryoshkaSAEConfig(_MatryoshkaArchitecture, SAEConfig):
     """Inference configuration of a Matryoshka SAE (architecture ``"matryoshka"``).
 
     This is what ``cfg.json`` of a trained Matryoshka SAE holds. Unlike a flat
@@ -389,17 +390,6 @@ class MatryoshkaSAEConfig(SAEConfig):
     k: int | None = None
     rescale_acts_by_decoder_norm: bool = False
 
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
-
-    @override
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any]) -> MatryoshkaSAEConfig:
-        check_field_names(cls, config_dict)
-        return super().from_dict(config_dict)
-
     def __post_init__(self) -> None:
         name = type(self).__name__
         _check_dimensions(self)
@@ -408,7 +398,7 @@ class MatryoshkaSAEConfig(SAEConfig):
             # threshold becomes every latent's JumpReLU threshold (see MatryoshkaSAE)
             self.activation = "jumprelu"
             self.k = None
-        _check_choice(f"{name}.activation", self.activation, INFERENCE_ACTIVATIONS)
+        _check_choice(f"{name}.activation", self.activation, tuple(INFERENCE_ACTIVATIONS))
         self.matryoshka_widths = validate_widths(
             self.matryoshka_widths,
             self.d_sae,

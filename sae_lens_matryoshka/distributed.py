@@ -31,6 +31,7 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
@@ -38,8 +39,11 @@ import torch.distributed as dist
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
+from typing_extensions import override
 
-from sae_lens_matryoshka.sparse_kernels import batch_topk_indices
+from sae_lens_matryoshka.collectives import Collectives
+from sae_lens_matryoshka.sparse_kernels import batch_topk_entries
+from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 TIMEOUT_ENV = "SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
@@ -100,66 +104,74 @@ def _average_gradient(param: torch.Tensor) -> None:
         grad.copy_(buffer)
 
 
+class DataParallelCollectives(Collectives):
+    """The batch-global operations of a training step, over every rank's share of the batch."""
+
+    @override
+    def batch_topk(self, hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the BatchTopK selection over the global batch.
+
+        The global batch keeps its ``k * n_tokens * world_size`` largest positive
+        values (equal batches on every rank). No rank can contribute more than
+        that, so each takes its local top that many, the ranks exchange those
+        values, and each keeps its entries at or above the global cut-off. Exact
+        up to ties at the cut-off across ranks.
+        """
+        n_ranks = world_size()
+        n_keep = min(int(k * hidden_pre.shape[0] * n_ranks), hidden_pre.numel())
+        token, latent = batch_topk_entries(hidden_pre, n_keep)
+        values = hidden_pre[token, latent]
+        local = torch.full((n_keep,), -torch.inf, dtype=values.dtype, device=values.device)
+        local[: values.numel()] = values
+        gathered = [torch.empty_like(local) for _ in range(n_ranks)]
+        _collective("the global BatchTopK selection", lambda: dist.all_gather(gathered, local))
+        cutoff = torch.cat(gathered).topk(n_keep, sorted=False).values.min()
+        keep = values >= cutoff
+        return token[keep], latent[keep]
+
+    @override
+    def dead_everywhere(self, dead: torch.Tensor) -> torch.Tensor:
+        """Dead on every rank (fired on none within the window): the single-process dead mask."""
+        flags = dead.to(torch.uint8)
+        _collective(
+            "agreeing on dead latents", lambda: dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        )
+        return flags.bool()
+
+    @override
+    def minimum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.clone()
+        _collective(
+            "agreeing on the threshold", lambda: dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        )
+        return value
+
+
 def prepare_data_parallel(sae: TrainingSAE[Any]) -> None:
     """Make ``sae`` one replica of a data-parallel SAE (call on every rank, before training).
 
     Broadcasts rank 0's parameters and buffers, averages every gradient across
-    ranks as it is accumulated, and switches the SAE's batch-global state
-    (BatchTopK selection, dead latents, inference threshold) to global semantics.
+    ranks as it is accumulated, and gives the SAE the collectives that make its
+    batch-global state (BatchTopK selection, dead latents, inference threshold)
+    global.
     """
     if world_size() <= 1:
         return
-    if not hasattr(sae, "data_parallel"):
+    if not isinstance(sae, MatryoshkaTrainingSAE):
         raise ValueError(
             f"Data-parallel training needs architecture 'matryoshka' (got {type(sae).__name__}, "
             f"architecture {sae.cfg.architecture()!r}): other SAEs would select BatchTopK and "
             "track dead latents per rank, silently unlike a single-process run."
         )
+    # the prefix sampler's state stays on the CPU, and is the same on every rank
+    # (same seed, same steps); everything else starts as rank 0's
+    shared = [t for t in [*sae.parameters(), *sae.buffers()] if t.device == sae.W_dec.device]
     with torch.no_grad():
-        for tensor in [*sae.parameters(), *sae.buffers()]:
-            _collective("broadcasting the initial weights", lambda t=tensor: dist.broadcast(t, 0))
+        for tensor in shared:
+            _collective("broadcasting the initial weights", partial(dist.broadcast, tensor, 0))
     for param in sae.parameters():
         param.register_post_accumulate_grad_hook(_average_gradient)
-    sae.data_parallel = True  # type: ignore[attr-defined]
-
-
-def global_dead_mask(dead: torch.Tensor) -> torch.Tensor:
-    """Dead on every rank (fired on none within the window): the single-process dead mask."""
-    flags = dead.to(torch.uint8)
-    _collective("agreeing on dead latents", lambda: dist.all_reduce(flags, op=dist.ReduceOp.MIN))
-    return flags.bool()
-
-
-def global_min(value: torch.Tensor) -> torch.Tensor:
-    """The minimum of a scalar over all ranks."""
-    value = value.clone()
-    _collective("agreeing on the threshold", lambda: dist.all_reduce(value, op=dist.ReduceOp.MIN))
-    return value
-
-
-def global_batch_topk_indices(
-    hidden_pre: torch.Tensor, k: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of the BatchTopK selection over the global batch.
-
-    The global batch keeps its ``k * n_tokens * world_size`` largest positive
-    values (equal batches on every rank). No rank can contribute more than that,
-    so each takes its local top that many, the ranks exchange those values, and
-    each keeps its entries at or above the global cut-off. Exact up to ties at
-    the cut-off across ranks.
-    """
-    n_ranks = world_size()
-    hidden_pre = hidden_pre.reshape(-1, hidden_pre.shape[-1])
-    n_keep = min(int(k * hidden_pre.shape[0] * n_ranks), hidden_pre.numel())
-    token, latent = batch_topk_indices(hidden_pre, k * n_ranks)
-    values = hidden_pre[token, latent]
-    local = torch.full((n_keep,), -torch.inf, dtype=values.dtype, device=values.device)
-    local[: values.numel()] = values
-    gathered = [torch.empty_like(local) for _ in range(n_ranks)]
-    _collective("the global BatchTopK selection", lambda: dist.all_gather(gathered, local))
-    cutoff = torch.cat(gathered).topk(n_keep, sorted=False).values.min()
-    keep = values >= cutoff
-    return token[keep], latent[keep]
+    sae.collectives = DataParallelCollectives()
 
 
 def shard_activation_source(runner: LanguageModelSAETrainingRunner) -> None:

@@ -17,13 +17,14 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from torch import nn
 from typing_extensions import override
 
-from sae_lens_matryoshka.activations import jumprelu, topk
+from sae_lens_matryoshka.activations import InferenceActivation, inference_activation
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig
 from sae_lens_matryoshka.levels import decode_levels
+from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts
 from sae_lens_matryoshka.safe_loading import check_finite_weights
 
 
-class MatryoshkaSAE(SAE[MatryoshkaSAEConfig]):
+class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
     """A trained Matryoshka SAE, level-aware.
 
     Parameters follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
@@ -35,20 +36,15 @@ class MatryoshkaSAE(SAE[MatryoshkaSAEConfig]):
     """
 
     b_enc: nn.Parameter
-    threshold: nn.Parameter
+    activation_fn: InferenceActivation
 
-    @property
-    def matryoshka_widths(self) -> list[int]:
-        return self.cfg.matryoshka_widths
+    def __init__(self, cfg: MatryoshkaSAEConfig, use_error_term: bool = False) -> None:
+        super().__init__(cfg, use_error_term)
+        self.save_children_flat(["activation_fn"])
 
     @override
-    def initialize_weights(self) -> None:
-        super().initialize_weights()
-        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
-        if self.cfg.activation == "jumprelu":
-            self.threshold = nn.Parameter(
-                torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device)
-            )
+    def get_activation_fn(self) -> InferenceActivation:
+        return inference_activation(self.cfg)
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
@@ -64,7 +60,7 @@ class MatryoshkaSAE(SAE[MatryoshkaSAEConfig]):
         if "topk_threshold" in state_dict:
             threshold = state_dict.pop("topk_threshold").clamp(min=0.0)
             state_dict["threshold"] = threshold.expand(self.cfg.d_sae).clone()
-        expected = {name: tuple(param.shape) for name, param in self.named_parameters()}
+        expected = {name: tuple(tensor.shape) for name, tensor in self.state_dict().items()}
         missing = sorted(set(expected) - set(state_dict))
         if missing:
             raise ValueError(
@@ -85,13 +81,6 @@ class MatryoshkaSAE(SAE[MatryoshkaSAEConfig]):
                     f"{SAE_WEIGHTS_FILENAME} does not match {SAE_CFG_FILENAME}: {name} has shape "
                     f"{list(found)}, but d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae} need {list(shape)}."
                 )
-
-    def _activate(self, hidden_pre: torch.Tensor, width: int) -> torch.Tensor:
-        if self.cfg.activation == "jumprelu":
-            return jumprelu(hidden_pre, self.threshold[:width].to(hidden_pre.dtype))
-        if self.cfg.activation == "topk":
-            return topk(hidden_pre, self.cfg.k)  # type: ignore[arg-type]
-        return hidden_pre.relu()
 
     def _check_width(self, width: int | None) -> int:
         """``width`` as a prefix size, warning when it was not trained as a level."""
@@ -119,13 +108,13 @@ class MatryoshkaSAE(SAE[MatryoshkaSAEConfig]):
         """
         width = self._check_width(width)
         # topk selects among all latents, so it needs all pre-activations
-        columns = self.cfg.d_sae if self.cfg.activation == "topk" else width
+        columns = self.cfg.d_sae if self.activation_fn.selects_among_all_latents else width
         sae_in = self.process_sae_in(x)
         hidden_pre = sae_in @ self.W_enc[:, :columns] + self.b_enc[:columns]
         hidden_pre = self.hook_sae_acts_pre(hidden_pre)
         if self.cfg.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self.W_dec[:columns].norm(dim=-1)
-        acts = self._activate(hidden_pre, columns)[..., :width]
+        acts = self.activation_fn(hidden_pre)[..., :width]
         return self.hook_sae_acts_post(acts)
 
     def _unit_acts(self, feature_acts: torch.Tensor, width: int) -> torch.Tensor:
@@ -165,17 +154,11 @@ class MatryoshkaSAE(SAE[MatryoshkaSAEConfig]):
         kept; ``width`` becomes the last level.
         """
         width = self._check_width(width)
-        if self.cfg.activation == "topk" and width < self.cfg.d_sae:
-            warnings.warn(
-                "truncating a topk SAE: the truncated SAE selects its k latents among the "
-                f"first {width} only, so a token can use latents the full SAE left inactive.",
-                stacklevel=2,
-            )
         cfg_dict = self.cfg.to_dict()
         cfg_dict["d_sae"] = width
         cfg_dict["matryoshka_widths"] = [w for w in self.matryoshka_widths if w < width] + [width]
-        if self.cfg.activation == "topk":
-            cfg_dict["k"] = min(int(self.cfg.k), width)  # type: ignore[arg-type]
+        if width < self.cfg.d_sae:
+            self.activation_fn.truncated_config(cfg_dict, width)
         cfg_dict["metadata"] = {**cfg_dict["metadata"], "truncated_from_d_sae": self.cfg.d_sae}
         truncated = MatryoshkaSAE(MatryoshkaSAEConfig.from_dict(cfg_dict))
         kept = {
@@ -199,13 +182,4 @@ class MatryoshkaSAE(SAE[MatryoshkaSAEConfig]):
             self.fold_and_get_W_dec_norm()
             self.cfg.rescale_acts_by_decoder_norm = False
             return
-        if self.cfg.activation == "topk":
-            raise NotImplementedError(
-                "Folding W_dec norms changes which latents top-k keeps; this SAE was "
-                "not saved with rescale_acts_by_decoder_norm."
-            )
-        threshold = self.threshold.detach().clone() if self.cfg.activation == "jumprelu" else None
-        norms = self.fold_and_get_W_dec_norm()
-        if threshold is not None:
-            # thresholds are in the units of the pre-activation, which scales with the norm
-            self.threshold.data = threshold * norms
+        self.activation_fn.fold_decoder_norms(self.fold_and_get_W_dec_norm)

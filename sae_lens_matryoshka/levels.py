@@ -1,4 +1,4 @@
-"""Matryoshka levels: validating prefix widths and decoding every level at once.
+"""Matryoshka levels: validating prefix widths, choosing each step's levels, decoding them at once.
 
 A Matryoshka SAE with widths ``m_1 < m_2 < ... < m_L = d_sae`` reconstructs the
 input once per level, level ``l`` using only latents ``< m_l``. Latents between
@@ -11,9 +11,15 @@ decode, instead of decoding the whole prefix again per level.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+from torch import nn
+from typing_extensions import Self, override
+
+if TYPE_CHECKING:
+    from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 
 
 def validate_widths(
@@ -110,18 +116,36 @@ def sample_prefix_widths(
     return [*sorted((drawn + 1).tolist()), d_sae]
 
 
-def latent_level_weights(widths: Sequence[int], level_weights: torch.Tensor) -> torch.Tensor:
-    """For every latent, the summed weight of the levels that contain it.
+class LevelPlan(NamedTuple):
+    """The levels one training step decodes, with what the device needs to know about them."""
 
-    A latent of group ``g`` is inside levels ``g, g + 1, ...``; penalising it
-    once per containing level (weighted) matches the per-level reconstruction
-    pressure it gets. Shape ``[widths[-1]]``.
-    """
-    sizes = torch.tensor(
-        [end - start for start, end in group_bounds(widths)], device=level_weights.device
-    )
-    per_group = level_weights.flip(0).cumsum(0).flip(0)
-    return per_group.repeat_interleave(sizes)
+    #: the prefix widths, increasing, the last one ``d_sae``
+    widths: list[int]
+    #: ``widths[:-1]`` on the device: where each latent group after the first begins
+    bounds: torch.Tensor
+    #: the weight of each level's loss, on the device (float32)
+    weights: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, widths: Sequence[int], weights: Sequence[float] | None, device: torch.device
+    ) -> LevelPlan:
+        """A plan for ``widths``, weighted by ``weights`` (all 1 if None), on ``device``."""
+        bounds = torch.tensor(list(widths[:-1]), dtype=torch.long, device=device)
+        ones = [1.0] * len(widths)
+        weight_tensor = torch.tensor(ones if weights is None else list(weights), device=device)
+        return cls(list(widths), bounds, weight_tensor)
+
+    def latent_multiplicity(self) -> torch.Tensor:
+        """For every latent, the summed weight of the levels that contain it, ``[d_sae]``.
+
+        A latent of group ``g`` is inside levels ``g, g + 1, ...``; penalising it
+        once per containing level (weighted) matches the per-level reconstruction
+        pressure it gets.
+        """
+        latents = torch.arange(self.widths[-1], device=self.bounds.device)
+        group = torch.bucketize(latents, self.bounds, right=True)
+        return self.weights.flip(0).cumsum(0).flip(0)[group]
 
 
 def decode_levels(
@@ -150,3 +174,105 @@ def decode_levels(
     if detach_between_levels:
         levels = torch.cat([levels[:1], levels[:-1].detach() + partials[1:]])
     return levels
+
+
+class FixedLevels(nn.Module):
+    """The paper's levels: the same widths, with the same weights, every step.
+
+    Their plan is built once per device and kept, so that a step copies
+    nothing from the host. (Not as buffers: SAELens builds SAEs on the meta
+    device and loads only the saved tensors, and these follow from the config.)
+    """
+
+    def __init__(self, widths: Sequence[int], weights: Sequence[float] | None) -> None:
+        super().__init__()
+        self.widths = list(widths)
+        self.weights = None if weights is None else list(weights)
+        self._plans: dict[torch.device, LevelPlan] = {}
+
+    @classmethod
+    def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> FixedLevels:
+        return cls(cfg.matryoshka_widths, cfg.level_weights)
+
+    def evaluated(self, device: torch.device) -> LevelPlan:
+        """The levels the saved SAE reports and logged metrics cover: ``matryoshka_widths``."""
+        if device not in self._plans:
+            self._plans[device] = LevelPlan.build(self.widths, self.weights, device)
+        return self._plans[device]
+
+    def step_plan(self, device: torch.device) -> LevelPlan:
+        """The levels this training step decodes and trains."""
+        return self.evaluated(device)
+
+    def loss_terms(self, weighted_mse: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The reconstruction terms of the loss, named for the progress bar and wandb."""
+        terms = {"mse_loss": weighted_mse[-1]}
+        for width, value in zip(self.widths[:-1], weighted_mse[:-1], strict=True):
+            terms[f"inner_mse_loss_{width}"] = value
+        return terms
+
+
+class SampledLevels(FixedLevels):
+    """Nabeshima's sampled prefixes: every step, ``n - 1`` distinct prefix lengths plus ``d_sae``.
+
+    Lengths are drawn with ``P(l)`` proportional to ``l**power - (l - 1)**power``
+    (:func:`pareto_prefix_probabilities`) by a private generator whose state is
+    a buffer, saved in checkpoints, so a resumed run draws the same sequence.
+    ``widths`` are only the levels the saved SAE reports and is evaluated at.
+    Each step's weights are all 1.
+    """
+
+    prefix_rng_state: torch.Tensor
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        n_prefixes: int,
+        power: float,
+        seed: int,
+    ) -> None:
+        super().__init__(widths, None)
+        self.n_prefixes = n_prefixes
+        self._probabilities = pareto_prefix_probabilities(self.widths[-1], power)
+        self.register_buffer("prefix_rng_state", torch.Generator().manual_seed(seed).get_state())
+
+    @override
+    @classmethod
+    def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> SampledLevels:
+        return cls(
+            cfg.matryoshka_widths,
+            cfg.n_sampled_prefixes,
+            cfg.pareto_power,
+            cfg.prefix_sampling_seed,
+        )
+
+    @override
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
+        # the generator lives on the CPU: keeping its state there spares every
+        # step a copy from the device and back
+        state = self.prefix_rng_state
+        super()._apply(fn, recurse)
+        self.prefix_rng_state = state
+        return self
+
+    @override
+    def step_plan(self, device: torch.device) -> LevelPlan:
+        generator = torch.Generator()
+        generator.set_state(self.prefix_rng_state)
+        widths = sample_prefix_widths(self._probabilities, self.n_prefixes, generator)
+        self.prefix_rng_state.copy_(generator.get_state())
+        # the one host-to-device copy of a sampled-prefix step: this step's widths
+        return LevelPlan.build(widths, None, device)
+
+    @override
+    def loss_terms(self, weighted_mse: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mse_loss": weighted_mse[-1], "sampled_prefixes_mse_loss": weighted_mse[:-1].sum()}
+
+
+#: ``MatryoshkaTrainingSAEConfig.prefix_sampling`` -> how each step's levels are chosen
+LEVEL_SCHEDULES: dict[str, type[FixedLevels]] = {"fixed": FixedLevels, "pareto": SampledLevels}
+
+
+def training_levels(cfg: MatryoshkaTrainingSAEConfig) -> FixedLevels:
+    """The level schedule ``cfg.prefix_sampling`` names."""
+    return LEVEL_SCHEDULES[cfg.prefix_sampling].from_config(cfg)

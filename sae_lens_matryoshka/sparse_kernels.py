@@ -1,18 +1,24 @@
-"""The sparse training path: exact top-k selection, sparse encoder backward, sparse decode.
+"""The sparse training path's kernels: exact selection, sparse encoder backward, bag decode.
 
 With ``batchtopk`` and ``topk`` at most ``k`` of ``d_sae`` latents are active
 per token. Only the encoder's forward matmul must be dense (every
-pre-activation competes in the selection); everything after it is computed from
-the active ``(token, latent, value)`` triples:
+pre-activation competes in the selection); everything after it is computed
+from the active ``(token, latent)`` entries. Every function here keeps the
+entries **token-major**, as the selections produce them: tokens
+non-decreasing and, within a token, latents increasing. That order is what
+makes the rest cheap: a token's entries are contiguous (a CSR row) and a
+token's entries of one Matryoshka group follow each other, so bags and sparse
+products need no sort.
 
-- selection (:func:`batch_topk_indices`, :func:`topk_indices`) returns the same
-  entries as a dense top-k, but filters with a threshold estimated from a
-  sample before ranking, so the full ``n_tokens x d_sae`` top-k is never run;
-- :class:`SparseEncoderValues` gives the selected pre-activations an encoder
-  backward that touches only the active latents' columns of ``W_enc``;
-- :func:`decode_levels_sparse` decodes every Matryoshka level in one
-  ``embedding_bag`` over (level group, token) bags followed by a cumulative sum,
-  so no dense ``n_tokens x d_sae`` activation matrix enters the decoder.
+- selection (:func:`batch_topk_entries`, :func:`topk_entries`,
+  :func:`dead_topk_entries`) returns the entries a dense top-k would keep,
+  filtering with a threshold estimated from a sample so that the full
+  ``n_tokens x d_sae`` ranking never runs;
+- :class:`SparseEncoderValues` gives selected pre-activations an encoder
+  backward that touches only the selected latents: the ``W_enc`` gradient is
+  one sparse-dense product with the token-major (CSR) gradient matrix;
+- :func:`decode_groups` decodes every Matryoshka group of every token in one
+  ``embedding_bag`` over (token, group) bags.
 
 The dense path (``training_path="dense"``) computes the same loss and gradients
 with dense matmuls; the tests hold the two equal.
@@ -20,213 +26,239 @@ with dense matmuls; the tests hold the two equal.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-#: sample size for estimating the selection threshold; the result is exact
-#: whatever the sample, a better estimate only means fewer candidates to rank
+#: the largest and smallest samples for estimating the selection threshold (at
+#: most 1/16 of the values); the result is exact whatever the sample, a better
+#: estimate only means fewer candidates to rank
 _THRESHOLD_SAMPLE = 1 << 16
+_SMALLEST_SAMPLE = 1 << 10
 #: the threshold aims for this many times the entries to keep, so that it
 #: almost never falls above the true cut-off (the exact fallback then runs)
 _CANDIDATE_MARGIN = 2.0
 _SAMPLER_SEED = 0x5EED
 
+# torch warns once per process that its CSR support is in beta; the CSR products
+# used here are tested, so that one warning is spent here, silently
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.sparse_csr_tensor(
+        torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), (0, 0)
+    )
 
-def _sample_positions(numel: int, device: torch.device) -> torch.Tensor:
-    # a private generator: selection must not consume the user's global RNG
+
+@functools.lru_cache(maxsize=8)
+def _sample_positions(numel: int, size: int, device: torch.device) -> torch.Tensor:
+    """Fixed random positions to sample (a private generator leaves the global RNG alone)."""
     generator = torch.Generator(device=device).manual_seed(_SAMPLER_SEED)
-    return torch.randint(0, numel, (_THRESHOLD_SAMPLE,), generator=generator, device=device)
+    return torch.randint(0, numel, (size,), generator=generator, device=device)
 
 
-def _candidate_threshold(flat: torch.Tensor, n_keep: int) -> float:
-    """A value that, with high probability, at least ``n_keep`` entries of ``flat`` exceed."""
-    if flat.numel() <= 4 * _THRESHOLD_SAMPLE:
+def _candidate_threshold(flat: torch.Tensor, n_keep: int) -> torch.Tensor | float:
+    """A value that, with high probability, at least ``n_keep`` entries of ``flat`` exceed.
+
+    Stays on the device (no host synchronisation); 0 where sampling cannot help.
+    """
+    size = min(_THRESHOLD_SAMPLE, flat.numel() // 16)
+    if size < _SMALLEST_SAMPLE:
         return 0.0
-    sample = flat[_sample_positions(flat.numel(), flat.device)]
-    above = math.ceil(_CANDIDATE_MARGIN * n_keep / flat.numel() * sample.numel()) + 16
+    sample = flat[_sample_positions(flat.numel(), size, flat.device)]
+    above = math.ceil(_CANDIDATE_MARGIN * n_keep / flat.numel() * size) + 16
     if above >= sample.numel():
         return 0.0
-    return max(float(sample.kthvalue(sample.numel() - above).values), 0.0)
+    return sample.kthvalue(sample.numel() - above).values.clamp(min=0.0)
 
 
-def batch_topk_indices(hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(token, latent)`` entries BatchTopK keeps: the ``k * n_tokens`` largest positive ones.
+def batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n_keep`` largest positive entries of ``hidden_pre [n_tokens, d_sae]``, token-major.
 
-    Equal to the nonzero entries of a dense ``batch_topk`` (ties at the cut-off
-    aside, which a dense top-k also breaks arbitrarily). Instead of ranking all
+    The same entries as a dense ``topk`` over the flattened matrix (ties at
+    the cut-off are broken by position, where a dense top-k breaks them
+    arbitrarily); fewer when fewer are positive. Instead of ranking all
     ``n_tokens * d_sae`` values, entries above a threshold estimated from a
-    sample are ranked; when fewer than ``k * n_tokens`` pass it, every positive
-    entry is ranked instead, so the result never depends on the estimate.
+    sample are ranked; when fewer than ``n_keep`` pass it, every positive entry
+    is ranked instead, so the result never depends on the estimate.
     """
-    hidden_pre = hidden_pre.reshape(-1, hidden_pre.shape[-1])
-    n_tokens, d_sae = hidden_pre.shape
+    d_sae = hidden_pre.shape[-1]
     flat = hidden_pre.reshape(-1)
-    n_keep = min(int(k * n_tokens), flat.numel())
+    if n_keep <= 0:
+        nothing = torch.zeros(0, dtype=torch.long, device=flat.device)
+        return nothing, nothing
+    # The host synchronisation BatchTopK needs: how many entries pass the
+    # threshold decides the shapes of everything that follows.
     candidates = (flat > _candidate_threshold(flat, n_keep)).nonzero().squeeze(1)
     if candidates.numel() < n_keep:
         candidates = (flat > 0).nonzero().squeeze(1)
     if candidates.numel() > n_keep:
-        ranked = flat[candidates].topk(n_keep, sorted=False).indices
-        candidates = candidates[ranked]
+        values = flat[candidates]
+        cutoff = values.kthvalue(values.numel() - n_keep + 1).values
+        # at least n_keep candidates reach the cut-off; the first n_keep of them
+        # (ties broken by position) have a static size, so no synchronisation
+        kept = torch.nonzero_static(values >= cutoff, size=n_keep).squeeze(1)
+        candidates = candidates[kept]
     return candidates // d_sae, candidates % d_sae
 
 
-def topk_indices(hidden_pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(token, latent)`` entries TopK keeps with a positive value (ReLU drops the rest)."""
-    hidden_pre = hidden_pre.reshape(-1, hidden_pre.shape[-1])
-    top = hidden_pre.topk(k, dim=-1, sorted=False)
+def topk_entries(hidden_pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's ``k`` largest entries of ``hidden_pre [n_tokens, d_sae]``, token-major.
+
+    Exactly ``k`` per token, whatever their sign, so the shapes are static (no
+    host synchronisation); TopK's ReLU zeroes the non-positive ones afterwards.
+    """
+    latent = hidden_pre.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
     token = torch.arange(hidden_pre.shape[0], device=hidden_pre.device).repeat_interleave(k)
-    latent = top.indices.reshape(-1)
-    positive = top.values.reshape(-1) > 0
-    return token[positive], latent[positive]
+    return token, latent.reshape(-1)
 
 
-def dead_topk_indices(
-    hidden_pre: torch.Tensor, dead: torch.Tensor, k_aux: int
+def dead_topk_entries(
+    hidden_pre: torch.Tensor, dead_latents: torch.Tensor, k_aux: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token, the ``k_aux`` dead latents with the largest pre-activations (any sign).
+    """Per token, the ``k_aux`` of ``dead_latents`` with the largest pre-activations (any sign).
 
-    The selection of the dead-latent auxiliary loss. ``dead`` is a boolean mask
-    over ``hidden_pre``'s last dimension; latent ids are returned in its indexing.
+    The selection of the dead-latent auxiliary loss, ``min(k_aux, n_dead)`` per
+    token, token-major (latents in no particular order within a token).
     """
-    hidden_pre = hidden_pre.reshape(-1, hidden_pre.shape[-1])
-    dead_latents = dead.nonzero().squeeze(1)
     n_pick = min(k_aux, dead_latents.numel())
-    top = hidden_pre[:, dead_latents].topk(n_pick, dim=-1, sorted=False)
+    top = hidden_pre[:, dead_latents].topk(n_pick, dim=-1, sorted=False).indices
     token = torch.arange(hidden_pre.shape[0], device=hidden_pre.device).repeat_interleave(n_pick)
-    return token, dead_latents[top.indices.reshape(-1)]
+    return token, dead_latents[top.reshape(-1)]
 
 
-def _bags(keys: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order that groups equal ``keys`` together, and each bag's offset in that order."""
-    order = keys.argsort()
-    counts = torch.bincount(keys, minlength=n_bags)
-    return order, counts.cumsum(0) - counts
+def _row_starts(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Where each row starts in the non-decreasing ``rows``: ``[n_rows + 1]``, the last is ``len(rows)``."""
+    return torch.searchsorted(rows, torch.arange(n_rows + 1, device=rows.device))
 
 
-def bag_sum(
-    weight: torch.Tensor, rows: torch.Tensor, bags: torch.Tensor, scales: torch.Tensor, n_bags: int
+def encoder_weight_grad(
+    sae_in: torch.Tensor, token: torch.Tensor, latent: torch.Tensor, grad: torch.Tensor, d_sae: int
 ) -> torch.Tensor:
-    """``out[b] = sum over i with bags[i] == b of scales[i] * weight[rows[i]]``, shape ``[n_bags, d]``.
+    """``sae_in.T @ G`` with ``G [n_tokens, d_sae]`` holding ``grad`` at the (token-major) entries.
 
-    One ``embedding_bag``: no ``[len(rows), d]`` intermediate is materialised,
-    and its autograd gives ``weight`` and ``scales`` their gradients.
+    The gradient of ``W_enc [d_in, d_sae]``, in its own layout, as one
+    sparse-dense product: the token-major entries are ``G``'s CSR form as they
+    are, so nothing is sorted or materialised per entry. Computed in at least
+    float32 (sparse products have no bfloat16 kernel on CPU).
     """
-    order, offsets = _bags(bags, n_bags)
-    return F.embedding_bag(
-        rows[order],
-        weight,
-        offsets,
-        mode="sum",
-        per_sample_weights=scales[order].to(weight.dtype),
+    dtype = torch.promote_types(sae_in.dtype, torch.float32)
+    matrix = torch.sparse_csr_tensor(
+        _row_starts(token, sae_in.shape[0]),
+        latent,
+        grad.to(dtype),
+        (sae_in.shape[0], d_sae),
+        check_invariants=False,
     )
+    # a backward under autocast would cast the product back to bfloat16
+    with torch.autocast(sae_in.device.type, enabled=False):
+        return torch.mm(sae_in.t().to(dtype), matrix)
 
 
 class SparseEncoderValues(torch.autograd.Function):
-    """Selected pre-activations ``(sae_in[t] @ W_enc[:, j] + b_enc[j]) * scale[j]``, sparse backward.
+    """Selected pre-activations ``sae_in[t] @ W_enc[:, j] + b_enc[j]``, given, with a sparse backward.
 
-    ``scale`` (optional) is ``||W_dec_j||`` when activations are measured in
-    unit-norm decoder units. Forward reads the values from the dense
-    pre-activations already computed (without gradient) for the selection, so
-    they are bit-identical to the dense path's. Backward touches only the
-    selected latents: ``W_enc``'s gradient column ``j`` sums
-    ``grad * scale[j] * sae_in[t]`` over the tokens where ``j`` is active,
-    ``b_enc``'s sums ``grad * scale[j]``, ``scale``'s sums ``grad * value / scale[j]``,
-    and ``sae_in``'s (which reaches ``b_dec`` when it is subtracted from the
-    input) sums ``grad * scale[j] * W_enc[:, j]`` over each token's active latents.
+    ``values`` are computed without a graph (read from the dense
+    pre-activations the selection ranked, so they are bit-identical to the
+    dense path's); this gives them the gradient of that formula, where
+    ``sae_in = x - shift`` is the processed input (``shift`` is ``b_dec`` when
+    it is subtracted from the input, else None). Backward touches only the
+    selected latents: ``W_enc``'s gradient is :func:`encoder_weight_grad`,
+    ``b_enc``'s sums the gradient per latent, and ``shift``'s is
+    ``-W_enc @ (b_enc's gradient)``: the input is data, so its per-token
+    gradient is never needed, only its sum, which reaches ``b_dec``.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
+        values: torch.Tensor,
         sae_in: torch.Tensor,
+        shift: torch.Tensor | None,  # noqa: ARG004 (an input so that it receives a gradient)
         W_enc: torch.Tensor,
         b_enc: torch.Tensor,  # noqa: ARG004 (an input so that it receives a gradient)
-        scale: torch.Tensor | None,
-        hidden_pre: torch.Tensor,
         token: torch.Tensor,
         latent: torch.Tensor,
     ) -> torch.Tensor:
-        values = hidden_pre[token, latent]
-        ctx.save_for_backward(sae_in, W_enc, scale, values, token, latent)
-        return values
+        ctx.save_for_backward(sae_in, W_enc, token, latent)
+        return values.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        sae_in, W_enc, scale, values, token, latent = ctx.saved_tensors
+        sae_in, W_enc, token, latent = ctx.saved_tensors
         d_sae = W_enc.shape[1]
         grad = grad.to(W_enc.dtype)
-        grad_scale = None
-        grad_raw = grad
-        if scale is not None:
-            unit = scale[latent].to(W_enc.dtype)
-            grad_raw = grad * unit
-            if ctx.needs_input_grad[3]:
-                grad_scale = torch.zeros_like(scale).index_add_(
-                    0, latent, (grad * values.to(W_enc.dtype) / unit).to(scale.dtype)
-                )
-        grad_sae_in = grad_W_enc = grad_b_enc = None
-        if ctx.needs_input_grad[0]:
-            grad_sae_in = bag_sum(W_enc.t().contiguous(), latent, token, grad_raw, sae_in.shape[0])
-            grad_sae_in = grad_sae_in.to(sae_in.dtype)
-        if ctx.needs_input_grad[1]:
-            # built as [d_sae, d_in] (one bag per latent), returned transposed
-            grad_W_enc = bag_sum(sae_in.to(W_enc.dtype), token, latent, grad_raw, d_sae).t()
-        if ctx.needs_input_grad[2]:
+        grad_shift = grad_W_enc = grad_b_enc = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
             grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype, device=grad.device)
-            grad_b_enc.index_add_(0, latent, grad_raw)
-        return grad_sae_in, grad_W_enc, grad_b_enc, grad_scale, None, None, None
+            grad_b_enc.index_add_(0, latent, grad)
+        if ctx.needs_input_grad[2]:
+            grad_shift = -(W_enc @ grad_b_enc)
+        if ctx.needs_input_grad[3]:
+            grad_W_enc = encoder_weight_grad(sae_in, token, latent, grad, d_sae).to(W_enc.dtype)
+        return None, None, grad_shift, grad_W_enc, grad_b_enc, None, None
 
 
-def encoder_values(
-    sae_in: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    scale: torch.Tensor | None,
-    hidden_pre: torch.Tensor,
-    token: torch.Tensor,
-    latent: torch.Tensor,
-) -> torch.Tensor:
-    """The pre-activations at ``(token, latent)``, differentiable sparsely (see :class:`SparseEncoderValues`)."""
-    values = SparseEncoderValues.apply(sae_in, W_enc, b_enc, scale, hidden_pre, token, latent)
-    return values  # type: ignore[no-any-return]
-
-
-def decode_levels_sparse(
-    values: torch.Tensor,
+def decode_groups(
+    weights: torch.Tensor,
     token: torch.Tensor,
     latent: torch.Tensor,
     W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    widths: Sequence[int],
     n_tokens: int,
-    detach_between_levels: bool = False,
+    bounds: torch.Tensor,
 ) -> torch.Tensor:
-    """Every level's reconstruction from active triples, shape ``[n_levels, n_tokens, d_in]``.
+    """Each token's decode of each Matryoshka group, ``[n_tokens, n_groups, d_in]``.
 
-    Equal to :func:`~sae_lens_matryoshka.levels.decode_levels` on the dense
-    activations: each (group, token) bag sums its active decoder rows, and the
-    levels are the running sum over groups, plus ``b_dec``.
+    Group ``g`` holds the latents between ``bounds[g - 1]`` and ``bounds[g]``
+    (the inner level widths). Entry ``(t, g)`` sums ``weights[i] * W_dec[latent[i]]``
+    over the token's entries in the group: one ``embedding_bag``, whose bags
+    ``t * n_groups + g`` the token-major entries already list in order.
     """
-    bounds = torch.tensor(list(widths[:-1]), device=latent.device)
-    group = torch.bucketize(latent, bounds, right=True)
-    n_levels = len(widths)
-    partials = bag_sum(W_dec, latent, group * n_tokens + token, values, n_levels * n_tokens)
-    partials = partials.view(n_levels, n_tokens, -1)
-    levels = partials.cumsum(dim=0) + b_dec
-    if detach_between_levels:
-        levels = torch.cat([levels[:1], levels[:-1].detach() + partials[1:]])
-    return levels
+    n_groups = bounds.numel() + 1
+    bag = token * n_groups + torch.bucketize(latent, bounds, right=True)
+    offsets = _row_starts(bag, n_tokens * n_groups)[:-1]
+    out = F.embedding_bag(
+        latent, W_dec, offsets, mode="sum", per_sample_weights=weights.to(W_dec.dtype)
+    )
+    return out.view(n_tokens, n_groups, -1)
 
 
-def dense_acts(
-    values: torch.Tensor, token: torch.Tensor, latent: torch.Tensor, shape: torch.Size
+class RunningLevels(torch.autograd.Function):
+    """Every level from the groups' decodes: ``levels[:, l] = b_dec + sum over g <= l of partials[:, g]``.
+
+    With ``detach``, level ``l`` is level ``l - 1`` detached plus its own group,
+    so its loss reaches only that group (and ``b_dec`` only through level 0).
+    Autograd would reverse the running sum's gradient with two flips and a
+    third copy; here it is one small matrix product.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, partials: torch.Tensor, b_dec: torch.Tensor, detach: bool
+    ) -> torch.Tensor:
+        ctx.detach = detach
+        return partials.cumsum(dim=1).add_(b_dec)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        if ctx.detach:
+            return grad, grad[:, 0].sum(dim=0), None
+        # partial g reaches every level l >= g: a product with a triangle of ones
+        n_levels = grad.shape[1]
+        reach = torch.ones(n_levels, n_levels, dtype=grad.dtype, device=grad.device).triu()
+        return reach @ grad, grad.sum(dim=(0, 1)), None
+
+
+def decode_fixed_bags(
+    weights: torch.Tensor, latent: torch.Tensor, W_dec: torch.Tensor, n_tokens: int
 ) -> torch.Tensor:
-    """The dense ``[n_tokens, d_sae]`` activations (no gradient), for SAELens's logging and dead-latent stats."""
-    acts = values.new_zeros(shape)
-    acts[token, latent] = values.detach()
-    return acts
+    """Each token's sum of ``weights * W_dec[latent]`` over its equally many entries, ``[n_tokens, d_in]``."""
+    return F.embedding_bag(
+        latent.view(n_tokens, -1),
+        W_dec,
+        mode="sum",
+        per_sample_weights=weights.view(n_tokens, -1).to(W_dec.dtype),
+    )

@@ -5,13 +5,17 @@
 builds it from a ``MatryoshkaTrainingSAEConfig``, calls
 ``training_forward_pass`` every step, checkpoints it with ``save_model`` and
 saves the final dictionary with ``save_inference_model`` as a ``MatryoshkaSAE``.
+
+What varies is held by objects chosen once, when the SAE is built: the
+activation (``activation_fn``, see ``activations``), the levels each step
+trains (``levels``: fixed widths or sampled prefixes), the encoding a step
+works from (dense or sparse, see ``encodings``) and the batch-global operations
+(``collectives``: one process, or data parallel). This class only composes them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,51 +26,17 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 from torch import nn
 from typing_extensions import override
 
-from sae_lens_matryoshka import distributed
-from sae_lens_matryoshka.activations import JumpReLUSTE, StepSTE, batch_topk, jumprelu, topk
+from sae_lens_matryoshka.activations import TrainingActivation, training_activation
+from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.levels import (
-    decode_levels,
-    latent_level_weights,
-    pareto_prefix_probabilities,
-    sample_prefix_widths,
-)
-from sae_lens_matryoshka.losses import (
-    aux_k,
-    dead_latent_loss,
-    dead_latent_mse,
-    level_metrics,
-    level_mse,
-)
+from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
+from sae_lens_matryoshka.levels import LevelPlan, decode_levels, training_levels
+from sae_lens_matryoshka.losses import aux_k, dead_latent_mse, level_metrics, level_mse
+from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts
 from sae_lens_matryoshka.safe_loading import check_finite_weights, keep_threshold_precision
-from sae_lens_matryoshka.sparse_kernels import (
-    bag_sum,
-    batch_topk_indices,
-    dead_topk_indices,
-    decode_levels_sparse,
-    dense_acts,
-    encoder_values,
-    topk_indices,
-)
 
 
-@dataclass
-class _SparseBatch:
-    """A batch on the sparse path: what encoding leaves for decoding and the aux loss."""
-
-    #: the processed input, ``[n_tokens, d_in]``; its gradient reaches ``b_dec``
-    sae_in: torch.Tensor
-    #: pre-activations in activation units (times decoder norms if rescaled), no gradient
-    hidden_pre: torch.Tensor
-    #: ``||W_dec_j||`` with gradient, when activations are measured in unit-norm units
-    norms: torch.Tensor | None
-    #: the active entries: token and latent ids, and their activations (with gradient)
-    token: torch.Tensor
-    latent: torch.Tensor
-    acts: torch.Tensor
-
-
-class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
+class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSAEConfig]):
     """A Matryoshka SAE under training.
 
     Every step encodes once, applies one activation (shared by all levels),
@@ -82,372 +52,180 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
     """
 
     b_enc: nn.Parameter
-    #: (jumprelu) learned per-latent thresholds, kept in float32 as SAELens does
-    threshold: nn.Parameter
-    #: (batchtopk) EMA of the smallest kept activation; negative until the first step
-    topk_threshold: torch.Tensor
-    #: (pareto) the prefix sampler's generator state, saved with checkpoints
-    prefix_rng_state: torch.Tensor
+    activation_fn: TrainingActivation
 
     def __init__(self, cfg: MatryoshkaTrainingSAEConfig, use_error_term: bool = False) -> None:
         super().__init__(cfg, use_error_term)
-        #: one replica of a data-parallel SAE (set by ``distributed.prepare_data_parallel``)
-        self.data_parallel = False
-        # true only inside a data-parallel training step: every rank runs the same
-        # collectives there, while encode() may run on one rank alone (evals)
-        self._collective_step = False
-        if cfg.activation == "batchtopk":
-            self.register_buffer(
-                "topk_threshold",
-                # double precision: an EMA over many steps loses bits in float32
-                torch.tensor(-1.0, dtype=torch.double, device=self.W_dec.device),
-            )
-        if cfg.activation == "jumprelu":
-            # float32 whatever the SAE dtype: Adam's small steps on an O(1)
-            # threshold round away in bfloat16
-            self.threshold = nn.Parameter(
-                torch.full(
-                    (cfg.d_sae,),
-                    cfg.jumprelu_init_threshold,
-                    dtype=torch.float32,
-                    device=self.device,
-                )
-            )
-        if cfg.prefix_sampling == "pareto":
-            self._prefix_probabilities = pareto_prefix_probabilities(cfg.d_sae, cfg.pareto_power)
-            generator = torch.Generator().manual_seed(cfg.prefix_sampling_seed)
-            self.register_buffer("prefix_rng_state", generator.get_state())
+        self.levels = training_levels(cfg)
+        #: the batch-global operations of a training step (data parallel replaces them)
+        self.collectives: Collectives = SINGLE_PROCESS
+        self.save_children_flat(["activation_fn", "levels"])
 
     @override
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> MatryoshkaTrainingSAE:
-        # `.to(dtype)` would round the EMA threshold (double) and the JumpReLU
-        # thresholds (float32) to the parameters' dtype; they follow the device only.
-        # `.data` holds on to the original storage, which conversion replaces
-        kept = {
-            name: tensor.data
-            for name, tensor in [*self._buffers.items(), *self._parameters.items()]
-            if name in ("topk_threshold", "threshold") and tensor is not None
-        }
-        super()._apply(fn, recurse)
-        for name, before in kept.items():
-            current = getattr(self, name)
-            if current.dtype != before.dtype:
-                current.data = before.to(device=current.device)
-        return self
-
-    @property
-    def matryoshka_widths(self) -> list[int]:
-        return self.cfg.matryoshka_widths
-
-    @override
-    def initialize_weights(self) -> None:
-        super().initialize_weights()
-        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
-
-    @override
-    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return self._activate
-
-    def _activate(self, hidden_pre: torch.Tensor) -> torch.Tensor:
-        activation = self.cfg.activation
-        if activation == "batchtopk":
-            if self._collective_step:
-                token, latent = distributed.global_batch_topk_indices(
-                    hidden_pre.detach(),
-                    self.cfg.k,  # type: ignore[arg-type]
-                )
-                acts = torch.zeros_like(hidden_pre)
-                acts[token, latent] = hidden_pre[token, latent]
-                return acts
-            if self.training:
-                return batch_topk(hidden_pre, self.cfg.k)  # type: ignore[arg-type]
-            return jumprelu(hidden_pre, self.inference_threshold.to(hidden_pre.dtype))
-        if activation == "topk":
-            return topk(hidden_pre, int(self.cfg.k))  # type: ignore[arg-type]
-        if activation == "jumprelu":
-            threshold = self.threshold.to(hidden_pre.dtype)
-            return JumpReLUSTE.apply(hidden_pre, threshold, self.cfg.jumprelu_bandwidth)  # type: ignore[no-any-return]
-        return hidden_pre.relu()
-
-    @property
-    def inference_threshold(self) -> torch.Tensor:
-        """(batchtopk) The JumpReLU threshold the saved SAE will use (0 before any step)."""
-        return self.topk_threshold.clamp(min=0.0)
+    def get_activation_fn(self) -> TrainingActivation:
+        return training_activation(self.cfg)
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
-        if self.cfg.activation == "relu":
-            return {
-                "l1": TrainCoefficientConfig(self.cfg.l1_coefficient, self.cfg.l1_warm_up_steps)
-            }
-        if self.cfg.activation == "jumprelu":
-            return {
-                "l0": TrainCoefficientConfig(self.cfg.l0_coefficient, self.cfg.l0_warm_up_steps)
-            }
-        return {}
+        return self.activation_fn.coefficients()
 
-    def _decoder_scale(self) -> torch.Tensor | None:
-        """``1 / ||W_dec_i||`` when activations are measured in unit-norm decoder units."""
+    # ------------------------------------------------------------------ encode, decode
+
+    def _encode_dense(self, x: torch.Tensor, collectives: Collectives) -> DenseEncoding:
+        sae_in = self.process_sae_in(x)
+        norms = self.W_dec.norm(dim=-1)
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
         if self.cfg.rescale_acts_by_decoder_norm:
-            return 1 / self.W_dec.norm(dim=-1)
-        return None
+            hidden_pre = hidden_pre * norms
+        acts = self.hook_sae_acts_post(self.activation_fn.step_forward(hidden_pre, collectives))
+        return DenseEncoding(hidden_pre, acts, norms, self.cfg.rescale_acts_by_decoder_norm)
+
+    def _encode_sparse(self, x: torch.Tensor, collectives: Collectives) -> SparseEncoding:
+        """Encode densely without a graph, select, then re-attach only the active entries.
+
+        Hooks on ``hook_sae_acts_pre`` and ``hook_sae_acts_post`` observe the
+        pre-activations and the (sparse COO) activations; what they return is
+        not used (``training_path="dense"`` lets hooks edit activations).
+        """
+        if x.requires_grad:
+            raise ValueError(
+                "The sparse training path does not backpropagate into the input activations; "
+                "detach them, or use training_path='dense'."
+            )
+        with torch.no_grad():
+            # b_dec's gradient through the input comes from the encoder's sparse backward
+            sae_in = self.process_sae_in(x)
+            batch_shape = sae_in.shape[:-1]
+            sae_in = sae_in.reshape(-1, self.cfg.d_in)
+            # one n_tokens x d_sae buffer: the bias and the norms are applied in place
+            hidden_pre = torch.addmm(self.b_enc, sae_in, self.W_enc)
+            unit_scale = None
+            if self.cfg.rescale_acts_by_decoder_norm:
+                norms = self.W_dec.norm(dim=-1)
+                hidden_pre.mul_(norms)
+                unit_scale = 1 / norms
+        self.hook_sae_acts_pre(hidden_pre.view(*batch_shape, -1))
+        shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        pre = PreActivations(
+            hidden_pre, sae_in, shift, self.W_enc, self.b_enc, unit_scale, batch_shape
+        )
+        token, latent = self.activation_fn.select(hidden_pre, collectives)
+        encoding = SparseEncoding.select(pre, token, latent)
+        self.hook_sae_acts_post(encoding.feature_acts)
+        return encoding
+
+    def _encode_step(self, x: torch.Tensor, collectives: Collectives) -> Encoding:
+        if self.training and self.cfg.sparse_training:
+            return self._encode_sparse(x, collectives)
+        return self._encode_dense(x, collectives)
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sae_in = self.process_sae_in(x)
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        encoding = self._encode_dense(x, SINGLE_PROCESS)
+        return encoding.acts, encoding.hidden_pre
+
+    def _decoding_acts(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """Activations as they multiply decoder rows (divided by the norms if rescaled)."""
+        if feature_acts.is_sparse:
+            feature_acts = feature_acts.to_dense()
         if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
-        feature_acts = self.hook_sae_acts_post(self.activation_fn(hidden_pre))
-        return feature_acts, hidden_pre
+            return feature_acts * (1 / self.W_dec.norm(dim=-1))
+        return feature_acts
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        scale = self._decoder_scale()
-        if scale is not None:
-            feature_acts = feature_acts * scale
-        sae_out_pre = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
+        sae_out_pre = self.hook_sae_recons(
+            self._decoding_acts(feature_acts) @ self.W_dec + self.b_dec
+        )
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
         return self.reshape_fn_out(sae_out_pre, self.d_head)
 
     def decode_levels(
-        self,
-        feature_acts: torch.Tensor,
-        widths: list[int] | None = None,
-        eval_widths: list[int] | None = None,
+        self, feature_acts: torch.Tensor, widths: list[int] | None = None
     ) -> torch.Tensor:
         """Reconstructions of every level, shape ``[n_levels, *batch, d_in]``.
 
         Level ``l`` decodes only latents ``< widths[l]`` (default
         ``matryoshka_widths``); the last level equals ``decode(feature_acts)``.
         One cumulative decode, with ``detach_between_levels`` applied.
-        ``eval_widths`` appends, without gradient, the levels at other widths:
-        the activation normalisation's inverse can only run once per input.
         """
-        scale = self._decoder_scale()
-        if scale is not None:
-            feature_acts = feature_acts * scale
         levels = decode_levels(
-            feature_acts,
+            self._decoding_acts(feature_acts),
             self.W_dec,
             self.b_dec,
             self.matryoshka_widths if widths is None else widths,
             self.cfg.detach_between_levels,
         )
-        if eval_widths is not None:
-            with torch.no_grad():
-                extra = decode_levels(feature_acts, self.W_dec, self.b_dec, eval_widths)
-            levels = torch.cat([levels, extra])
         return self.run_time_activation_norm_fn_out(levels)
 
-    def step_widths(self) -> list[int]:
-        """This step's levels: the fixed widths, or freshly sampled prefixes."""
-        if self.cfg.prefix_sampling == "fixed":
-            return self.matryoshka_widths
-        generator = torch.Generator()
-        generator.set_state(self.prefix_rng_state.cpu())
-        widths = sample_prefix_widths(
-            self._prefix_probabilities, self.cfg.n_sampled_prefixes, generator
+    def _decode_step_levels(
+        self, encoding: Encoding, plan: LevelPlan, logged: LevelPlan | None
+    ) -> torch.Tensor:
+        """The trained levels, then (without a graph) the ``logged`` ones, output-normalised once."""
+        levels = encoding.decode_levels(
+            self.W_dec, self.b_dec, plan, self.cfg.detach_between_levels
         )
-        self.prefix_rng_state.copy_(generator.get_state())
-        return widths
+        if logged is not None:
+            with torch.no_grad():
+                extra = encoding.decode_levels(self.W_dec, self.b_dec, logged, False)
+            levels = torch.cat([levels, extra])
+        # the activation normalisation's inverse can run only once per input
+        return self.run_time_activation_norm_fn_out(levels)
 
-    def _level_weights(self, n_levels: int, like: torch.Tensor) -> torch.Tensor:
-        weights = self.cfg.level_weights
-        if weights is None:
-            return like.new_ones(n_levels)
-        return like.new_tensor(weights)
+    # -------------------------------------------------------------------- the step
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        self._collective_step = self.training and self.data_parallel
-        try:
-            return self._training_step(step_input)
-        finally:
-            self._collective_step = False
-
-    def _training_step(self, step_input: TrainStepInput) -> TrainStepOutput:
-        _check_finite(step_input.sae_in, step_input.n_training_steps)
-        if self._collective_step and step_input.dead_neuron_mask is not None:
-            step_input = dataclasses.replace(
-                step_input,
-                dead_neuron_mask=distributed.global_dead_mask(step_input.dead_neuron_mask),
-            )
-        if self.cfg.activation == "jumprelu":
-            # projected rather than clamped in the graph, which would zero the
-            # gradient of any threshold that reaches 0 (as SAELens does)
-            with torch.no_grad():
-                self.threshold.clamp_(min=0.0)
-        sae_in = step_input.sae_in
-        widths = self.step_widths()
-        sampled = self.cfg.prefix_sampling != "fixed"
-        eval_widths = self.matryoshka_widths if sampled and step_input.is_logging_step else None
-
-        sparse = None
-        if self.training and self.cfg.sparse_training:
-            sparse = self._sparse_encode(sae_in)
-            feature_acts, hidden_pre = self._sparse_outputs(sparse, sae_in.shape)
-            all_levels = self._sparse_decode_levels(sparse, widths, eval_widths, sae_in.shape)
-        else:
-            feature_acts, hidden_pre = self.encode_with_hidden_pre(sae_in)
-            all_levels = self.decode_levels(feature_acts, widths, eval_widths)
-        level_outs = all_levels[: len(widths)]
-        weights = self._level_weights(len(widths), level_outs)
-        mse = level_mse(level_outs, sae_in)
-        weighted = weights * mse
-
-        losses: dict[str, torch.Tensor] = {"mse_loss": weighted[-1]}
-        if sampled:
-            losses["sampled_prefixes_mse_loss"] = weighted[:-1].sum()
-        else:
-            for width, value in zip(widths[:-1], weighted[:-1], strict=True):
-                losses[f"inner_mse_loss_{width}"] = value
-        losses.update(self._sparsity_loss(step_input, feature_acts, hidden_pre, widths, weights))
-        losses["auxiliary_reconstruction_loss"] = self._aux_loss(
-            step_input, hidden_pre, level_outs, widths, sparse
+        # collectives only inside a training step, where every replica runs the same
+        # ones: an eval-mode pass may run on one rank alone
+        collectives = self.collectives if self.training else SINGLE_PROCESS
+        self.activation_fn.prepare_step()
+        x = step_input.sae_in
+        plan = self.levels.step_plan(self.W_dec.device)
+        evaluated = self.levels.evaluated(self.W_dec.device)
+        logs_other_levels = plan.widths != evaluated.widths and step_input.is_logging_step
+        encoding = self._encode_step(x, collectives)
+        all_levels = self._decode_step_levels(
+            encoding, plan, evaluated if logs_other_levels else None
         )
-        loss = torch.stack(list(losses.values())).sum()
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(
-                self._non_finite_loss_message(step_input.n_training_steps, losses)
-            )
+        levels = all_levels[: len(plan.widths)]
+        mse = level_mse(levels, x)
+        weighted = plan.weights * mse
+        penalties = self.activation_fn.sparsity_loss(encoding, plan, step_input.coefficients)
+        penalties["auxiliary_reconstruction_loss"] = self._aux_loss(
+            step_input, encoding, levels, plan, collectives
+        )
+        # summed from the whole vector: the loss terms shown below are views of it,
+        # which backward then never has to take apart
+        loss = sum(penalties.values(), weighted.sum())
+        losses = {**self.levels.loss_terms(weighted), **penalties}
+        self._stop_if_not_finite(loss, losses, step_input)
 
         metrics: dict[str, Any] = {}
-        if self.cfg.activation == "batchtopk":
-            self._update_threshold(feature_acts if sparse is None else sparse.acts)
-            metrics["topk_threshold"] = self.topk_threshold
-        if eval_widths is not None:
-            eval_mse = level_mse(all_levels[len(widths) :].detach(), sae_in)
-            metrics.update(level_metrics(sae_in, eval_mse, eval_widths))
-        elif not sampled:
-            metrics.update(level_metrics(sae_in, mse.detach(), widths))
+        if self.training:
+            metrics.update(self.activation_fn.update_from_step(encoding, collectives))
+        if logs_other_levels:
+            logged_mse = level_mse(all_levels[len(plan.widths) :].detach(), x)
+            metrics.update(level_metrics(x, logged_mse, evaluated.widths))
+        elif plan.widths == evaluated.widths:
+            metrics.update(level_metrics(x, mse.detach(), plan.widths))
         return TrainStepOutput(
-            sae_in=sae_in,
-            sae_out=level_outs[-1],
-            feature_acts=feature_acts,
-            hidden_pre=hidden_pre,
+            sae_in=x,
+            sae_out=levels[-1],
+            feature_acts=encoding.feature_acts,
+            hidden_pre=encoding.hidden_pre,
             loss=loss,
             losses=losses,
             metrics=metrics,
         )
 
-    def _sparse_encode(self, x: torch.Tensor) -> _SparseBatch:
-        """Encode densely without gradient, select, then re-attach only the active entries."""
-        sae_in = self.process_sae_in(x).reshape(-1, self.cfg.d_in)
-        norms = self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
-        with torch.no_grad():
-            # one n_tokens x d_sae buffer: the bias and the norms are applied in place
-            hidden_pre = torch.addmm(self.b_enc, sae_in, self.W_enc)
-            if norms is not None:
-                hidden_pre.mul_(norms)
-            if self.cfg.activation == "batchtopk":
-                select = (
-                    distributed.global_batch_topk_indices
-                    if self._collective_step
-                    else batch_topk_indices
-                )
-                token, latent = select(hidden_pre, self.cfg.k)  # type: ignore[arg-type]
-            else:
-                token, latent = topk_indices(hidden_pre, int(self.cfg.k))  # type: ignore[arg-type]
-        acts = encoder_values(sae_in, self.W_enc, self.b_enc, norms, hidden_pre, token, latent)
-        return _SparseBatch(sae_in, hidden_pre, norms, token, latent, acts)
-
-    def _decode_weights(
-        self, batch: _SparseBatch, acts: torch.Tensor, latent: torch.Tensor
-    ) -> torch.Tensor:
-        """Activations as they multiply decoder rows (divided back by the norms if rescaled)."""
-        if batch.norms is None:
-            return acts
-        return acts * (1 / batch.norms)[latent]
-
-    def _sparse_outputs(
-        self, batch: _SparseBatch, shape: torch.Size
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense activations and pre-activations (no gradient) for SAELens's statistics and hooks.
-
-        The hooks observe them; edits a hook makes do not reach the loss (use
-        ``training_path="dense"`` for that).
-        """
-        out_shape = (*shape[:-1], self.cfg.d_sae)
-        hidden_pre = self.hook_sae_acts_pre(batch.hidden_pre.view(out_shape))
-        acts = dense_acts(batch.acts, batch.token, batch.latent, batch.hidden_pre.shape)
-        return self.hook_sae_acts_post(acts.view(out_shape)), hidden_pre
-
-    def _sparse_decode_levels(
-        self,
-        batch: _SparseBatch,
-        widths: list[int],
-        eval_widths: list[int] | None,
-        shape: torch.Size,
-    ) -> torch.Tensor:
-        """:meth:`decode_levels` computed from the active entries only."""
-        weights = self._decode_weights(batch, batch.acts, batch.latent)
-        n_tokens = batch.sae_in.shape[0]
-        args = (batch.token, batch.latent, self.W_dec, self.b_dec)
-        levels = decode_levels_sparse(
-            weights, *args, widths, n_tokens, self.cfg.detach_between_levels
-        )
-        if eval_widths is not None:
-            with torch.no_grad():
-                extra = decode_levels_sparse(weights, *args, eval_widths, n_tokens)
-            levels = torch.cat([levels, extra])
-        levels = levels.view(levels.shape[0], *shape)
-        return self.run_time_activation_norm_fn_out(levels)
-
-    def _sparsity_loss(
-        self,
-        step_input: TrainStepInput,
-        feature_acts: torch.Tensor,
-        hidden_pre: torch.Tensor,
-        widths: list[int],
-        weights: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Nested sparsity penalty: each latent counted once per (weighted) level containing it."""
-        if self.cfg.activation not in ("relu", "jumprelu"):
-            return {}
-        multiplicity = latent_level_weights(widths, weights)
-        if self.cfg.activation == "relu":
-            # L1 of the activations times the norm of the decoder vector they
-            # multiply: 1 when activations are measured in unit-norm units
-            magnitude = feature_acts
-            if not self.cfg.rescale_acts_by_decoder_norm:
-                magnitude = feature_acts * self.W_dec.norm(dim=-1)
-            per_token = (magnitude.abs() * multiplicity).sum(dim=-1)
-            return {"l1_loss": (step_input.coefficients["l1"] * per_token).mean()}
-        fired = StepSTE.apply(
-            hidden_pre, self.threshold.to(hidden_pre.dtype), self.cfg.jumprelu_bandwidth
-        )
-        per_token = (fired * multiplicity).sum(dim=-1)
-        return {"l0_loss": (step_input.coefficients["l0"] * per_token).mean()}
-
-    @override
-    def calculate_aux_loss(
-        self,
-        step_input: TrainStepInput,
-        feature_acts: torch.Tensor,
-        hidden_pre: torch.Tensor,
-        sae_out: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """SAELens's aux-loss hook (fixed widths); ``training_forward_pass`` reuses its decodes."""
-        widths = self.matryoshka_widths
-        level_outs = (
-            self.decode_levels(feature_acts, widths)
-            if self.cfg.use_matryoshka_aux_loss
-            else sae_out.unsqueeze(0)
-        )
-        return {
-            "auxiliary_reconstruction_loss": self._aux_loss(
-                step_input, hidden_pre, level_outs, widths
-            )
-        }
-
     def _aux_loss(
         self,
         step_input: TrainStepInput,
-        hidden_pre: torch.Tensor,
-        level_outs: torch.Tensor,
-        widths: list[int],
-        sparse: _SparseBatch | None = None,
+        encoding: Encoding,
+        levels: torch.Tensor,
+        plan: LevelPlan,
+        collectives: Collectives,
     ) -> torch.Tensor:
         """Dead-latent auxiliary loss (Gao et al. 2024), whole-SAE or per level.
 
@@ -457,71 +235,69 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
         each level's group of dead latents reconstructs its own level's residual.
         """
         dead = step_input.dead_neuron_mask
-        zero = level_outs.new_zeros(())
-        if dead is None or self.cfg.aux_loss_coefficient == 0 or not bool(dead.any()):
+        zero = levels.new_zeros(())
+        if dead is None or self.cfg.aux_loss_coefficient == 0:
+            return zero
+        # A host synchronisation the aux loss needs: how many latents are dead
+        # decides its shapes, and whether it runs at all.
+        dead_latents = collectives.dead_everywhere(dead).nonzero().squeeze(1)
+        if dead_latents.numel() == 0:
             return zero
         if self.cfg.use_matryoshka_aux_loss:
-            starts = [0, *widths[:-1]]
-            parts = list(zip(starts, widths, level_outs, strict=True))
+            # right after the synchronisation above, so it waits for nothing
+            cuts = torch.searchsorted(dead_latents, plan.bounds).tolist()
+            groups = dead_latents.tensor_split(cuts)
+            parts = list(zip(groups, levels, strict=True))
         else:
-            parts = [(0, self.cfg.d_sae, level_outs[-1])]
-        scale = self._decoder_scale() if sparse is None else None
+            parts = [(dead_latents, levels[-1])]
         total = zero
-        for start, end, recon in parts:
-            residual = (step_input.sae_in - recon).detach()
-            if sparse is not None:
-                total = total + self._sparse_dead_latent_loss(sparse, residual, dead, start, end)
+        for latents, level in parts:
+            if latents.numel() == 0:
                 continue
-            total = total + dead_latent_loss(
-                residual=residual,
-                hidden_pre=hidden_pre[..., start:end],
-                dead=dead[start:end],
-                W_dec=self.W_dec[start:end],
-                scale=None if scale is None else scale[start:end],
-            )
+            residual = (step_input.sae_in - level).detach()
+            recon = encoding.dead_latent_reconstruction(latents, aux_k(self.cfg.d_in), self.W_dec)
+            total = total + dead_latent_mse(recon, residual, latents.numel())
         return self.cfg.aux_loss_coefficient * total
 
-    def _sparse_dead_latent_loss(
-        self, batch: _SparseBatch, residual: torch.Tensor, dead: torch.Tensor, start: int, end: int
-    ) -> torch.Tensor:
-        """:func:`~sae_lens_matryoshka.losses.dead_latent_loss` of latents ``[start, end)``, sparsely."""
-        n_dead = int(dead[start:end].sum())
-        if n_dead == 0:
-            return residual.new_zeros(())
-        token, latent = dead_topk_indices(
-            batch.hidden_pre[:, start:end], dead[start:end], aux_k(self.cfg.d_in)
-        )
-        latent = latent + start
-        acts = encoder_values(
-            batch.sae_in, self.W_enc, self.b_enc, batch.norms, batch.hidden_pre, token, latent
-        )
-        weights = self._decode_weights(batch, acts, latent)
-        recon = bag_sum(self.W_dec, latent, token, weights, batch.sae_in.shape[0])
-        return dead_latent_mse(recon.view_as(residual), residual, n_dead)
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """SAELens's aux-loss hook (fixed widths); ``training_forward_pass`` computes the same."""
+        acts = feature_acts.to_dense() if feature_acts.is_sparse else feature_acts
+        norms = self.W_dec.norm(dim=-1)
+        encoding = DenseEncoding(hidden_pre, acts, norms, self.cfg.rescale_acts_by_decoder_norm)
+        levels = self.decode_levels(acts) if self.cfg.use_matryoshka_aux_loss else sae_out[None]
+        plan = self.levels.evaluated(self.W_dec.device)
+        aux = self._aux_loss(step_input, encoding, levels, plan, SINGLE_PROCESS)
+        return {"auxiliary_reconstruction_loss": aux}
 
-    @torch.no_grad()
-    def _update_threshold(self, feature_acts: torch.Tensor) -> None:
-        """Track the smallest kept activation: the JumpReLU threshold for inference."""
-        positive = feature_acts[feature_acts > 0]
-        with torch.autocast(self.topk_threshold.device.type, enabled=False):
-            smallest = (
-                positive.min().to(self.topk_threshold.dtype)
-                if positive.numel()
-                else self.topk_threshold.new_tensor(torch.inf)
+    def _stop_if_not_finite(
+        self, loss: torch.Tensor, losses: dict[str, torch.Tensor], step_input: TrainStepInput
+    ) -> None:
+        """Raise before any update when the loss is NaN/Inf, saying why.
+
+        The one host synchronisation every step needs: SAELens's trainer steps
+        the optimizer right after ``backward``, so this is the last moment a
+        NaN/Inf batch (which always makes the loss NaN/Inf) can be kept from
+        the parameters, where it would stay for good.
+        """
+        if math.isfinite(float(loss)):
+            return
+        step = step_input.n_training_steps
+        bad = int((~torch.isfinite(step_input.sae_in)).sum())
+        if bad:
+            raise FloatingPointError(
+                f"Training step {step}: the activation batch holds {bad} non-finite values "
+                f"(NaN/Inf) out of {step_input.sae_in.numel()}. No parameter was updated in this "
+                "step; checkpoints already written are intact. Check the model's activations at "
+                "this hook (e.g. fp16 overflow)."
             )
-            if self._collective_step:
-                smallest = distributed.global_min(smallest)
-            if torch.isinf(smallest):
-                return
-            if self.topk_threshold < 0:
-                self.topk_threshold.copy_(smallest)
-            else:
-                lr = self.cfg.topk_threshold_lr
-                self.topk_threshold.copy_((1 - lr) * self.topk_threshold + lr * smallest)
-
-    def _non_finite_loss_message(self, step: int, losses: dict[str, torch.Tensor]) -> str:
-        """Why the loss is NaN/Inf: poisoned parameters (say which), or which loss terms."""
-        parameters = _non_finite_names(dict(self.named_parameters()))
+        parameters = _non_finite_names(self.state_dict(keep_vars=True))
         if parameters:
             cause = (
                 f"the parameters {parameters} already hold NaN/Inf, so an earlier update "
@@ -530,22 +306,20 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
             )
         else:
             cause = f"the loss terms {_non_finite_names(losses)} are NaN/Inf"
-        return (
+        raise FloatingPointError(
             f"Training step {step}: the loss is not finite: {cause}. This step updated nothing; "
             "checkpoints already written are intact."
         )
+
+    # ------------------------------------------------------------- folding and saving
 
     @override
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         super().fold_activation_norm_scaling_factor(scaling_factor)
-        if not self.cfg.rescale_acts_by_decoder_norm:
-            return
-        # activations are measured in units of ||W_dec||, which just shrank
-        if self.cfg.activation == "batchtopk" and self.topk_threshold >= 0:
-            self.topk_threshold /= scaling_factor
-        if self.cfg.activation == "jumprelu":
-            self.threshold /= scaling_factor
+        if self.cfg.rescale_acts_by_decoder_norm:
+            # activations are measured in units of ||W_dec||, which just shrank
+            self.activation_fn.fold_scaling_factor(scaling_factor)
 
     @override
     @torch.no_grad()
@@ -553,15 +327,7 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
         if self.cfg.rescale_acts_by_decoder_norm:
             super().fold_W_dec_norm()
             return
-        if self.cfg.activation in ("batchtopk", "topk"):
-            raise NotImplementedError(
-                "Folding W_dec norms changes which latents a top-k keeps unless "
-                "the SAE was trained with rescale_acts_by_decoder_norm=True."
-            )
-        threshold = self.threshold.detach().clone() if self.cfg.activation == "jumprelu" else None
-        norms = self.fold_and_get_W_dec_norm()
-        if threshold is not None:
-            self.threshold.data = (threshold * norms).float()
+        self.activation_fn.fold_decoder_norms(self.fold_and_get_W_dec_norm)
 
     @override
     @classmethod
@@ -581,18 +347,16 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
         # SAELens's loaders cast every tensor to the config dtype; thresholds keep theirs
         super().process_state_dict_for_loading(state_dict)
         check_finite_weights(state_dict)
-        if "topk_threshold" in state_dict:
-            state_dict["topk_threshold"] = state_dict["topk_threshold"].double()
-        if self.cfg.activation == "jumprelu" and "threshold" in state_dict:
-            state_dict["threshold"] = state_dict["threshold"].float()
+        self.activation_fn.keep_precision(state_dict)
 
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         """Turn training weights into the inference ``MatryoshkaSAE``'s.
 
         Decoder norms are folded into the encoder, so inference needs no
-        rescaling (thresholds are in the folded units already), and a batchtopk
-        SAE's learned threshold becomes a per-latent JumpReLU threshold.
+        rescaling (thresholds are in the folded units already), and the
+        activation converts its state (a batchtopk SAE's learned threshold
+        becomes a per-latent JumpReLU threshold).
         """
         super().process_state_dict_for_saving_inference(state_dict)
         state_dict.pop("prefix_rng_state", None)
@@ -601,23 +365,8 @@ class MatryoshkaTrainingSAE(TrainingSAE[MatryoshkaTrainingSAEConfig]):
             state_dict["W_enc"] = state_dict["W_enc"] * norms
             state_dict["b_enc"] = state_dict["b_enc"] * norms
             state_dict["W_dec"] = state_dict["W_dec"] / norms.unsqueeze(1)
-        if self.cfg.activation == "batchtopk":
-            threshold = state_dict.pop("topk_threshold").clamp(min=0.0)
-            state_dict["threshold"] = torch.full_like(state_dict["b_enc"], threshold.item())
-        elif self.cfg.activation == "jumprelu":
-            state_dict["threshold"] = state_dict["threshold"].to(state_dict["b_enc"].dtype)
+        self.activation_fn.to_inference(state_dict)
 
 
 def _non_finite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
-
-
-def _check_finite(sae_in: torch.Tensor, step: int) -> None:
-    """Stop before a NaN/Inf batch reaches the parameters (it would poison them for good)."""
-    bad = int((~torch.isfinite(sae_in)).sum())
-    if bad:
-        raise FloatingPointError(
-            f"Training step {step}: the activation batch holds {bad} non-finite values (NaN/Inf) "
-            f"out of {sae_in.numel()}. No parameter was updated in this step; checkpoints already "
-            "written are intact. Check the model's activations at this hook (e.g. fp16 overflow)."
-        )

@@ -102,20 +102,38 @@ def runner_cfg(tmp_path: Path) -> Callable[..., LanguageModelSAERunnerConfig[Any
     return build
 
 
+def step_output(
+    sae: TrainingSAE,
+    x: torch.Tensor,
+    dead: torch.Tensor | None = None,
+    *,
+    logging: bool = True,
+    step: int = 0,
+    **coefficients: float,
+) -> TrainStepOutput:
+    """``sae.training_forward_pass`` on ``x`` as SAELens's trainer calls it (no backward)."""
+    return sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients=coefficients,
+            dead_neuron_mask=dead,
+            n_training_steps=step,
+            is_logging_step=logging,
+        )
+    )
+
+
+def dense(acts: torch.Tensor) -> torch.Tensor:
+    """``acts`` as a dense tensor (the sparse training path hands SAELens sparse COO activations)."""
+    return acts.to_dense() if acts.is_sparse else acts
+
+
 def train_step(
     sae: TrainingSAE, x: torch.Tensor, dead: torch.Tensor | None = None, **coefficients: float
 ) -> TrainStepOutput:
     """One logged training step from zeroed gradients: forward, then ``loss.backward()``."""
     sae.zero_grad()
-    out = sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients=coefficients,
-            dead_neuron_mask=dead,
-            n_training_steps=0,
-            is_logging_step=True,
-        )
-    )
+    out = step_output(sae, x, dead, **coefficients)
     out.loss.backward()
     return out
 
@@ -140,15 +158,7 @@ def quick_train(
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for step in range(steps):
         x = torch.randn(batch_size, sae.cfg.d_in) * scale
-        out = sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=x,
-                coefficients={"l1": 0.05, "l0": 0.05},
-                dead_neuron_mask=None,
-                n_training_steps=step,
-                is_logging_step=False,
-            )
-        )
+        out = step_output(sae, x, logging=False, step=step, l1=0.05, l0=0.05)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()

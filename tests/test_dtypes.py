@@ -71,9 +71,10 @@ def test_trains_saves_and_loads_in_every_dtype(
     for name, tensor in sae.state_dict().items():
         assert torch.isfinite(tensor.float()).all(), name
     if activation == "jumprelu":
-        assert sae.threshold.dtype == torch.float32
+        assert sae.activation_fn.threshold.dtype == torch.float32
     if activation == "batchtopk":
-        assert sae.topk_threshold.dtype == torch.float64 and sae.topk_threshold > 0
+        threshold = sae.activation_fn.topk_threshold
+        assert threshold.dtype == torch.float64 and threshold > 0
 
     sae.save_model(tmp_path / "checkpoint")
     reloaded = MatryoshkaTrainingSAE.load_from_disk(tmp_path / "checkpoint")
@@ -90,8 +91,13 @@ def test_trains_saves_and_loads_in_every_dtype(
     with torch.no_grad():
         expected = sae.decode(sae.encode(x)).float()
         got = inference.decode(inference.encode(x)).float()
-    tolerance = 1e-5 if dtype == "float32" else 5e-2
-    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance * x.float().std())
+    if dtype == "float32":
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * x.float().std())
+    else:
+        # folding the decoder norms into bfloat16 weights rounds them, which can
+        # swap a near-tie in a top-k selection: allow a few flipped entries
+        close = torch.isclose(got, expected, rtol=5e-2, atol=5e-2 * float(x.float().std()))
+        assert close.float().mean() > 0.99
 
 
 def test_runner_trains_bfloat16_with_autocast(
@@ -108,7 +114,7 @@ def test_runner_trains_bfloat16_with_autocast(
     assert isinstance(loaded, MatryoshkaSAE)
     assert loaded.W_dec.dtype == torch.bfloat16
     assert torch.isfinite(loaded.W_dec.float()).all()
-    assert loaded.threshold.gt(0).all()
+    assert loaded.activation_fn.threshold.gt(0).all()
 
 
 def test_a_float32_sae_loads_and_runs_in_float16(tmp_path: Path) -> None:

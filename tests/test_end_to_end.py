@@ -12,7 +12,6 @@ from sae_lens import (
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
 )
-from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka import (
@@ -22,7 +21,7 @@ from sae_lens_matryoshka import (
 )
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
-from .conftest import HOOK
+from .conftest import HOOK, step_output
 
 
 def _hook_activations(model, dataset) -> torch.Tensor:
@@ -71,7 +70,7 @@ def test_runner_trains_saves_and_loads_back(
     assert len(checkpoints) == 1
     restored = MatryoshkaTrainingSAE.load_from_disk(checkpoints[0])
     assert restored.matryoshka_widths == [8, 24, 64]
-    assert restored.topk_threshold.item() > 0
+    assert restored.activation_fn.topk_threshold.item() > 0
 
 
 def test_training_improves_every_level(tiny_model, token_dataset, runner_cfg) -> None:
@@ -130,16 +129,10 @@ def test_per_level_metrics_reach_saelens_log_dict() -> None:
     )
     x = torch.randn(32, 8) * 3 + 1
     trainer = _trainer(sae, iter([x]), steps=1)
-    output = sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=None,
-            n_training_steps=0,
-            is_logging_step=True,
-        )
-    )
+    output = step_output(sae, x)
+    assert output.feature_acts.is_sparse  # SAELens's statistics take the sparse activations
     log = trainer.build_train_step_log_dict(output, n_training_samples=32)
+    assert log["metrics/l0"] == pytest.approx(2.0)  # BatchTopK keeps k * n_tokens entries
 
     levels = sae.decode_levels(output.feature_acts).detach()
     total_variance = (x - x.mean(0)).pow(2).sum(-1).mean()
@@ -263,14 +256,7 @@ def test_non_finite_batch_is_reported_exactly() -> None:
         FloatingPointError,
         match=r"Training step 7: the activation batch holds 2 non-finite values \(NaN/Inf\) out of 80",
     ):
-        sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=x,
-                coefficients={},
-                dead_neuron_mask=None,
-                n_training_steps=7,
-                is_logging_step=False,
-            )
-        )
+        step_output(sae, x, logging=False, step=7)
     for name, param in sae.named_parameters():
         assert torch.equal(param, before[name])
+    assert sae.activation_fn.topk_threshold.item() == -1.0  # nor learned from the bad batch

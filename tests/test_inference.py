@@ -16,7 +16,6 @@ from sae_lens import (
     TopKSAE,
     TopKSAEConfig,
 )
-from sae_lens.saes.sae import TrainStepInput
 from safetensors.torch import load_file
 
 from sae_lens_matryoshka import (
@@ -26,7 +25,7 @@ from sae_lens_matryoshka import (
     MatryoshkaTrainingSAEConfig,
 )
 
-from .conftest import quick_train
+from .conftest import quick_train, step_output
 
 
 def _random_inference_sae() -> MatryoshkaSAE:
@@ -35,7 +34,7 @@ def _random_inference_sae() -> MatryoshkaSAE:
     with torch.no_grad():
         for param in sae.parameters():
             param.copy_(torch.randn_like(param) * 0.5)
-        sae.threshold.copy_(torch.rand(40) * 0.5)
+        sae.activation_fn.threshold.copy_(torch.rand(40) * 0.5)
     return sae
 
 
@@ -87,18 +86,16 @@ def _trained_sae(
 
 def test_threshold_starts_at_the_first_batch_and_follows_an_ema() -> None:
     sae = _trained_sae(rescale=True, steps=0)
-    assert sae.topk_threshold.item() == -1.0
-    assert sae.inference_threshold.item() == 0.0
+    assert sae.activation_fn.topk_threshold.item() == -1.0
+    assert sae.activation_fn.inference_threshold.item() == 0.0
     x = torch.randn(64, 10)
-    step = TrainStepInput(
-        sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
-    )
-    first = sae.training_forward_pass(step).feature_acts
+    first = step_output(sae, x).feature_acts.to_dense()
     smallest = first[first > 0].min().double()
-    torch.testing.assert_close(sae.topk_threshold, smallest)
-    second = sae.training_forward_pass(step).feature_acts  # same batch, same weights
+    torch.testing.assert_close(sae.activation_fn.topk_threshold, smallest)
+    second = step_output(sae, x).feature_acts.to_dense()  # same batch, same weights
     torch.testing.assert_close(
-        sae.topk_threshold, 0.99 * smallest + 0.01 * second[second > 0].min().double()
+        sae.activation_fn.topk_threshold,
+        0.99 * smallest + 0.01 * second[second > 0].min().double(),
     )
 
 
@@ -116,7 +113,7 @@ def test_saved_inference_sae_equals_training_sae_in_eval_mode(
     weights = load_file(tmp_path / "sae_weights.safetensors")
     assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
     torch.testing.assert_close(
-        weights["threshold"], torch.full((40,), trained.topk_threshold.item())
+        weights["threshold"], torch.full((40,), trained.activation_fn.topk_threshold.item())
     )
 
     loaded = SAE.load_from_disk(tmp_path)
@@ -146,7 +143,8 @@ def test_eval_mode_uses_thresholds_and_train_mode_batchtopk() -> None:
     eval_acts = sae.encode(x)
     hidden_pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     hidden_pre = hidden_pre * sae.W_dec.norm(dim=-1)
-    torch.testing.assert_close(eval_acts, hidden_pre * (hidden_pre > sae.topk_threshold.float()))
+    threshold = sae.activation_fn.topk_threshold.float()
+    torch.testing.assert_close(eval_acts, hidden_pre * (hidden_pre > threshold))
 
 
 def test_fold_activation_norm_scaling_factor_keeps_inference_outputs(tmp_path: Path) -> None:
@@ -249,4 +247,4 @@ def test_jumprelu_threshold_stays_float32_under_bfloat16() -> None:
     sae = _trained_sae(True, steps=0, activation="jumprelu")
     sae.to(dtype=torch.bfloat16)
     assert sae.W_enc.dtype == torch.bfloat16
-    assert sae.threshold.dtype == torch.float32
+    assert sae.activation_fn.threshold.dtype == torch.float32

@@ -113,7 +113,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     for name, value in resumed_sae.state_dict().items():
         torch.testing.assert_close(value, final[name], rtol=1e-5, atol=1e-6, msg=name)
     if "prefix_rng_state" in final:
-        assert torch.equal(resumed_sae.prefix_rng_state, final["prefix_rng_state"])
+        assert torch.equal(resumed_sae.levels.prefix_rng_state, final["prefix_rng_state"])
     torch.testing.assert_close(
         trainer.n_forward_passes_since_fired, uninterrupted.n_forward_passes_since_fired
     )

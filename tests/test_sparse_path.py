@@ -13,22 +13,34 @@ from typing import Any
 
 import pytest
 import torch
-from sae_lens.saes.sae import TrainStepInput
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.activations import batch_topk, topk
 from sae_lens_matryoshka.levels import decode_levels
 from sae_lens_matryoshka.sparse_kernels import (
-    batch_topk_indices,
-    dead_topk_indices,
-    decode_levels_sparse,
-    encoder_values,
-    topk_indices,
+    SparseEncoderValues,
+    batch_topk_entries,
+    dead_topk_entries,
+    decode_groups,
+    encoder_weight_grad,
+    topk_entries,
 )
 
-from .conftest import train_step
+from .conftest import step_output, train_step
 
 D_IN, D_SAE = 12, 64
+
+
+def dense_batch_topk(hidden_pre: torch.Tensor, k: float) -> torch.Tensor:
+    """The reference: the ``k * n_tokens`` largest values of the ReLU'd matrix, by a full top-k."""
+    acts = hidden_pre.relu().flatten()
+    top = acts.topk(int(k * hidden_pre.shape[0]))
+    return torch.zeros_like(acts).scatter(0, top.indices, top.values).view_as(hidden_pre)
+
+
+def dense_topk(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference: each row's ``k`` largest values, then ReLU."""
+    top = hidden_pre.topk(k, dim=-1)
+    return torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values.relu())
 
 
 def _selected_set(token: torch.Tensor, latent: torch.Tensor) -> set[tuple[int, int]]:
@@ -37,6 +49,12 @@ def _selected_set(token: torch.Tensor, latent: torch.Tensor) -> set[tuple[int, i
 
 def _dense_set(acts: torch.Tensor) -> set[tuple[int, int]]:
     return {(int(t), int(j)) for t, j in acts.nonzero().tolist()}
+
+
+def _assert_token_major(token: torch.Tensor, latent: torch.Tensor, d_sae: int) -> None:
+    """Tokens non-decreasing and latents increasing within a token: the flat index increases."""
+    flat = token * d_sae + latent
+    assert bool((flat[1:] > flat[:-1]).all())
 
 
 # 96 x 8192 is large enough for the sampled threshold (not just a rank of all positives)
@@ -55,116 +73,130 @@ BATCH_TOPK_CASES = {
 def test_batch_topk_selection_equals_a_dense_topk(case: str) -> None:
     make, k = BATCH_TOPK_CASES[case]
     hidden_pre = make(torch.Generator().manual_seed(0))
-    token, latent = batch_topk_indices(hidden_pre, k)
-    assert _selected_set(token, latent) == _dense_set(batch_topk(hidden_pre, k))
-    assert len(token) == len(_selected_set(token, latent))  # no entry twice
+    token, latent = batch_topk_entries(hidden_pre, int(k * hidden_pre.shape[0]))
+    assert _selected_set(token, latent) == _dense_set(dense_batch_topk(hidden_pre, k))
+    _assert_token_major(token, latent, hidden_pre.shape[1])
 
 
-def test_batch_topk_selection_is_exact_when_the_sampled_threshold_overshoots() -> None:
-    """Ties at the sampled quantile leave too few candidates; the fallback still ranks exactly."""
+def test_batch_topk_selection_keeps_exactly_k_per_token_when_the_cutoff_is_tied() -> None:
+    """Ties at the cut-off: exactly ``n_keep`` entries, the same values as a dense top-k."""
     hidden_pre = torch.ones(96, 8192)
     hidden_pre[:, ::2] = -1.0
     hidden_pre[0, :10] = torch.arange(2.0, 12.0)  # 5 values above the tie, at even columns
     k = 4
-    token, latent = batch_topk_indices(hidden_pre, k)
-    dense = batch_topk(hidden_pre, k)
-    # ties at 1.0 may be broken differently; the kept values must be the same multiset
-    assert len(token) == int(dense.count_nonzero())
+    token, latent = batch_topk_entries(hidden_pre, k * 96)
+    dense = dense_batch_topk(hidden_pre, k)
+    assert len(token) == int(dense.count_nonzero()) == k * 96
     torch.testing.assert_close(
         hidden_pre[token, latent].sort().values, dense[dense > 0].sort().values
     )
     assert {(0, j) for j in range(0, 10, 2)} <= _selected_set(token, latent)
+    _assert_token_major(token, latent, 8192)
 
 
 def test_batch_topk_selection_leaves_the_global_rng_alone() -> None:
     torch.manual_seed(3)
     expected = torch.rand(3)
     torch.manual_seed(3)
-    batch_topk_indices(torch.randn(96, 8192, generator=torch.Generator().manual_seed(1)), 8)
+    batch_topk_entries(torch.randn(96, 8192, generator=torch.Generator().manual_seed(1)), 8 * 96)
     torch.testing.assert_close(torch.rand(3), expected)
 
 
 @pytest.mark.parametrize("shift", [0.0, -2.0])
 def test_topk_selection_equals_a_dense_topk(shift: float) -> None:
     hidden_pre = torch.randn(30, 80, generator=torch.Generator().manual_seed(0)) + shift
-    token, latent = topk_indices(hidden_pre, 6)
-    assert _selected_set(token, latent) == _dense_set(topk(hidden_pre, 6))
+    token, latent = topk_entries(hidden_pre, 6)
+    assert len(token) == 30 * 6  # static shape: k per token, whatever their sign
+    kept = hidden_pre[token, latent].relu()
+    assert _selected_set(token[kept > 0], latent[kept > 0]) == _dense_set(dense_topk(hidden_pre, 6))
+    _assert_token_major(token, latent, 80)
 
 
 def test_dead_latent_selection_equals_a_masked_topk() -> None:
     hidden_pre = torch.randn(20, 40, generator=torch.Generator().manual_seed(0))
     dead = torch.arange(40) % 3 == 0
-    token, latent = dead_topk_indices(hidden_pre, dead, 5)
+    token, latent = dead_topk_entries(hidden_pre, dead.nonzero().squeeze(1), 5)
     top = torch.where(dead, hidden_pre, -torch.inf).topk(5, dim=-1).indices
     expected = {(t, int(j)) for t in range(20) for j in top[t]}
     assert _selected_set(token, latent) == expected
     assert dead[latent].all()
+    assert bool((token[1:] >= token[:-1]).all())
 
 
-def _encoder_inputs(scaled: bool) -> tuple[torch.Tensor, ...]:
+def _encoder_inputs() -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
-    sae_in = torch.randn(6, 5, dtype=torch.double, generator=generator).requires_grad_()
+    x = torch.randn(6, 5, dtype=torch.double, generator=generator)
+    shift = torch.randn(5, dtype=torch.double, generator=generator).requires_grad_()
     W_enc = torch.randn(5, 9, dtype=torch.double, generator=generator).requires_grad_()
     b_enc = torch.randn(9, dtype=torch.double, generator=generator).requires_grad_()
-    scale = (torch.rand(9, dtype=torch.double, generator=generator) + 0.5).requires_grad_()
-    return sae_in, W_enc, b_enc, scale if scaled else None
+    return x, shift, W_enc, b_enc
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_sparse_encoder_backward_passes_gradcheck(scaled: bool) -> None:
-    sae_in, W_enc, b_enc, scale = _encoder_inputs(scaled)
-    token = torch.tensor([0, 0, 1, 3, 3, 3, 5])
-    latent = torch.tensor([2, 7, 7, 0, 4, 8, 2])
+# token-major entries, as every selection returns them
+TOKEN = torch.tensor([0, 0, 1, 3, 3, 3, 5])
+LATENT = torch.tensor([2, 7, 7, 0, 4, 8, 2])
 
-    def values(*inputs: torch.Tensor) -> torch.Tensor:
-        x, w, b = inputs[:3]
-        s = inputs[3] if scaled else None
-        hidden_pre = (x @ w + b).detach()
-        if s is not None:
-            hidden_pre = hidden_pre * s.detach()
-        return encoder_values(x, w, b, s, hidden_pre, token, latent)
 
-    inputs = (sae_in, W_enc, b_enc) if scale is None else (sae_in, W_enc, b_enc, scale)
-    assert torch.autograd.gradcheck(values, inputs)
+def _sparse_values(
+    x: torch.Tensor, shift: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor
+) -> torch.Tensor:
+    """The pre-activations at the entries, computed without a graph and re-attached sparsely."""
+    sae_in = (x - shift).detach()
+    values = (sae_in @ W_enc + b_enc).detach()[TOKEN, LATENT]
+    return SparseEncoderValues.apply(values, sae_in, shift, W_enc, b_enc, TOKEN, LATENT)
+
+
+def test_sparse_encoder_backward_passes_gradcheck() -> None:
+    x, shift, W_enc, b_enc = _encoder_inputs()
+    assert torch.autograd.gradcheck(
+        lambda s, w, b: _sparse_values(x, s, w, b), (shift, W_enc, b_enc)
+    )
 
 
 def test_sparse_encoder_gradients_equal_dense_autograd() -> None:
-    sae_in, W_enc, b_enc, scale = _encoder_inputs(scaled=True)
-    assert scale is not None
-    token = torch.tensor([0, 2, 2, 4, 5])
-    latent = torch.tensor([1, 1, 6, 3, 8])
-    upstream = torch.randn(5, dtype=torch.double)
-    dense = ((sae_in @ W_enc + b_enc) * scale)[token, latent]
-    expected = torch.autograd.grad((dense * upstream).sum(), (sae_in, W_enc, b_enc, scale))
-    hidden_pre = dense.new_zeros(6, 9)
-    hidden_pre[token, latent] = dense.detach()
-    sparse = encoder_values(sae_in, W_enc, b_enc, scale, hidden_pre, token, latent)
-    got = torch.autograd.grad((sparse * upstream).sum(), (sae_in, W_enc, b_enc, scale))
+    x, shift, W_enc, b_enc = _encoder_inputs()
+    upstream = torch.randn(len(TOKEN), dtype=torch.double)
+    inputs = (shift, W_enc, b_enc)
+    dense = ((x - shift) @ W_enc + b_enc)[TOKEN, LATENT]
+    expected = torch.autograd.grad((dense * upstream).sum(), inputs)
+    got = torch.autograd.grad((_sparse_values(x, *inputs) * upstream).sum(), inputs)
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have, want)
 
 
-@pytest.mark.parametrize("widths", [[64], [4, 20, 64], [1, 2, 63, 64]])
-@pytest.mark.parametrize("detach", [False, True])
-def test_sparse_decode_equals_the_dense_cumulative_decode(widths: list[int], detach: bool) -> None:
+def test_encoder_weight_gradient_is_the_dense_product() -> None:
     generator = torch.Generator().manual_seed(0)
-    acts = topk(torch.randn(7, 64, dtype=torch.double, generator=generator), 9)
+    sae_in = torch.randn(6, 5, generator=generator)
+    grad = torch.randn(len(TOKEN), generator=generator)
+    G = torch.zeros(6, 9)
+    G[TOKEN, LATENT] = grad
+    torch.testing.assert_close(encoder_weight_grad(sae_in, TOKEN, LATENT, grad, 9), sae_in.T @ G)
+    # bfloat16 inputs are multiplied in float32 (no bfloat16 sparse kernel on CPU)
+    low = encoder_weight_grad(sae_in.bfloat16(), TOKEN, LATENT, grad.bfloat16(), 9)
+    torch.testing.assert_close(low, sae_in.T @ G, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("widths", [[64], [4, 20, 64], [1, 2, 63, 64]])
+def test_group_decode_sums_to_the_dense_cumulative_decode(widths: list[int]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    acts = dense_topk(torch.randn(7, 64, dtype=torch.double, generator=generator), 9)
     W_dec = torch.randn(64, 5, dtype=torch.double, generator=generator).requires_grad_()
-    b_dec = torch.randn(5, dtype=torch.double, generator=generator).requires_grad_()
+    b_dec = torch.randn(5, dtype=torch.double, generator=generator)
     dense_acts = acts.clone().requires_grad_()
-    token, latent = dense_acts.detach().nonzero().unbind(1)
+    token, latent = dense_acts.detach().nonzero().unbind(1)  # token-major, as selections give
     values = acts[token, latent].clone().requires_grad_()
     upstream = torch.randn(len(widths), 7, 5, dtype=torch.double, generator=generator)
 
-    dense = decode_levels(dense_acts, W_dec, b_dec, widths, detach)
-    dense_grads = torch.autograd.grad((dense * upstream).sum(), (dense_acts, W_dec, b_dec))
-    sparse = decode_levels_sparse(values, token, latent, W_dec, b_dec, widths, 7, detach)
-    sparse_grads = torch.autograd.grad((sparse * upstream).sum(), (values, W_dec, b_dec))
+    dense = decode_levels(dense_acts, W_dec, b_dec, widths)
+    dense_grads = torch.autograd.grad((dense * upstream).sum(), (dense_acts, W_dec))
+    bounds = torch.tensor(widths[:-1], dtype=torch.long)
+    groups = decode_groups(values, token, latent, W_dec, 7, bounds)
+    sparse = groups.cumsum(dim=1).transpose(0, 1) + b_dec
+    sparse_grads = torch.autograd.grad((sparse * upstream).sum(), (values, W_dec))
 
     torch.testing.assert_close(sparse, dense)
     torch.testing.assert_close(sparse_grads[0], dense_grads[0][token, latent])
     torch.testing.assert_close(sparse_grads[1], dense_grads[1])
-    torch.testing.assert_close(sparse_grads[2], dense_grads[2])
 
 
 def _sae(training_path: str, **fields: Any) -> MatryoshkaTrainingSAE:
@@ -216,7 +248,8 @@ def test_training_step_equals_the_dense_path(config: str) -> None:
     assert float(sparse_out.losses["auxiliary_reconstruction_loss"].detach()) > 0
     for name, value in dense_out.losses.items():
         torch.testing.assert_close(sparse_out.losses[name], value, msg=name)
-    torch.testing.assert_close(sparse_out.feature_acts, dense_out.feature_acts)
+    assert sparse_out.feature_acts.is_sparse  # no n_tokens x d_sae activation matrix
+    torch.testing.assert_close(sparse_out.feature_acts.to_dense(), dense_out.feature_acts)
     torch.testing.assert_close(sparse_out.hidden_pre, dense_out.hidden_pre)
     torch.testing.assert_close(sparse_out.sae_out, dense_out.sae_out)
     assert sparse_out.metrics.keys() == dense_out.metrics.keys()
@@ -298,22 +331,15 @@ def test_bfloat16_autocast_step_stays_close_to_the_dense_path() -> None:
 
 def test_eval_mode_uses_the_inference_threshold_not_the_sparse_selection() -> None:
     sae = _sae("sparse")
-    sae.topk_threshold.fill_(0.5)
+    sae.activation_fn.topk_threshold.fill_(0.5)
     sae.eval()
     x = torch.randn(16, D_IN, dtype=torch.double)
     with torch.no_grad():
-        out = sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=x,
-                coefficients={},
-                dead_neuron_mask=None,
-                n_training_steps=0,
-                is_logging_step=False,
-            )
-        )
+        out = step_output(sae, x, logging=False)
         expected = sae.encode(x)
     torch.testing.assert_close(out.feature_acts, expected)
     assert (out.feature_acts[out.feature_acts > 0] > 0.5).all()
+    assert sae.activation_fn.topk_threshold.item() == 0.5  # evaluation learns nothing
 
 
 def test_training_path_defaults_and_errors() -> None:

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from sae_lens_matryoshka.cli import main
 from sae_lens_matryoshka.toy_demo import run_toy_demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -61,9 +64,10 @@ def test_toy_command_line(tmp_path: Path) -> None:
     assert saved["toy"]["seed"] == 1 and saved["toy"]["steps"] == 30
     assert [row["width"] for row in saved["matryoshka"]["levels"]] == [3, 12, 20]
     assert "Training SAE" in result.stderr  # SAELens's progress bar
-    bad = subprocess.run(
-        [sys.executable, "-m", "sae_lens_matryoshka", "toy", "--bogus"],
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+
+
+def test_toy_refuses_unknown_flags(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toy", "--bogus"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

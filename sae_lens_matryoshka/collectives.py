@@ -1,0 +1,41 @@
+"""What a training step needs from the other replicas of a data-parallel SAE.
+
+A Matryoshka training step has three pieces of batch-global state: the
+BatchTopK selection (the ``k * n_tokens`` largest pre-activations of the whole
+batch), the dead-latent mask (a latent is dead if it fired on no token) and the
+inference threshold (the smallest kept activation). Under data parallelism the
+batch is spread over ranks, so each becomes a collective operation. The SAE is
+given one :class:`Collectives` object and calls these three operations without
+knowing how many processes there are: :data:`SINGLE_PROCESS` computes them
+locally, ``distributed.DataParallelCollectives`` across ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sae_lens_matryoshka.sparse_kernels import batch_topk_entries
+
+
+class Collectives:
+    """The batch-global operations of a training step, in a single process."""
+
+    def batch_topk(self, hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(token, latent)`` entries BatchTopK keeps: the ``k * n_tokens`` largest positive ones.
+
+        Returned token-major (tokens non-decreasing, latents increasing within a token).
+        """
+        n_keep = min(int(k * hidden_pre.shape[0]), hidden_pre.numel())
+        return batch_topk_entries(hidden_pre, n_keep)
+
+    def dead_everywhere(self, dead: torch.Tensor) -> torch.Tensor:
+        """The dead-latent mask of the whole batch (``dead`` is this process's)."""
+        return dead
+
+    def minimum(self, value: torch.Tensor) -> torch.Tensor:
+        """The minimum of a scalar over the whole batch (``value`` is this process's)."""
+        return value
+
+
+#: the collectives of an SAE trained in one process
+SINGLE_PROCESS = Collectives()

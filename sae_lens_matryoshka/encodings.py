@@ -1,0 +1,196 @@
+"""What a training step's encoder hands on: one value, dense or sparse, with the same methods.
+
+A training step encodes its batch once. From that one encoding it decodes
+every Matryoshka level, computes the dead-latent auxiliary loss, hands SAELens's
+trainer the activations for its firing statistics, and lets the activation
+learn from the kept values. The dense path (:class:`DenseEncoding`) holds the
+activations as an ``n_tokens x d_sae`` matrix with autograd; the sparse path
+(:class:`SparseEncoding`) holds only the active entries, token-major, with the
+dense pre-activations kept without a graph for selections. Both offer the
+methods of :class:`Encoding`, so the step never asks which one it has.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+from sae_lens_matryoshka.levels import LevelPlan, decode_levels
+from sae_lens_matryoshka.sparse_kernels import (
+    RunningLevels,
+    SparseEncoderValues,
+    dead_topk_entries,
+    decode_fixed_bags,
+    decode_groups,
+)
+
+
+class Encoding(Protocol):
+    """A batch's encoding, as the rest of a training step uses it."""
+
+    @property
+    def hidden_pre(self) -> torch.Tensor:
+        """Pre-activations ``[*batch, d_sae]`` in activation units (for ``TrainStepOutput``)."""
+        ...
+
+    @property
+    def feature_acts(self) -> torch.Tensor:
+        """Activations ``[*batch, d_sae]`` for SAELens's statistics: dense, or sparse COO."""
+        ...
+
+    def kept_values(self) -> torch.Tensor:
+        """The values of the active latents (no graph), in no particular order."""
+        ...
+
+    def decode_levels(
+        self, W_dec: torch.Tensor, b_dec: torch.Tensor, plan: LevelPlan, detach: bool
+    ) -> torch.Tensor:
+        """Every level's reconstruction, ``[n_levels, *batch, d_in]`` (before output normalisation).
+
+        With ``detach``, level ``l`` adds its group to a detached level ``l - 1``.
+        """
+        ...
+
+    def dead_latent_reconstruction(
+        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor
+    ) -> torch.Tensor:
+        """Each token's decode (no bias) of its ``k_aux`` most active ``dead_latents``, ``[*batch, d_in]``."""
+        ...
+
+
+class DenseEncoding(NamedTuple):
+    """The dense path's encoding: every activation, with autograd through dense matmuls."""
+
+    hidden_pre: torch.Tensor
+    acts: torch.Tensor
+    #: ``||W_dec_j||``, with graph
+    decoder_norms: torch.Tensor
+    #: whether activations are measured in unit-norm decoder units (``rescale_acts_by_decoder_norm``)
+    rescaled: bool
+
+    @property
+    def feature_acts(self) -> torch.Tensor:
+        return self.acts
+
+    def kept_values(self) -> torch.Tensor:
+        acts = self.acts.detach()
+        return acts[acts > 0]
+
+    def decoding_acts(self, acts: torch.Tensor, latents: slice | torch.Tensor) -> torch.Tensor:
+        """``acts`` of ``latents`` as they multiply their decoder rows."""
+        return acts * (1 / self.decoder_norms[latents]) if self.rescaled else acts
+
+    def decode_levels(
+        self, W_dec: torch.Tensor, b_dec: torch.Tensor, plan: LevelPlan, detach: bool
+    ) -> torch.Tensor:
+        acts = self.decoding_acts(self.acts, slice(None))
+        return decode_levels(acts, W_dec, b_dec, plan.widths, detach)
+
+    def dead_latent_reconstruction(
+        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = self.hidden_pre[..., dead_latents]
+        top = hidden.topk(min(k_aux, dead_latents.numel()), dim=-1, sorted=False)
+        acts = torch.zeros_like(hidden).scatter(-1, top.indices, top.values)
+        return self.decoding_acts(acts, dead_latents) @ W_dec[dead_latents]
+
+
+class PreActivations(NamedTuple):
+    """The sparse path's dense encoder output, and what differentiates any entry of it.
+
+    With activations measured in unit-norm decoder units, an active entry's
+    activation ``a = h * ||W_dec_j||`` multiplies the decoder row
+    ``W_dec_j / ||W_dec_j||``, so what it adds to the reconstruction is
+    ``h * W_dec_j``: the norms cancel out of every gradient of a k-sparse step
+    (the dense path computes two terms that cancel). The sparse path therefore
+    decodes with the raw pre-activations ``h`` and keeps the norms out of the graph.
+    """
+
+    #: ``[n_tokens, d_sae]`` in activation units, computed without a graph
+    hidden_pre: torch.Tensor
+    #: ``[n_tokens, d_in]``, the processed input, without a graph
+    sae_in: torch.Tensor
+    #: ``b_dec`` when it is subtracted from the input (its gradient comes from here)
+    shift: torch.Tensor | None
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    #: ``1 / ||W_dec_j||`` (no graph) when activations are in unit-norm decoder units
+    unit_scale: torch.Tensor | None
+    #: the leading dimensions of the step's input (``[n_tokens]`` flattens them)
+    batch_shape: torch.Size
+
+    def decoding_values(self, token: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """The raw pre-activations ``h`` at the entries: what multiplies ``W_dec`` rows, with a graph."""
+        with torch.no_grad():
+            values = self.hidden_pre[token, latent]
+            if self.unit_scale is not None:
+                values = values * self.unit_scale[latent]
+        attached: torch.Tensor = SparseEncoderValues.apply(
+            values, self.sae_in, self.shift, self.W_enc, self.b_enc, token, latent
+        )
+        return attached
+
+
+class SparseEncoding(NamedTuple):
+    """The sparse path's encoding: the active entries, token-major, and their values."""
+
+    pre: PreActivations
+    token: torch.Tensor
+    latent: torch.Tensor
+    #: the entries' decoding values (ReLU of their raw pre-activations), with a graph
+    weights: torch.Tensor
+    #: the entries' activations as a sparse COO tensor (no graph), for SAELens's statistics
+    feature_acts: torch.Tensor
+
+    @classmethod
+    def select(
+        cls, pre: PreActivations, token: torch.Tensor, latent: torch.Tensor
+    ) -> SparseEncoding:
+        """The encoding of the kept entries ``(token, latent)``."""
+        weights = pre.decoding_values(token, latent).relu()
+        batch_shape = pre.batch_shape
+        rows = torch.unravel_index(token, batch_shape) if len(batch_shape) > 1 else (token,)
+        feature_acts = torch.sparse_coo_tensor(
+            torch.stack([*rows, latent]),
+            pre.hidden_pre[token, latent].relu(),
+            (*batch_shape, pre.hidden_pre.shape[-1]),
+            is_coalesced=True,  # token-major: already in coalesced order, each entry once
+            check_invariants=False,
+        )
+        return cls(pre, token, latent, weights, feature_acts)
+
+    @property
+    def hidden_pre(self) -> torch.Tensor:
+        return self.pre.hidden_pre.view(*self.pre.batch_shape, -1)
+
+    def kept_values(self) -> torch.Tensor:
+        return self.feature_acts.values()
+
+    def decode_levels(
+        self, W_dec: torch.Tensor, b_dec: torch.Tensor, plan: LevelPlan, detach: bool
+    ) -> torch.Tensor:
+        n_tokens = self.pre.sae_in.shape[0]
+        partials = decode_groups(
+            self.weights, self.token, self.latent, W_dec, n_tokens, plan.bounds
+        )
+        levels = RunningLevels.apply(partials, b_dec, detach)
+        return levels.transpose(0, 1).unflatten(1, self.pre.batch_shape)
+
+    def dead_latent_reconstruction(
+        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor
+    ) -> torch.Tensor:
+        token, latent = dead_topk_entries(self.pre.hidden_pre, dead_latents, k_aux)
+        weights = self.pre.decoding_values(token, latent)
+        recon = decode_fixed_bags(weights, latent, W_dec, self.pre.sae_in.shape[0])
+        return recon.unflatten(0, self.pre.batch_shape)
+
+
+def dense_only(encoding: Encoding) -> DenseEncoding:
+    """``encoding`` as the dense encoding a penalised (not k-sparse) activation trains with."""
+    if not isinstance(encoding, DenseEncoding):
+        raise TypeError(
+            "this activation is not k-sparse: it trains on the dense path only "
+            f"(got a {type(encoding).__name__})."
+        )
+    return encoding

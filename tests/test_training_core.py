@@ -1,0 +1,220 @@
+"""The training core's design: objects chosen once, injected collectives, no needless host reads.
+
+- every activation is an ``nn.Module`` that ``get_activation_fn`` returns, and
+  its state is saved under SAELens's flat names;
+- the SAE's batch-global operations go through the one ``Collectives`` object it
+  is given, only in training;
+- a sparse step builds no ``n_tokens x d_sae`` tensor beyond the pre-activations
+  and reads from the device only what the algorithm needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka.activations import (
+    TRAINING_ACTIVATIONS,
+    BatchTopK,
+    JumpReLU,
+    ReLU,
+    TopK,
+)
+from sae_lens_matryoshka.collectives import Collectives
+
+from .conftest import step_output, train_step
+
+D_IN, D_SAE = 10, 64
+K_FIELDS = {"batchtopk": {"k": 4}, "topk": {"k": 4}, "jumprelu": {}, "relu": {}}
+
+
+def _sae(activation: str = "batchtopk", **fields: Any) -> MatryoshkaTrainingSAE:
+    torch.manual_seed(0)
+    base: dict[str, Any] = {
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "matryoshka_widths": [8, 24, D_SAE],
+        "activation": activation,
+        **K_FIELDS[activation],
+    }
+    base.update(fields)
+    return MatryoshkaTrainingSAE(MatryoshkaTrainingSAEConfig(**base))
+
+
+@pytest.mark.parametrize(
+    ("activation", "kind", "state"),
+    [
+        ("batchtopk", BatchTopK, {"topk_threshold"}),
+        ("topk", TopK, set()),
+        ("jumprelu", JumpReLU, {"threshold"}),
+        ("relu", ReLU, set()),
+    ],
+)
+def test_each_activation_is_one_module_whose_state_keeps_saelens_names(
+    activation: str, kind: type, state: set[str]
+) -> None:
+    sae = _sae(activation)
+    assert type(sae.activation_fn) is kind is TRAINING_ACTIVATIONS[activation]
+    assert sae.cfg.inference_activation == kind.inference_activation
+    names = set(sae.state_dict())
+    assert names == {"W_enc", "b_enc", "W_dec", "b_dec"} | state
+    # the optimizer sees the thresholds a JumpReLU learns
+    assert {name for name, _ in sae.named_parameters()} >= {"W_enc", "b_enc", "W_dec", "b_dec"}
+    other = _sae(activation)
+    with torch.no_grad():
+        for tensor in sae.state_dict().values():
+            tensor.add_(0.25)
+    other.load_state_dict(sae.state_dict())
+    for name, tensor in sae.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[name], tensor, msg=name)
+
+
+def test_sampled_prefixes_keep_their_generator_state_under_its_saved_name() -> None:
+    sae = _sae(prefix_sampling="pareto", matryoshka_widths=[])
+    assert "prefix_rng_state" in sae.state_dict()
+    sae.to(torch.float64)
+    assert sae.levels.prefix_rng_state.device.type == "cpu"  # never copied to the device
+
+
+def test_thresholds_keep_their_precision_through_dtype_conversions() -> None:
+    for activation, name, dtype in [
+        ("batchtopk", "topk_threshold", torch.float64),
+        ("jumprelu", "threshold", torch.float32),
+    ]:
+        sae = _sae(activation).to(torch.bfloat16)
+        assert sae.W_enc.dtype == torch.bfloat16
+        assert getattr(sae.activation_fn, name).dtype == dtype
+
+
+def test_inference_activation_state_keeps_saelens_names(tmp_path) -> None:
+    trained = _sae("jumprelu")
+    trained.save_inference_model(tmp_path)
+    loaded = MatryoshkaSAE.load_from_disk(tmp_path)
+    assert set(loaded.state_dict()) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+
+
+class RecordingCollectives(Collectives):
+    """The single-process operations, recording each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def batch_topk(self, hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls.append("batch_topk")
+        return super().batch_topk(hidden_pre, k)
+
+    def dead_everywhere(self, dead: torch.Tensor) -> torch.Tensor:
+        self.calls.append("dead_everywhere")
+        return super().dead_everywhere(dead)
+
+    def minimum(self, value: torch.Tensor) -> torch.Tensor:
+        self.calls.append("minimum")
+        return super().minimum(value)
+
+
+@pytest.mark.parametrize("training_path", ["sparse", "dense"])
+def test_training_steps_use_the_injected_collectives_and_evaluation_does_not(
+    training_path: str,
+) -> None:
+    sae = _sae(training_path=training_path)
+    collectives = RecordingCollectives()
+    sae.collectives = collectives
+    x = torch.randn(32, D_IN)
+    dead = torch.arange(D_SAE) % 5 == 0
+    train_step(sae, x, dead)
+    assert collectives.calls == ["batch_topk", "dead_everywhere", "minimum"]
+    collectives.calls.clear()
+    sae.eval()
+    with torch.no_grad():
+        step_output(sae, x, dead)
+        sae.encode(x)
+    assert collectives.calls == []
+    sae.train()
+    sae.encode(x)  # encode outside a training step: a single-process selection
+    assert collectives.calls == []
+
+
+class LargeTensors(TorchDispatchMode):
+    """Records every op that puts a floating-point tensor of ``numel`` or more elements in new memory."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel = numel
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+        self._storages: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if (
+                isinstance(tensor, torch.Tensor)
+                and tensor.layout == torch.strided
+                and tensor.is_floating_point()
+                and tensor.numel() >= self.numel
+                and tensor.untyped_storage().data_ptr() not in self._storages
+            ):
+                self._storages.add(tensor.untyped_storage().data_ptr())
+                self.shapes.append((str(func), tuple(tensor.shape)))
+        return out
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "topk"])
+def test_a_sparse_step_builds_no_dense_activation_matrix(activation: str) -> None:
+    """Forward and backward: the pre-activations are the only n_tokens x d_sae float tensor."""
+    n_tokens, d_sae = 128, 1024
+    sae = _sae(activation, d_sae=d_sae, matryoshka_widths=[64, 256, d_sae])
+    x = torch.randn(n_tokens, D_IN)
+    dead = torch.arange(d_sae) % 7 == 0
+    recorder = LargeTensors(n_tokens * d_sae)
+    with recorder:
+        train_step(sae, x, dead)
+    assert [shape for _, shape in recorder.shapes] == [(n_tokens, d_sae)], recorder.shapes
+    dense = _sae(activation, d_sae=d_sae, matryoshka_widths=[64, 256, d_sae], training_path="dense")
+    recorder = LargeTensors(n_tokens * d_sae)
+    with recorder:
+        train_step(dense, x, dead)
+    assert len(recorder.shapes) > 3  # the control: the dense path builds several
+
+
+@contextmanager
+def counted_host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Count the Python-side reads of tensor values (``bool``, ``int``, ``.item()``, ``.tolist()``, ...)."""
+    reads: list[str] = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self: torch.Tensor, *args: Any, _name: str = name, _f: Any = original) -> Any:
+            reads.append(_name)
+            return _f(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    yield reads
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, 1),  # whether the loss is finite
+        ({"activation": "topk"}, 1),
+        ({"use_matryoshka_aux_loss": True}, 2),  # and how the dead latents split into levels
+        ({"level_weights": [2.0, 1.0, 1.0]}, 1),
+    ],
+)
+def test_a_sparse_step_reads_back_only_what_it_needs(
+    fields: dict[str, Any], expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sae = _sae(**{"activation": "batchtopk", **fields})
+    x = torch.randn(64, D_IN)
+    dead = torch.arange(D_SAE) % 5 == 0
+    train_step(sae, x, dead)  # first step: plans are built and cached
+    with counted_host_reads(monkeypatch) as reads:
+        out = step_output(sae, x, dead, logging=False, step=1)
+    assert len(reads) == expected, reads
+    assert torch.isfinite(out.loss)
