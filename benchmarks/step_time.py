@@ -1,19 +1,28 @@
-"""Time and memory of one training step, ours against SAELens's own classes, plus a full run.
+"""Time and memory of one training step: ours against SAELens's own SAEs and sparsify's, plus a full run.
 
-One step is SAELens's: ``training_forward_pass``, ``backward``, an Adam step and
-``zero_grad``. Our 5-level Matryoshka SAE (sparse path, the default, and the
-dense path) and SAELens's ``batchtopk`` and ``matryoshka_batchtopk`` share the
-same size and initial weights, run in the same process, interleaved step by
-step so that machine noise hits all of them alike; the median over repeats is
-reported, with ratios to SAELens. Peak memory of one step is measured per SAE:
-on a GPU with CUDA's peak-allocation counter, on CPU in a fresh process per SAE
-as the rise of its peak resident set during one step.
+One step is forward, backward, an Adam step and ``zero_grad``: SAELens's
+``training_forward_pass`` for the SAELens-style SAEs, and for EleutherAI's
+sparsify (the fastest peer, optional ``bench`` extra) ``SparseCoder.forward``
+with its FVU and AuxK losses, its sparse encoder backward and its sparse
+decoder (without the decoder-norm projection its trainer adds, which only
+makes it slower). Every contender starts from the same weights, runs in the
+same process, interleaved step by step so that machine noise hits all of them
+alike, on the same batch; the median over repeats is reported, with ratios.
 
+Contenders: our Matryoshka SAE with the paper's five levels (BatchTopK, sparse
+path, the default; and the dense path), our one-level BatchTopK and TopK,
+SAELens's ``batchtopk``, ``topk`` and ``matryoshka_batchtopk`` (same five
+levels), and sparsify's TopK ``SparseCoder``.
+
+Peak memory of one step is measured per contender: on a GPU with CUDA's
+peak-allocation counter, on CPU in a fresh process per contender as the rise of
+its peak resident set during one step (above its weights and Adam's state).
 The end-to-end part times complete ``LanguageModelSAETrainingRunner`` runs
 (activation store, model forward passes, trainer) on a tiny random
 ``HookedTransformer``, ours vs SAELens's ``matryoshka_batchtopk``, in tokens per second.
 
     python benchmarks/step_time.py                  # CPU default: d_in=768, d_sae=16384, 2048 tokens, k=40
+    python benchmarks/step_time.py --preset small   # d_in=64, d_sae=512, 256 tokens, k=8: per-step overhead
     python benchmarks/step_time.py --preset gemma   # Gemma-2-2B size: d_in=2304, d_sae=65536, 4096 tokens
     python benchmarks/step_time.py --json           # one JSON object, for machines
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -30,7 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -39,16 +50,31 @@ from sae_lens.saes.matryoshka_batchtopk_sae import (
     MatryoshkaBatchTopKTrainingSAE,
     MatryoshkaBatchTopKTrainingSAEConfig,
 )
-from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from tiny_runs import process_memory_mib, runner_config, tiny_model_and_tokens
+from torch import nn
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 
 PRESETS = {
     "cpu": {"d_in": 768, "d_sae": 16384, "batch": 2048, "k": 40},
+    "small": {"d_in": 64, "d_sae": 512, "batch": 256, "k": 8},
     "gemma": {"d_in": 2304, "d_sae": 65536, "batch": 4096, "k": 40},
 }
-SAE_NAMES = ("ours_sparse", "ours_dense", "saelens_batchtopk", "saelens_matryoshka_batchtopk")
+#: the contender every ratio is taken of
+OURS = "ours_matryoshka_5_levels"
+HAS_SPARSIFY = importlib.util.find_spec("sparsify") is not None
+CONTENDERS = (
+    OURS,
+    "ours_matryoshka_5_levels_dense",
+    "ours_batchtopk_1_level",
+    "ours_topk_1_level",
+    "saelens_batchtopk",
+    "saelens_topk",
+    "saelens_matryoshka_batchtopk",
+    *(("sparsify_topk",) if HAS_SPARSIFY else ()),
+)
 
 
 def paper_widths(d_sae: int) -> list[int]:
@@ -56,36 +82,88 @@ def paper_widths(d_sae: int) -> list[int]:
     return [d_sae // 32, 3 * d_sae // 32, 7 * d_sae // 32, 15 * d_sae // 32, d_sae]
 
 
-def build_sae(name: str, d_in: int, d_sae: int, k: int, device: str) -> TrainingSAE:
-    size = {"d_in": d_in, "d_sae": d_sae, "k": k, "device": device}
-    widths = paper_widths(d_sae)
+def build(name: str, args: argparse.Namespace) -> nn.Module:
+    size = {"d_in": args.d_in, "d_sae": args.d_sae, "k": args.k, "device": args.device}
+    widths = paper_widths(args.d_sae)
+    if name == "sparsify_topk":
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        cfg = SparseCoderConfig(num_latents=args.d_sae, k=args.k)
+        return SparseCoder(args.d_in, cfg, device=args.device)
     if name.startswith("ours"):
-        path = "sparse" if name == "ours_sparse" else "dense"
-        cfg = MatryoshkaTrainingSAEConfig(matryoshka_widths=widths, training_path=path, **size)
-        return MatryoshkaTrainingSAE(cfg)
+        ours: dict[str, Any] = {
+            OURS: {"matryoshka_widths": widths},
+            "ours_matryoshka_5_levels_dense": {
+                "matryoshka_widths": widths,
+                "training_path": "dense",
+            },
+            "ours_batchtopk_1_level": {"matryoshka_widths": [args.d_sae]},
+            "ours_topk_1_level": {"matryoshka_widths": [args.d_sae], "activation": "topk"},
+        }[name]
+        with _quiet_single_level():
+            return MatryoshkaTrainingSAE(MatryoshkaTrainingSAEConfig(**size, **ours))
     if name == "saelens_batchtopk":
         return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**size))
+    if name == "saelens_topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(**size))
     return MatryoshkaBatchTopKTrainingSAE(
         MatryoshkaBatchTopKTrainingSAEConfig(matryoshka_widths=widths, **size)
     )
 
 
-def make_step(sae: TrainingSAE, x: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    step_input = TrainStepInput(
-        sae_in=x,
-        coefficients={},
-        dead_neuron_mask=torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device),
-        n_training_steps=0,
-        is_logging_step=False,
-    )
+@contextlib.contextmanager
+def _quiet_single_level() -> Iterator[None]:
+    """One-level SAEs are the point here, not a mistake to warn about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*only one level")
+        yield
+
+
+def share_weights(target: nn.Module, source: nn.Module) -> None:
+    """Give ``target`` the weights of ``source`` (a SAELens-style SAE)."""
+    with torch.no_grad():
+        if hasattr(target, "encoder"):  # sparsify: nn.Linear encoder, W_dec [num_latents, d_in]
+            target.encoder.weight.copy_(source.W_enc.T)
+            target.encoder.bias.copy_(source.b_enc)
+        else:
+            target.W_enc.copy_(source.W_enc)
+            target.b_enc.copy_(source.b_enc)
+        target.W_dec.copy_(source.W_dec)
+        target.b_dec.copy_(source.b_dec)
+
+
+def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One training step of ``model`` on ``x``: forward, backward, Adam, zero_grad."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    dead = torch.zeros(_d_sae(model), dtype=torch.bool, device=x.device)
+    if hasattr(model, "encoder"):
+
+        def loss() -> torch.Tensor:
+            out = model(x, dead_mask=dead)
+            return out.fvu + out.auxk_loss
+
+    else:
+        step_input = TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=dead,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+
+        def loss() -> torch.Tensor:
+            return model.training_forward_pass(step_input).loss
 
     def step() -> None:
-        sae.training_forward_pass(step_input).loss.backward()
+        loss().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def _d_sae(model: nn.Module) -> int:
+    return int(model.W_dec.shape[0])
 
 
 def _sync(device: str) -> None:
@@ -94,14 +172,13 @@ def _sync(device: str) -> None:
 
 
 def time_steps(args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds per step of every SAE, interleaved."""
+    """Median seconds per step of every contender, interleaved."""
     torch.manual_seed(0)
-    saes = {name: build_sae(name, args.d_in, args.d_sae, args.k, args.device) for name in SAE_NAMES}
-    shared = {name: p.detach() for name, p in saes["ours_sparse"].named_parameters()}
-    for sae in saes.values():
-        sae.load_state_dict(shared, strict=False)
+    models = {name: build(name, args) for name in CONTENDERS}
+    for model in models.values():
+        share_weights(model, models[OURS])
     x = torch.randn(args.batch, args.d_in, device=args.device)
-    steps = {name: make_step(sae, x) for name, sae in saes.items()}
+    steps = {name: make_step(model, x) for name, model in models.items()}
     for step in steps.values():  # warm-up (also creates Adam's state)
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -118,9 +195,9 @@ def time_steps(args: argparse.Namespace) -> dict[str, float]:
 def step_peak_mib(name: str, args: argparse.Namespace) -> float:
     """Extra memory one step of ``name`` needs at its peak, above the weights and Adam's state."""
     torch.manual_seed(0)
-    sae = build_sae(name, args.d_in, args.d_sae, args.k, args.device)
+    model = build(name, args)
     x = torch.randn(args.batch, args.d_in, device=args.device)
-    step = make_step(sae, x)
+    step = make_step(model, x)
     step()  # Adam's state exists from here on
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -137,10 +214,10 @@ def step_peak_mib(name: str, args: argparse.Namespace) -> float:
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, float]:
-    """Per SAE: on CPU in a fresh process each, so one SAE's freed pages cannot hide another's."""
+    """Per contender: on CPU in a fresh process each, so one's freed pages cannot hide another's."""
     if args.device.startswith("cuda"):
         peaks = {}
-        for name in SAE_NAMES:
+        for name in CONTENDERS:
             peaks[name] = step_peak_mib(name, args)
             torch.cuda.empty_cache()
         return peaks
@@ -149,7 +226,7 @@ def measure_memory(args: argparse.Namespace) -> dict[str, float]:
     size = ["--d-in", str(args.d_in), "--d-sae", str(args.d_sae)]
     size += ["--batch", str(args.batch), "--k", str(args.k), "--device", args.device]
     peaks = {}
-    for name in SAE_NAMES:
+    for name in CONTENDERS:
         command = [sys.executable, __file__, "--memory-probe", name, *size]
         output = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
         peaks[name] = float(output.stdout.strip().splitlines()[-1])
@@ -164,7 +241,7 @@ def end_to_end_tokens_per_second(args: argparse.Namespace) -> dict[str, float]:
     model, dataset = tiny_model_and_tokens(2, d_model, 8, 1024, context, args.device)
     widths = paper_widths(d_sae)
     sae_cfgs = {
-        "ours_sparse": MatryoshkaTrainingSAEConfig(
+        OURS: MatryoshkaTrainingSAEConfig(
             d_in=d_model, d_sae=d_sae, k=32, matryoshka_widths=widths
         ),
         "saelens_matryoshka_batchtopk": MatryoshkaBatchTopKTrainingSAEConfig(
@@ -216,7 +293,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--memory-probe", choices=SAE_NAMES, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -229,7 +306,9 @@ def main() -> None:
     if args.memory_probe:
         print(step_peak_mib(args.memory_probe, args))
         return
-    median = time_steps(args)
+    # sparsify announces its decoder on import; stdout is for the result
+    with contextlib.redirect_stdout(sys.stderr):
+        median = time_steps(args)
     result: dict[str, Any] = {
         "machine": machine(args.device),
         "torch": torch.__version__,
@@ -242,10 +321,9 @@ def main() -> None:
             "matryoshka_widths": paper_widths(args.d_sae),
         },
         "median_step_seconds": median,
-        "ours_vs_saelens_batchtopk": median["ours_sparse"] / median["saelens_batchtopk"],
-        "ours_vs_saelens_matryoshka_batchtopk": median["ours_sparse"]
-        / median["saelens_matryoshka_batchtopk"],
-        "ours_sparse_vs_ours_dense": median["ours_sparse"] / median["ours_dense"],
+        "ours_step_time_ratio_to": {
+            name: median[OURS] / seconds for name, seconds in median.items() if name != OURS
+        },
     }
     if not args.skip_memory:
         result["step_peak_memory_mib"] = measure_memory(args)
@@ -262,26 +340,18 @@ def main() -> None:
 def report(result: dict[str, Any]) -> None:
     print(f"{result['machine']}, torch {result['torch']}, size {result['size']}")
     memory = result.get("step_peak_memory_mib", {})
-    print(f"  {'':<30} {'ms/step':>9} {'step peak MiB':>14}")
+    print(f"  {'':<32} {'ms/step':>9} {'step peak MiB':>14} {'ours / this':>12}")
     for name, seconds in result["median_step_seconds"].items():
-        peak = f"{memory[name]:14.0f}" if name in memory else ""
-        print(f"  {name:<30} {seconds * 1000:9.1f} {peak}")
-    print(
-        f"  ours / SAELens batchtopk step time:            {result['ours_vs_saelens_batchtopk']:.2f}x"
-    )
-    print(
-        "  ours / SAELens matryoshka_batchtopk step time: "
-        f"{result['ours_vs_saelens_matryoshka_batchtopk']:.2f}x"
-    )
-    print(
-        f"  ours sparse / ours dense step time:            {result['ours_sparse_vs_ours_dense']:.2f}x"
-    )
+        peak = f"{memory[name]:14.0f}" if name in memory else f"{'':14}"
+        ratio = result["ours_step_time_ratio_to"].get(name)
+        shown = f"{ratio:11.2f}x" if ratio is not None else f"{'':12}"
+        print(f"  {name:<32} {seconds * 1000:9.1f} {peak} {shown}")
     if "end_to_end_tokens_per_second" in result:
         e2e = result["end_to_end_tokens_per_second"]
         print("  end to end (runner, tiny model, d_sae=8192):")
         for name, rate in e2e.items():
             print(f"    {name:<30} {rate:9.0f} tokens/s")
-        ratio = e2e["ours_sparse"] / e2e["saelens_matryoshka_batchtopk"]
+        ratio = e2e[OURS] / e2e["saelens_matryoshka_batchtopk"]
         print(f"    ours / SAELens matryoshka_batchtopk throughput: {ratio:.2f}x")
 
 
