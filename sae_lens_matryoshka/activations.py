@@ -125,7 +125,7 @@ class TrainingActivation(nn.Module):
     def to_inference(self, state_dict: dict[str, Any]) -> None:
         """Turn this activation's saved tensors into the inference activation's."""
 
-    def keep_precision(self, state_dict: dict[str, Any]) -> None:
+    def prepare_loaded(self, state_dict: dict[str, Any]) -> None:
         """Undo SAELens's cast of every loaded tensor to the SAE dtype for ``precise_state``."""
         for name in self.precise_state:
             if name in state_dict:
@@ -165,23 +165,29 @@ class BatchTopK(KSparseActivation):
     """The ``k * n_tokens`` largest pre-activations of the batch (Bussmann et al. 2024).
 
     The selection spans the whole batch, so at inference it is replaced by a
-    JumpReLU threshold: an EMA (rate ``threshold_lr``) of the smallest kept
-    activation, set directly by the first step. In ``eval()`` mode the
-    activation already uses that threshold, exactly as the saved SAE will.
+    JumpReLU threshold, calibrated on the most recent training batch: its
+    cut-off (the smallest activation BatchTopK kept) is exactly the threshold
+    at which that batch fires ``k`` latents per token, under weights one step
+    old. An EMA of the cut-off (rate ``threshold_lr``, as SAELens and
+    dictionary_learning keep) lags it by about ``1 / threshold_lr`` steps,
+    far too long while activations still grow early in training, so it is only
+    logged. In ``eval()`` mode the activation already uses the calibrated
+    threshold, exactly as the saved SAE will.
     """
 
     inference_activation: ClassVar[str] = "jumprelu"
-    precise_state: ClassVar[tuple[str, ...]] = ("topk_threshold",)
-    #: EMA of the smallest kept activation, float64; negative until the first step
+    precise_state: ClassVar[tuple[str, ...]] = ("topk_threshold", "last_cutoff")
+    #: EMA of the cut-off, float64 (logged); negative until the first step
     topk_threshold: torch.Tensor
+    #: the last training batch's cut-off, float64: the inference threshold; negative until then
+    last_cutoff: torch.Tensor
 
     def __init__(self, k: float, threshold_lr: float, device: torch.device) -> None:
         super().__init__(k)
         self.threshold_lr = threshold_lr
         # double precision: an EMA over many steps loses bits in float32
-        self.register_buffer(
-            "topk_threshold", torch.tensor(-1.0, dtype=torch.double, device=device)
-        )
+        for name in ("topk_threshold", "last_cutoff"):
+            self.register_buffer(name, torch.tensor(-1.0, dtype=torch.double, device=device))
 
     @override
     @classmethod
@@ -191,7 +197,7 @@ class BatchTopK(KSparseActivation):
     @property
     def inference_threshold(self) -> torch.Tensor:
         """The JumpReLU threshold the saved SAE will use (0 before any step)."""
-        return self.topk_threshold.clamp(min=0.0)
+        return self.last_cutoff.clamp(min=0.0)
 
     @override
     def select(
@@ -209,23 +215,34 @@ class BatchTopK(KSparseActivation):
     @torch.no_grad()
     def update_from_step(self, encoding: Encoding, collectives: Collectives) -> dict[str, Any]:
         kept = encoding.kept_values()
-        current = self.topk_threshold
-        # computed on the device, without a host synchronisation
-        smallest = kept.min().to(current.dtype) if kept.numel() else current.new_tensor(torch.inf)
-        smallest = collectives.minimum(smallest)
-        learned = torch.where(current < 0, smallest, current.lerp(smallest, self.threshold_lr))
-        current.copy_(torch.where(torch.isinf(smallest), current, learned))
-        return {"topk_threshold": current}
+        ema, last = self.topk_threshold, self.last_cutoff
+        # computed on the device, without a host synchronisation; a batch that
+        # kept nothing (on every rank) changes nothing
+        cutoff = kept.min().to(last.dtype) if kept.numel() else last.new_tensor(torch.inf)
+        cutoff = collectives.minimum(cutoff)
+        kept_any = torch.isfinite(cutoff)
+        learned = torch.where(ema < 0, cutoff, ema.lerp(cutoff, self.threshold_lr))
+        ema.copy_(torch.where(kept_any, learned, ema))
+        last.copy_(torch.where(kept_any, cutoff, last))
+        return {"topk_threshold": ema, "inference_threshold": last}
 
     @override
     @torch.no_grad()
     def fold_scaling_factor(self, scaling_factor: float) -> None:
-        threshold = self.topk_threshold
-        threshold.copy_(torch.where(threshold >= 0, threshold / scaling_factor, threshold))
+        for threshold in (self.topk_threshold, self.last_cutoff):
+            threshold.copy_(torch.where(threshold >= 0, threshold / scaling_factor, threshold))
+
+    @override
+    def prepare_loaded(self, state_dict: dict[str, Any]) -> None:
+        if "topk_threshold" in state_dict:
+            # checkpoints written before the calibration have only the EMA, which they saved
+            state_dict.setdefault("last_cutoff", state_dict["topk_threshold"])
+        super().prepare_loaded(state_dict)
 
     @override
     def to_inference(self, state_dict: dict[str, Any]) -> None:
-        threshold = state_dict.pop("topk_threshold").clamp(min=0.0)
+        del state_dict["topk_threshold"]
+        threshold = state_dict.pop("last_cutoff").clamp(min=0.0)
         state_dict["threshold"] = torch.full_like(state_dict["b_enc"], threshold.item())
 
 

@@ -183,9 +183,12 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
             ``l - 1`` lacked, so later levels cannot bend earlier latents
             (early latents then serve only the small levels, which costs
             full-width reconstruction).
-        topk_threshold_lr: (batchtopk) rate of the EMA that learns the
-            inference threshold from the smallest kept activation of each
-            batch; the first batch sets it directly.
+        topk_threshold_lr: (batchtopk) rate of the EMA of the cut-off (the
+            smallest kept activation of each batch), logged as
+            ``topk_threshold``. The saved SAE's JumpReLU threshold is the
+            cut-off of the last training batch instead: the EMA lags it by
+            about ``1 / topk_threshold_lr`` steps, which early in training
+            would make the saved SAE fire far more than ``k`` latents per token.
         aux_loss_coefficient: weight of the dead-latent auxiliary loss, which
             asks the ``d_in // 2`` most active dead latents to reconstruct the
             residual (Gao et al. 2024). SAELens uses 1.0; the paper's code 1/32.

@@ -58,7 +58,10 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
         check_finite_weights(state_dict)
         state_dict.pop("prefix_rng_state", None)
         if "topk_threshold" in state_dict:
-            threshold = state_dict.pop("topk_threshold").clamp(min=0.0)
+            # a batchtopk checkpoint: its calibrated threshold (older ones have
+            # only the EMA) becomes every latent's, as saving does
+            ema = state_dict.pop("topk_threshold")
+            threshold = state_dict.pop("last_cutoff", ema).clamp(min=0.0)
             state_dict["threshold"] = threshold.expand(self.cfg.d_sae).clone()
         expected = {name: tuple(tensor.shape) for name, tensor in self.state_dict().items()}
         missing = sorted(set(expected) - set(state_dict))

@@ -347,7 +347,7 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         # SAELens's loaders cast every tensor to the config dtype; thresholds keep theirs
         super().process_state_dict_for_loading(state_dict)
         check_finite_weights(state_dict)
-        self.activation_fn.keep_precision(state_dict)
+        self.activation_fn.prepare_loaded(state_dict)
 
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:

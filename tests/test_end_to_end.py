@@ -259,4 +259,4 @@ def test_non_finite_batch_is_reported_exactly() -> None:
         step_output(sae, x, logging=False, step=7)
     for name, param in sae.named_parameters():
         assert torch.equal(param, before[name])
-    assert sae.activation_fn.topk_threshold.item() == -1.0  # nor learned from the bad batch
+    assert sae.activation_fn.last_cutoff.item() == -1.0  # nor learned from the bad batch

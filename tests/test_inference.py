@@ -24,6 +24,7 @@ from sae_lens_matryoshka import (
     MatryoshkaTrainingSAE,
     MatryoshkaTrainingSAEConfig,
 )
+from sae_lens_matryoshka.toy import ToyHierarchy
 
 from .conftest import quick_train, step_output
 
@@ -84,19 +85,26 @@ def _trained_sae(
     return quick_train(sae, steps, batch_size=64)
 
 
-def test_threshold_starts_at_the_first_batch_and_follows_an_ema() -> None:
+def test_threshold_is_the_last_cutoff_and_its_ema_is_logged() -> None:
     sae = _trained_sae(rescale=True, steps=0)
-    assert sae.activation_fn.topk_threshold.item() == -1.0
-    assert sae.activation_fn.inference_threshold.item() == 0.0
-    x = torch.randn(64, 10)
-    first = step_output(sae, x).feature_acts.to_dense()
-    smallest = first[first > 0].min().double()
-    torch.testing.assert_close(sae.activation_fn.topk_threshold, smallest)
-    second = step_output(sae, x).feature_acts.to_dense()  # same batch, same weights
+    activation = sae.activation_fn
+    assert activation.topk_threshold.item() == activation.last_cutoff.item() == -1.0
+    assert activation.inference_threshold.item() == 0.0
+    first = step_output(sae, torch.randn(64, 10)).feature_acts.to_dense()
+    first_cutoff = first[first > 0].min().double()
+    torch.testing.assert_close(activation.topk_threshold, first_cutoff)
+    torch.testing.assert_close(activation.last_cutoff, first_cutoff)
+    out = step_output(sae, torch.randn(64, 10) * 3)  # another batch, another cut-off
+    second = out.feature_acts.to_dense()
+    second_cutoff = second[second > 0].min().double()
+    torch.testing.assert_close(activation.last_cutoff, second_cutoff)
+    torch.testing.assert_close(activation.inference_threshold, second_cutoff)
     torch.testing.assert_close(
-        sae.activation_fn.topk_threshold,
-        0.99 * smallest + 0.01 * second[second > 0].min().double(),
+        activation.topk_threshold, 0.99 * first_cutoff + 0.01 * second_cutoff
     )
+    assert out.metrics["inference_threshold"] is activation.last_cutoff
+    # at its own cut-off, the batch fires exactly k = 3 latents per token
+    assert int((second >= second_cutoff).sum()) == 3 * 64
 
 
 @pytest.mark.parametrize("rescale", [True, False])
@@ -113,7 +121,7 @@ def test_saved_inference_sae_equals_training_sae_in_eval_mode(
     weights = load_file(tmp_path / "sae_weights.safetensors")
     assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
     torch.testing.assert_close(
-        weights["threshold"], torch.full((40,), trained.activation_fn.topk_threshold.item())
+        weights["threshold"], torch.full((40,), trained.activation_fn.last_cutoff.item())
     )
 
     loaded = SAE.load_from_disk(tmp_path)
@@ -143,7 +151,7 @@ def test_eval_mode_uses_thresholds_and_train_mode_batchtopk() -> None:
     eval_acts = sae.encode(x)
     hidden_pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     hidden_pre = hidden_pre * sae.W_dec.norm(dim=-1)
-    threshold = sae.activation_fn.topk_threshold.float()
+    threshold = sae.activation_fn.last_cutoff.float()
     torch.testing.assert_close(eval_acts, hidden_pre * (hidden_pre > threshold))
 
 
@@ -248,3 +256,26 @@ def test_jumprelu_threshold_stays_float32_under_bfloat16() -> None:
     sae.to(dtype=torch.bfloat16)
     assert sae.W_enc.dtype == torch.bfloat16
     assert sae.activation_fn.threshold.dtype == torch.float32
+
+
+def test_a_short_run_saves_a_threshold_that_fires_k_latents_per_token(tmp_path: Path) -> None:
+    """After 50 toy steps the cut-off has grown far past its EMA: the saved SAE must still fire ~k."""
+    toy = ToyHierarchy(seed=0)
+    torch.manual_seed(0)
+    k = toy.expected_l0
+    sae = MatryoshkaTrainingSAE(
+        MatryoshkaTrainingSAEConfig(
+            d_in=toy.n_features, d_sae=16, k=k, matryoshka_widths=[3, 12, 16]
+        )
+    )
+    toy.train(sae, steps=50)
+    sae.save_inference_model(tmp_path)
+    saved = SAE.load_from_disk(tmp_path)
+    x = toy.sample(4096)[1]
+    with torch.no_grad():
+        l0 = (saved.encode(x) > 0).float().sum(-1).mean().item()
+        ema_threshold = sae.activation_fn.topk_threshold.clamp(min=0).float()
+        pre = (x - saved.b_dec) @ saved.W_enc + saved.b_enc  # the saved (folded) pre-activations
+        l0_with_ema = (pre > ema_threshold).float().sum(-1).mean().item()
+    assert abs(l0 - k) < 0.25 * k, (l0, k)
+    assert l0_with_ema > 2 * k  # the control: the EMA would have saved a far looser threshold

@@ -34,7 +34,7 @@ def saved(tmp_path: Path) -> Path:
     with torch.no_grad():
         for param in sae.parameters():
             param.copy_(torch.randn_like(param))
-        sae.activation_fn.topk_threshold.fill_(0.2)
+        sae.activation_fn.last_cutoff.fill_(0.2)
     folder = tmp_path / "sae"
     sae.save_inference_model(folder)
     return folder

@@ -331,7 +331,7 @@ def test_bfloat16_autocast_step_stays_close_to_the_dense_path() -> None:
 
 def test_eval_mode_uses_the_inference_threshold_not_the_sparse_selection() -> None:
     sae = _sae("sparse")
-    sae.activation_fn.topk_threshold.fill_(0.5)
+    sae.activation_fn.last_cutoff.fill_(0.5)
     sae.eval()
     x = torch.randn(16, D_IN, dtype=torch.double)
     with torch.no_grad():
@@ -339,7 +339,7 @@ def test_eval_mode_uses_the_inference_threshold_not_the_sparse_selection() -> No
         expected = sae.encode(x)
     torch.testing.assert_close(out.feature_acts, expected)
     assert (out.feature_acts[out.feature_acts > 0] > 0.5).all()
-    assert sae.activation_fn.topk_threshold.item() == 0.5  # evaluation learns nothing
+    assert sae.activation_fn.last_cutoff.item() == 0.5  # evaluation learns nothing
 
 
 def test_training_path_defaults_and_errors() -> None:

@@ -50,7 +50,7 @@ def _sae(activation: str = "batchtopk", **fields: Any) -> MatryoshkaTrainingSAE:
 @pytest.mark.parametrize(
     ("activation", "kind", "state"),
     [
-        ("batchtopk", BatchTopK, {"topk_threshold"}),
+        ("batchtopk", BatchTopK, {"topk_threshold", "last_cutoff"}),
         ("topk", TopK, set()),
         ("jumprelu", JumpReLU, {"threshold"}),
         ("relu", ReLU, set()),
@@ -85,6 +85,7 @@ def test_sampled_prefixes_keep_their_generator_state_under_its_saved_name() -> N
 def test_thresholds_keep_their_precision_through_dtype_conversions() -> None:
     for activation, name, dtype in [
         ("batchtopk", "topk_threshold", torch.float64),
+        ("batchtopk", "last_cutoff", torch.float64),
         ("jumprelu", "threshold", torch.float32),
     ]:
         sae = _sae(activation).to(torch.bfloat16)
