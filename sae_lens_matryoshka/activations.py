@@ -242,7 +242,15 @@ class BatchTopK(KSparseActivation):
     @override
     def to_inference(self, state_dict: dict[str, Any]) -> None:
         del state_dict["topk_threshold"]
-        threshold = state_dict.pop("last_cutoff").clamp(min=0.0)
+        threshold = state_dict.pop("last_cutoff")
+        if float(threshold) < 0:
+            warnings.warn(
+                "saving a batchtopk SAE that never took a training step: its threshold was "
+                "never learned and is saved as 0, so every positive pre-activation fires "
+                "(about half the latents) instead of k per token.",
+                stacklevel=4,
+            )
+        threshold = threshold.clamp(min=0.0)
         state_dict["threshold"] = torch.full_like(state_dict["b_enc"], threshold.item())
 
 

@@ -25,8 +25,7 @@ class Collectives:
 
         Returned token-major (tokens non-decreasing, latents increasing within a token).
         """
-        n_keep = min(int(k * hidden_pre.shape[0]), hidden_pre.numel())
-        return batch_topk_entries(hidden_pre, n_keep)
+        return batch_topk_entries(hidden_pre, kept_entries(k, hidden_pre))
 
     def dead_everywhere(self, dead: torch.Tensor) -> torch.Tensor:
         """The dead-latent mask of the whole batch (``dead`` is this process's)."""
@@ -35,6 +34,21 @@ class Collectives:
     def minimum(self, value: torch.Tensor) -> torch.Tensor:
         """The minimum of a scalar over the whole batch (``value`` is this process's)."""
         return value
+
+
+def kept_entries(k: float, hidden_pre: torch.Tensor, n_ranks: int = 1) -> int:
+    """How many entries BatchTopK keeps of ``n_ranks`` batches like ``hidden_pre``: ``k * n_tokens``.
+
+    Refuses a batch so small that BatchTopK would keep nothing and train nothing.
+    """
+    n_tokens = hidden_pre.shape[0] * n_ranks
+    if k * n_tokens < 1:
+        raise ValueError(
+            f"BatchTopK keeps k * n_tokens = {k} * {n_tokens} = {k * n_tokens:g} < 1 latent "
+            "activations of this batch, so it would train nothing: use a larger batch "
+            "(train_batch_size_tokens) or a larger k."
+        )
+    return min(int(k * n_tokens), hidden_pre.numel() * n_ranks)
 
 
 #: the collectives of an SAE trained in one process

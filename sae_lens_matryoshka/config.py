@@ -41,6 +41,21 @@ def _check_dimensions(cfg: SAEConfig) -> None:
             )
 
 
+def _check_booleans(cfg: SAEConfig) -> None:
+    """Every boolean field must hold ``True`` or ``False``.
+
+    Python would take ``"false"``, ``"no"`` or ``2`` as true without a word, and
+    a ``cfg.json`` or a sweep file written by hand easily holds them.
+    """
+    for spec in fields(cfg):
+        value = getattr(cfg, spec.name)
+        if spec.type in (bool, "bool") and not isinstance(value, bool):
+            raise ValueError(
+                f"{type(cfg).__name__}.{spec.name} must be true or false (a boolean), "
+                f"got {value!r} ({type(value).__name__})."
+            )
+
+
 def _check_choice(owner: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(
@@ -239,6 +254,7 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
     def __post_init__(self) -> None:
         name = type(self).__name__
         _check_dimensions(self)
+        _check_booleans(self)
         _check_choice(f"{name}.activation", self.activation, tuple(TRAINING_ACTIVATIONS))
         _check_choice(f"{name}.prefix_sampling", self.prefix_sampling, ("fixed", "pareto"))
         if self.prefix_sampling == "pareto" and not self.matryoshka_widths:
@@ -396,6 +412,7 @@ class MatryoshkaSAEConfig(_MatryoshkaArchitecture, SAEConfig):
     def __post_init__(self) -> None:
         name = type(self).__name__
         _check_dimensions(self)
+        _check_booleans(self)
         if self.activation == "batchtopk":
             # a batchtopk training checkpoint read for inference: its learned
             # threshold becomes every latent's JumpReLU threshold (see MatryoshkaSAE)

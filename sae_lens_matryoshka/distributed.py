@@ -19,16 +19,20 @@ keeps the replicas one SAE:
 - the prefix sampler and learning-rate and coefficient schedules advance
   identically on every rank from the same seed and step count.
 
-Rank 0 alone logs, writes checkpoints and saves the result. Collectives time
-out (``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT`` seconds, default 600), so a rank
-that dies makes the others stop with :class:`CollectiveError` instead of hanging.
+Rank 0 alone logs, writes checkpoints and saves the result. Ranks meet within
+``SAE_MATRYOSHKA_RENDEZVOUS_TIMEOUT`` seconds (default 120), naming any that
+never arrive; collectives time out after ``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT``
+seconds (default 600), so a rank that dies makes the others stop with
+:class:`CollectiveError` instead of hanging.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
@@ -41,12 +45,14 @@ from datasets.distributed import split_dataset_by_node
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
 from typing_extensions import override
 
-from sae_lens_matryoshka.collectives import Collectives
+from sae_lens_matryoshka.collectives import Collectives, kept_entries
 from sae_lens_matryoshka.sparse_kernels import batch_topk_entries
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 TIMEOUT_ENV = "SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+RENDEZVOUS_TIMEOUT_ENV = "SAE_MATRYOSHKA_RENDEZVOUS_TIMEOUT"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 120.0
 
 T = TypeVar("T")
 
@@ -63,23 +69,120 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _env_int(name: str, default: int | None, minimum: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise ValueError(f"environment variable {name} is not set; torchrun sets it.")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"environment variable {name}={raw!r} must be a whole number >= {minimum}."
+        ) from None
+    if value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r} must be >= {minimum}.")
+    return value
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"environment variable {name}={raw!r} must be a positive number of seconds."
+        )
+    return value
+
+
 def init_from_env(timeout_s: float | None = None) -> bool:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ...), if any.
 
     Returns whether training is data-parallel. NCCL on GPUs (each rank on
-    ``cuda:LOCAL_RANK``), gloo on CPU.
+    ``cuda:LOCAL_RANK``), gloo on CPU. Every rank first waits for the others
+    at most ``SAE_MATRYOSHKA_RENDEZVOUS_TIMEOUT`` seconds (default 120) and
+    fails naming the ranks that never arrived; collectives then time out after
+    ``timeout_s`` (default ``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT``, 600 s), long
+    enough for rank 0's evals and checkpoints between steps.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    n_ranks = _env_int("WORLD_SIZE", 1, minimum=1)
+    if n_ranks <= 1:
         return False
-    if not dist.is_initialized():
-        if timeout_s is None:
-            timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-        backend = "gloo"
-        if torch.cuda.is_available():
-            backend = "nccl"
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if dist.is_initialized():
+        return world_size() > 1
+    this_rank = _env_int("RANK", None, minimum=0)
+    if this_rank >= n_ranks:
+        raise ValueError(
+            f"environment variable RANK={this_rank} must be below WORLD_SIZE={n_ranks}."
+        )
+    local_rank = _env_int("LOCAL_RANK", 0, minimum=0)
+    if timeout_s is None:
+        timeout_s = _env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    store = _rendezvous(
+        this_rank, n_ranks, _env_seconds(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S)
+    )
+    backend = "gloo"
+    if torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=this_rank,
+        world_size=n_ranks,
+        timeout=timedelta(seconds=timeout_s),
+    )
     return world_size() > 1
+
+
+def _rendezvous(this_rank: int, n_ranks: int, timeout_s: float) -> dist.Store:
+    """Meet the other ranks at ``MASTER_ADDR:MASTER_PORT``, naming any that do not come."""
+    address = os.environ.get("MASTER_ADDR")
+    if not address:
+        raise ValueError("environment variable MASTER_ADDR is not set; torchrun sets it.")
+    port = _env_int("MASTER_PORT", None, minimum=1)
+    # under torchrun the launcher hosts the store (as torch's own env:// rendezvous assumes)
+    agent_hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        client = dist.TCPStore(
+            address,
+            port,
+            n_ranks,
+            is_master=this_rank == 0 and not agent_hosted,
+            timeout=timeout,
+            wait_for_workers=False,
+        )
+    except (RuntimeError, dist.DistError) as error:
+        raise CollectiveError(
+            f"rank {this_rank} of {n_ranks} could not reach the rendezvous at {address}:{port} "
+            f"within {timeout_s:g} s ({RENDEZVOUS_TIMEOUT_ENV}): is rank 0 running? Cause: {error}"
+        ) from error
+    store: dist.Store = client
+    if agent_hosted:
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"/worker/attempt_{attempt}", client)
+    arrivals = dist.PrefixStore("sae_matryoshka_rendezvous", store)
+    arrivals.set(str(this_rank), "here")
+    deadline = time.monotonic() + timeout_s
+    missing = list(range(n_ranks))
+    while missing:
+        missing = [r for r in missing if not arrivals.check([str(r)])]
+        if missing and time.monotonic() > deadline:
+            raise CollectiveError(
+                f"rank {this_rank} of {n_ranks}: ranks {missing} did not join within "
+                f"{timeout_s:g} s ({RENDEZVOUS_TIMEOUT_ENV}); they failed to start, or were "
+                "not launched."
+            )
+        if missing:
+            time.sleep(0.05)
+    return store
 
 
 def _collective(what: str, operation: Callable[[], T]) -> T:
@@ -118,7 +221,7 @@ class DataParallelCollectives(Collectives):
         up to ties at the cut-off across ranks.
         """
         n_ranks = world_size()
-        n_keep = min(int(k * hidden_pre.shape[0] * n_ranks), hidden_pre.numel())
+        n_keep = min(kept_entries(k, hidden_pre, n_ranks), hidden_pre.numel())
         token, latent = batch_topk_entries(hidden_pre, n_keep)
         values = hidden_pre[token, latent]
         local = torch.full((n_keep,), -torch.inf, dtype=values.dtype, device=values.device)

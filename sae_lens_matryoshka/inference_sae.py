@@ -63,6 +63,12 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
             ema = state_dict.pop("topk_threshold")
             threshold = state_dict.pop("last_cutoff", ema).clamp(min=0.0)
             state_dict["threshold"] = threshold.expand(self.cfg.d_sae).clone()
+        if "threshold" in state_dict and bool((state_dict["threshold"] < 0).any()):
+            raise ValueError(
+                f"{SAE_WEIGHTS_FILENAME}: {int((state_dict['threshold'] < 0).sum())} JumpReLU "
+                "thresholds are negative; a trained threshold is never below 0 (the file is "
+                "damaged or was not written by a JumpReLU SAE)."
+            )
         expected = {name: tuple(tensor.shape) for name, tensor in self.state_dict().items()}
         missing = sorted(set(expected) - set(state_dict))
         if missing:
@@ -121,6 +127,7 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
         return self.hook_sae_acts_post(acts)
 
     def _unit_acts(self, feature_acts: torch.Tensor, width: int) -> torch.Tensor:
+        self.check_latents(feature_acts, self.cfg.d_sae, width)
         feature_acts = feature_acts[..., :width]
         if self.cfg.rescale_acts_by_decoder_norm:
             return feature_acts / self.W_dec[:width].norm(dim=-1)

@@ -27,6 +27,7 @@ class MatryoshkaSAEParts:
     cfg: Any
     dtype: torch.dtype
     device: torch.device
+    hook_z_reshaping_mode: bool
     b_enc: nn.Parameter
 
     @property
@@ -40,11 +41,46 @@ class MatryoshkaSAEParts:
         cast(Any, super()).initialize_weights()
         self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
 
+    def process_sae_in(self, sae_in: torch.Tensor) -> torch.Tensor:
+        """SAELens's input processing, once the input is known to be what this SAE reads."""
+        check_activations(sae_in, self.cfg.d_in, heads_flattened=self.hook_z_reshaping_mode)
+        processed: torch.Tensor = cast(Any, super()).process_sae_in(sae_in)
+        return processed
+
+    def check_latents(self, feature_acts: torch.Tensor, *widths: int) -> None:
+        """``feature_acts`` must hold one of ``widths`` latents (``d_sae`` if none given)."""
+        accepted = widths or (self.cfg.d_sae,)
+        if feature_acts.shape[-1] not in accepted:
+            expected = " or ".join(str(width) for width in sorted(set(accepted)))
+            raise ValueError(
+                f"expected activations of {expected} latents in the last dimension, got shape "
+                f"{tuple(feature_acts.shape)}: are they from this SAE (d_sae={self.cfg.d_sae})?"
+            )
+
     def save_children_flat(self, children: Sequence[str]) -> None:
         """Save and load the tensors of ``children`` under this SAE's own names."""
         module = cast(nn.Module, self)
         module.register_state_dict_post_hook(partial(_lift, children=tuple(children)))
         module.register_load_state_dict_pre_hook(partial(_nest, children=tuple(children)))
+
+
+def check_activations(x: Any, d_in: int, heads_flattened: bool = False) -> None:
+    """Refuse input an SAE cannot read, saying what it expected (before torch fails obscurely)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of activations, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"activations must be floating point, got {x.dtype}: pass the model's "
+            "activations at the hook, not token ids."
+        )
+    width = x.shape[-2:].numel() if heads_flattened and x.dim() >= 2 else x.shape[-1]
+    if x.dim() == 0 or width != d_in:
+        raise ValueError(
+            f"expected activations with d_in={d_in} in the last dimension, got shape "
+            f"{tuple(x.shape)}: is this SAE for another hook or model?"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"the activation batch is empty (shape {tuple(x.shape)}).")
 
 
 def _lift(

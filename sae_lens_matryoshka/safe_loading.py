@@ -26,6 +26,7 @@ from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 from sae_lens.registry import SAE_CLASS_REGISTRY
 from safetensors import safe_open
 
+from sae_lens_matryoshka import checkpoints
 from sae_lens_matryoshka.config import ARCHITECTURE, MatryoshkaSAEConfig, check_field_names
 
 #: bytes per element of the safetensors dtypes
@@ -59,13 +60,22 @@ class SAEFileError(ValueError):
     """A saved SAE file that cannot be loaded; the message names the file and the problem."""
 
 
-def read_cfg(path: Path) -> dict[str, Any]:
-    """``cfg.json`` as a dict, with its architecture, dtype and metadata checked."""
+def _check_regular_file(path: Path, missing: str) -> None:
+    """Refuse a missing path, and at once a FIFO, device or folder (reading one could block forever)."""
+    if not path.exists():
+        raise SAEFileError(f"{path} is missing{missing}.")
     if not path.is_file():
         raise SAEFileError(
-            f"{path} is missing: a saved SAE folder holds {SAE_CFG_FILENAME} and "
-            f"{SAE_WEIGHTS_FILENAME}."
+            f"{path} is not a regular file (a FIFO, device or directory); refusing to read it."
         )
+
+
+def read_cfg(path: Path) -> dict[str, Any]:
+    """``cfg.json`` as a dict, with its architecture, dtype and metadata checked."""
+    _check_regular_file(
+        path,
+        f": a saved SAE folder holds {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}",
+    )
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
@@ -78,7 +88,12 @@ def read_cfg(path: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise SAEFileError(f"{path} must hold a JSON object, got {type(cfg).__name__}.")
     architecture = cfg.get("architecture")
-    if architecture is not None and architecture not in SAE_CLASS_REGISTRY:
+    if architecture is None:
+        raise SAEFileError(
+            f"{path} has no 'architecture' field: SAELens would load it as a 'standard' SAE "
+            f"and drop every field it does not know; a Matryoshka SAE's says {ARCHITECTURE!r}."
+        )
+    if architecture not in SAE_CLASS_REGISTRY:
         known = ", ".join(sorted(SAE_CLASS_REGISTRY))
         raise SAEFileError(
             f"{path} names architecture {architecture!r}, which is not registered with SAELens "
@@ -104,8 +119,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     giving each tensor's dtype, shape and byte range, then the data. A file cut
     short (an interrupted download or copy) has byte ranges past its end.
     """
-    if not path.is_file():
-        raise SAEFileError(f"{path} is missing.")
+    _check_regular_file(path, "")
     size = path.stat().st_size
     with path.open("rb") as file:
         prefix = file.read(8)
@@ -125,9 +139,15 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(header, dict):
         raise SAEFileError(f"{path} has a damaged safetensors header (not a JSON object).")
     header.pop("__metadata__", None)
+    ranges = sorted((_check_entry(path, name, info), name) for name, info in header.items())
     data_bytes = 0
-    for name, info in header.items():
-        data_bytes = max(data_bytes, _check_entry(path, name, info))
+    for (start, end), name in ranges:
+        if start < data_bytes:
+            raise SAEFileError(
+                f"{path}: the bytes of tensor {name!r} ({start}-{end}) overlap another "
+                "tensor's; the header is damaged."
+            )
+        data_bytes = end
     if 8 + header_bytes + data_bytes > size:
         raise SAEFileError(
             f"{path} is truncated: its header describes {8 + header_bytes + data_bytes} bytes, "
@@ -136,8 +156,8 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
-def _check_entry(path: Path, name: str, info: Any) -> int:
-    """Check one tensor's header entry; returns where its data ends."""
+def _check_entry(path: Path, name: str, info: Any) -> tuple[int, int]:
+    """Check one tensor's header entry; returns where its data starts and ends."""
     if not isinstance(info, dict):
         raise SAEFileError(f"{path}: the header entry of {name!r} is not a JSON object.")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -168,7 +188,7 @@ def _check_entry(path: Path, name: str, info: Any) -> int:
             f"{path}: tensor {name!r} ({dtype}, shape {shape}) needs {expected} bytes but its "
             f"byte range holds {offsets[1] - offsets[0]}."
         )
-    return int(offsets[1])
+    return int(offsets[0]), int(offsets[1])
 
 
 def check_sae_folder(path: str | Path) -> dict[str, Any]:
@@ -184,6 +204,8 @@ def check_sae_folder(path: str | Path) -> dict[str, Any]:
     folder = Path(path)
     if not folder.is_dir():
         raise SAEFileError(f"{folder} is not a directory; give the folder an SAE was saved to.")
+    if checkpoints.is_checkpoint(folder):
+        checkpoints.check_complete(folder)
     cfg = read_cfg(folder / SAE_CFG_FILENAME)
     if cfg.get("architecture") == ARCHITECTURE:
         check_field_names(MatryoshkaSAEConfig, cfg)

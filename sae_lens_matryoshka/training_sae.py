@@ -15,24 +15,27 @@ works from (dense or sparse, see ``encodings``) and the batch-global operations
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from sae_lens import TrainingSAE
+from sae_lens.constants import SAE_CFG_FILENAME
 from sae_lens.loading.pretrained_sae_loaders import PretrainedSaeDiskLoader
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
 from torch import nn
 from typing_extensions import override
 
+from sae_lens_matryoshka import checkpoints
 from sae_lens_matryoshka.activations import TrainingActivation, training_activation
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
 from sae_lens_matryoshka.levels import LevelPlan, decode_levels, training_levels
 from sae_lens_matryoshka.losses import aux_k, dead_latent_mse, level_metrics, level_mse
-from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts
+from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts, check_activations
 from sae_lens_matryoshka.safe_loading import check_finite_weights, keep_threshold_precision
 
 
@@ -126,6 +129,7 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
 
     def _decoding_acts(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """Activations as they multiply decoder rows (divided by the norms if rescaled)."""
+        self.check_latents(feature_acts)
         if feature_acts.is_sparse:
             feature_acts = feature_acts.to_dense()
         if self.cfg.rescale_acts_by_decoder_norm:
@@ -179,8 +183,9 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         # collectives only inside a training step, where every replica runs the same
         # ones: an eval-mode pass may run on one rank alone
         collectives = self.collectives if self.training else SINGLE_PROCESS
-        self.activation_fn.prepare_step()
         x = step_input.sae_in
+        check_activations(x, self.cfg.d_in, heads_flattened=self.hook_z_reshaping_mode)
+        self.activation_fn.prepare_step()
         plan = self.levels.step_plan(self.W_dec.device)
         evaluated = self.levels.evaluated(self.W_dec.device)
         logs_other_levels = plan.widths != evaluated.widths and step_input.is_logging_step
@@ -238,6 +243,11 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         zero = levels.new_zeros(())
         if dead is None or self.cfg.aux_loss_coefficient == 0:
             return zero
+        if tuple(dead.shape) != (self.cfg.d_sae,):
+            raise ValueError(
+                f"the dead-latent mask must have shape ({self.cfg.d_sae},) (one flag per "
+                f"latent), got {tuple(dead.shape)}."
+            )
         # A host synchronisation the aux loss needs: how many latents are dead
         # decides its shapes, and whether it runs at all.
         dead_latents = collectives.dead_everywhere(dead).nonzero().squeeze(1)
@@ -339,8 +349,30 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         converter: PretrainedSaeDiskLoader = keep_threshold_precision,
         fold_W_dec_norm: bool = False,
     ) -> MatryoshkaTrainingSAE:
-        """SAELens's ``load_from_disk``, keeping the thresholds' saved precision (for resuming)."""
+        """SAELens's ``load_from_disk``, keeping the thresholds' saved precision (for resuming).
+
+        A training checkpoint must be complete (see ``checkpoints``).
+        """
+        if checkpoints.is_checkpoint(path):
+            checkpoints.check_complete(path)
         return super().load_from_disk(path, device, dtype, converter, fold_W_dec_norm)
+
+    @override
+    def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:
+        """What resuming loads: refused if the checkpoint is incomplete or trained another SAE."""
+        checkpoints.check_complete(checkpoint_path)
+        saved = json.loads((Path(checkpoint_path) / SAE_CFG_FILENAME).read_text())
+        differences = [
+            f"{name}: checkpoint {saved.get(name)!r}, this run {getattr(self.cfg, name)!r}"
+            for name in _MUST_MATCH_ON_RESUME
+            if saved.get(name) != getattr(self.cfg, name)
+        ]
+        if differences:
+            raise ValueError(
+                f"cannot resume from {checkpoint_path}: it trained another SAE "
+                f"({'; '.join(differences)}). Resume with the checkpoint's settings."
+            )
+        super().load_weights_from_checkpoint(checkpoint_path)
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
@@ -366,6 +398,10 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
             state_dict["b_enc"] = state_dict["b_enc"] * norms
             state_dict["W_dec"] = state_dict["W_dec"] / norms.unsqueeze(1)
         self.activation_fn.to_inference(state_dict)
+
+
+#: what a resumed run must share with its checkpoint (d_in and d_sae are checked by shape)
+_MUST_MATCH_ON_RESUME = ("matryoshka_widths", "activation", "k", "prefix_sampling")
 
 
 def _non_finite_names(tensors: dict[str, torch.Tensor]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -54,6 +55,15 @@ def build_token_dataset() -> Dataset:
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (64, CONTEXT), generator=generator)
     return Dataset.from_dict({"input_ids": tokens.tolist()})
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A TCP port nothing listens on (for rendezvous tests)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
 
 
 @pytest.fixture

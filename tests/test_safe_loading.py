@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -191,3 +193,40 @@ def test_loading_never_unpickles(saved: Path, monkeypatch: pytest.MonkeyPatch) -
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert isinstance(load_sae(saved), MatryoshkaSAE)
+
+
+def test_a_cfg_without_architecture_is_refused(saved: Path) -> None:
+    """SAELens would take it as a 'standard' SAE and drop the levels without a word."""
+    _edit_cfg(saved, lambda cfg: cfg.pop("architecture"))
+    with pytest.raises(SAEFileError, match=r"no 'architecture' field.*'standard' SAE"):
+        load_sae(saved)
+
+
+def test_overlapping_tensor_bytes_are_refused(saved: Path) -> None:
+    data = _weights(saved).read_bytes()
+    header_bytes = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_bytes])
+    names = sorted(
+        (name for name in header if name != "__metadata__"),
+        key=lambda name: header[name]["data_offsets"][0],
+    )
+    first, second = header[names[0]], header[names[1]]
+    shift = first["data_offsets"][1] - second["data_offsets"][0] + 4
+    assert shift > 0 and second["data_offsets"][0] - shift >= 0
+    second["data_offsets"] = [offset - shift for offset in second["data_offsets"]]
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) <= header_bytes
+    _weights(saved).write_bytes(data[:8] + raw.ljust(header_bytes) + data[8 + header_bytes :])
+    with pytest.raises(SAEFileError, match=rf"bytes of tensor '{names[1]}'.*overlap"):
+        check_sae_folder(saved)
+
+
+@pytest.mark.parametrize("name", ["sae_weights.safetensors", "cfg.json"])
+def test_a_fifo_in_place_of_a_file_is_refused_at_once(saved: Path, name: str) -> None:
+    """Reading a FIFO nobody writes to would block forever."""
+    (saved / name).unlink()
+    os.mkfifo(saved / name)
+    start = time.monotonic()
+    with pytest.raises(SAEFileError, match=rf"{name} is not a regular file"):
+        load_sae(saved)
+    assert time.monotonic() - start < 5
