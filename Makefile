@@ -13,9 +13,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # re-installs when pyproject.toml changes
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+$(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -e ".[dev]"
+	# the paper's trainer, an oracle in the tests; --no-deps: its nnsight/wandb are stubbed there
+	$(BIN)/python -m pip install --no-deps "dictionary-learning==0.1.0"
 	touch $@
 
 setup: $(VENV)/.installed

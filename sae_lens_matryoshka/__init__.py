@@ -14,6 +14,8 @@ from sae_lens_matryoshka.interop import (
     export_portable,
     from_dictionary_learning,
     from_saelens,
+    from_saelens_release,
+    from_sparsify,
     to_inference,
     to_portable,
 )
@@ -36,6 +38,8 @@ __all__ = [
     "export_portable",
     "from_dictionary_learning",
     "from_saelens",
+    "from_saelens_release",
+    "from_sparsify",
     "load_sae",
     "register",
     "to_inference",

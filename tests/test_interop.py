@@ -1,8 +1,7 @@
-"""Portable export, and importing Matryoshka dictionaries from SAELens and dictionary_learning files."""
+"""Portable export, and importing SAELens SAEs (other libraries' files: test_imports.py)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +28,8 @@ from sae_lens_matryoshka import (
     MatryoshkaSAE,
     MatryoshkaTrainingSAE,
     MatryoshkaTrainingSAEConfig,
+    SAEFileError,
     export_portable,
-    from_dictionary_learning,
     from_saelens,
     to_inference,
 )
@@ -162,7 +161,10 @@ def test_any_saelens_sae_with_given_widths(source: SAE) -> None:
     with torch.no_grad():
         torch.testing.assert_close(imported(x), source(x))
     with pytest.raises(
-        ValueError, match=r"records no Matryoshka levels in its metadata; pass matryoshka_widths"
+        ValueError,
+        match=rf"the given {type(source).__name__} \({type(source).__name__}\) records no "
+        r"Matryoshka levels: .*; pass matryoshka_widths=\[\.\.\.\] \(strictly increasing, "
+        r"ending at d_sae=24\)",
     ):
         from_saelens(source)
     with pytest.raises(ValueError, match="strictly increasing"):
@@ -177,86 +179,11 @@ def test_unsupported_architectures_are_named() -> None:
         from_saelens(GatedSAE(GatedSAEConfig(d_in=8, d_sae=24)), matryoshka_widths=[24])
 
 
-def _dictionary_learning_checkpoint(
-    folder: Path, threshold: float = 0.3, with_group_sizes: bool = True
-) -> dict:
-    """A MatryoshkaBatchTopKSAE checkpoint laid out as dictionary_learning saves it."""
-    torch.manual_seed(3)
-    state = {
-        "W_enc": torch.randn(8, 24) * 0.5,
-        "b_enc": torch.randn(24) * 0.1,
-        "W_dec": torch.randn(24, 8) * 0.5,
-        "b_dec": torch.randn(8) * 0.1,
-        "k": torch.tensor(2, dtype=torch.int),
-        "threshold": torch.tensor(threshold),
-    }
-    if with_group_sizes:
-        state["group_sizes"] = torch.tensor([4, 8, 12])
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state, folder / "ae.pt")
-    trainer = {
-        "dict_class": "MatryoshkaBatchTopKSAE",
-        "lm_name": "tiny-lm",
-        "layer": 3,
-        "group_sizes": [4, 8, 12],
-        "k": 2,
-        "dict_size": 24,
-        "activation_dim": 8,
-    }
-    (folder / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {}}))
-    return state
-
-
-def _dictionary_learning_forward(state: dict, x: torch.Tensor) -> torch.Tensor:
-    """The source's thresholded inference: ReLU, keep what exceeds the scalar threshold, decode."""
-    acts = torch.relu((x - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
-    acts = acts * (acts > state["threshold"])
-    return acts @ state["W_dec"] + state["b_dec"]
-
-
-@pytest.mark.parametrize("with_group_sizes", [True, False])
-def test_dictionary_learning_checkpoint_imports(tmp_path: Path, with_group_sizes: bool) -> None:
-    state = _dictionary_learning_checkpoint(
-        tmp_path / "trainer_0", with_group_sizes=with_group_sizes
-    )
-    sae = from_dictionary_learning(tmp_path / "trainer_0")
-    assert sae.matryoshka_widths == [4, 12, 24]
-    assert sae.cfg.metadata.model_name == "tiny-lm"
-    x = torch.randn(30, 8)
+def test_saelens_weights_holding_nan_are_refused() -> None:
+    source = StandardSAE(StandardSAEConfig(d_in=8, d_sae=24))
     with torch.no_grad():
-        torch.testing.assert_close(
-            sae(x), _dictionary_learning_forward(state, x), rtol=1e-5, atol=1e-5
-        )
-    assert from_dictionary_learning(tmp_path / "trainer_0" / "ae.pt").matryoshka_widths == [
-        4,
-        12,
-        24,
-    ]
-
-
-def test_dictionary_learning_checkpoint_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="No dictionary_learning checkpoint"):
-        from_dictionary_learning(tmp_path)
-    _dictionary_learning_checkpoint(tmp_path / "unset", threshold=-1.0)
-    with pytest.warns(UserWarning, match="threshold was never learned"):
-        from_dictionary_learning(tmp_path / "unset")
-    torch.save({"W_enc": torch.zeros(8, 24)}, tmp_path / "bad.pt")
+        source.W_dec[3, 1] = float("nan")
     with pytest.raises(
-        ValueError, match=r"is not a MatryoshkaBatchTopKSAE checkpoint: it lacks \['b_enc'"
+        SAEFileError, match=r"the given StandardSAE: W_dec holds 1 non-finite value"
     ):
-        from_dictionary_learning(tmp_path / "bad.pt")
-    state = _dictionary_learning_checkpoint(tmp_path / "mismatch")
-    state["group_sizes"] = torch.tensor([4, 8])
-    torch.save(state, tmp_path / "mismatch" / "ae.pt")
-    with pytest.raises(ValueError, match=r"group_sizes \[4, 8\] sum to 12, but .* has d_sae=24"):
-        from_dictionary_learning(tmp_path / "mismatch")
-
-
-def test_dictionary_learning_loading_never_unpickles_code(tmp_path: Path) -> None:
-    class Payload:
-        def __reduce__(self):
-            return (print, ("executed",))
-
-    torch.save({"W_enc": Payload()}, tmp_path / "ae.pt")
-    with pytest.raises(Exception, match="Weights only load failed"):
-        from_dictionary_learning(tmp_path)
+        from_saelens(source, matryoshka_widths=[24])
