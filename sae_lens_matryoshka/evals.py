@@ -1,9 +1,12 @@
 """Matryoshka evals: every level measured as an SAE of its own, and absorption against ground truth.
 
-- ``evaluate_levels`` runs SAELens's own ``run_evals`` on each level's truncated
-  SAE (reconstruction, sparsity, dead/dense latents, CE loss recovered, KL) and
+- ``evaluate_levels`` measures each level's truncated SAE with SAELens's
+  ``run_evals`` metrics (reconstruction, sparsity, dead/dense latents, CE loss
+  recovered, KL), every level on the same tokens in one pass over them, and
   adds each level's decoder geometry; ``plot_level_metrics`` draws the table.
-- ``mean_max_decoder_cosine`` is SAEBench's ``average_max_decoder_cosine_sim``.
+- ``mean_max_decoder_cosine`` is SAEBench's ``average_max_decoder_cosine_sim``,
+  computed in blocks of bounded memory (``level_max_decoder_cosines`` gives
+  every level's at once).
 - ``hierarchy_absorption`` and ``feature_recovery`` score an SAE against a
   synthetic hierarchy whose true features are known (see ``toy.ToyHierarchy``).
 """
@@ -12,16 +15,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from sae_lens import SAE
-from sae_lens.evals import EvalConfig, run_evals
+from sae_lens.evals import ExplainedVarianceCalculator
 from sae_lens.synthetic import mean_correlation_coefficient
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
-from transformer_lens.hook_points import HookedRootModule
+from sae_lens.util import get_special_token_ids
+from transformer_lens import HookedRootModule
 
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
 from sae_lens_matryoshka.interop import to_inference
@@ -38,21 +43,158 @@ def decoder_feature_cosines(W_dec: torch.Tensor, directions: torch.Tensor) -> to
     ).T
 
 
+#: elements of one block of the cosine matrix: bounded memory (256 MiB in float32)
+_COSINE_BLOCK = 1 << 26
+
+
+@torch.no_grad()
+def level_max_decoder_cosines(W_dec: torch.Tensor, widths: Sequence[int]) -> list[float]:
+    """:func:`mean_max_decoder_cosine` of every prefix ``W_dec[:width]``, in one pass.
+
+    The ``d_sae x d_sae`` cosine matrix (17 GB at 65k latents) is never built:
+    rows are taken a block at a time, each block's maximum is taken per latent
+    group (between consecutive widths), and the running maximum over groups
+    gives every prefix's nearest other latent. Memory is bounded by one block.
+    """
+    widths = list(widths)
+    if widths[0] < 2:
+        raise ValueError(
+            f"a decoder cosine needs at least 2 latents; the first width is {widths[0]}."
+        )
+    d_sae = widths[-1]
+    unit = W_dec[:d_sae].float()
+    unit = unit / unit.norm(dim=-1, keepdim=True)
+    bounds = list(zip([0, *widths[:-1]], widths, strict=True))
+    rows_per_block = max(1, _COSINE_BLOCK // d_sae)
+    totals = torch.zeros(len(widths), dtype=torch.float64)
+    for start in range(0, d_sae, rows_per_block):
+        rows = torch.arange(start, min(start + rows_per_block, d_sae), device=unit.device)
+        cosines = unit[rows] @ unit.T
+        cosines[torch.arange(len(rows)), rows] = -torch.inf  # not its own nearest
+        per_group = torch.stack([cosines[:, a:b].max(dim=-1).values for a, b in bounds], dim=1)
+        nearest = per_group.cummax(dim=1).values  # [rows, level]: nearest within each prefix
+        group = torch.bucketize(rows, torch.tensor(widths, device=rows.device), right=True)
+        inside = torch.arange(len(widths), device=rows.device) >= group[:, None]
+        totals += torch.where(inside, nearest, 0.0).sum(dim=0).double().cpu()
+    return [(total / width).item() for total, width in zip(totals, widths, strict=True)]
+
+
 @torch.no_grad()
 def mean_max_decoder_cosine(W_dec: torch.Tensor) -> float:
     """Mean over latents of the largest cosine between its decoder and any other latent's.
 
     SAEBench's ``average_max_decoder_cosine_sim``: high values mean redundant or
-    split latents. Needs at least two latents.
+    split latents. Needs at least two latents; memory stays bounded (see
+    :func:`level_max_decoder_cosines`).
     """
     if W_dec.shape[0] < 2:
         raise ValueError(f"mean_max_decoder_cosine needs at least 2 latents, got {W_dec.shape[0]}.")
-    unit = W_dec.float() / W_dec.float().norm(dim=-1, keepdim=True)
-    cosines = unit @ unit.T
-    cosines.fill_diagonal_(-torch.inf)
-    return cosines.max(dim=-1).values.mean().item()
+    return level_max_decoder_cosines(W_dec, [W_dec.shape[0]])[0]
 
 
+class _HookSite:
+    """Where the SAE reads the model: a whole hook, one head of it, or all heads flattened.
+
+    Mirrors SAELens's evals: ``hook_head_index`` picks one head of an attention
+    hook; other ``hook_q/k/v/z`` hooks are read with their heads flattened.
+    """
+
+    def __init__(self, hook_name: str, head_index: int | None) -> None:
+        self.head_index = head_index
+        self.flatten_heads = head_index is None and any(
+            part in hook_name for part in ("hook_q", "hook_k", "hook_v", "hook_z")
+        )
+
+    def read(self, activations: torch.Tensor) -> torch.Tensor:
+        if self.head_index is not None:
+            return activations[:, :, self.head_index]
+        return activations.flatten(-2, -1) if self.flatten_heads else activations
+
+    def write(self, activations: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if self.head_index is not None:
+            written = activations.clone()
+            written[:, :, self.head_index] = new
+            return written
+        return new.reshape(activations.shape)
+
+    def ablate(self, activations: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG002
+        return self.write(activations, torch.zeros_like(self.read(activations)))
+
+    def replace(
+        self,
+        activations: torch.Tensor,
+        hook: Any,  # noqa: ARG002 (TransformerLens passes it)
+        level: SAE[Any],
+        scaler: ActivationScaler,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The level's reconstruction in place of the activations, on the counted tokens."""
+        x = self.read(activations)
+        x_hat = scaler.unscale(level.decode(level.encode(scaler.scale(x.to(level.device)))))
+        kept = torch.where(mask[..., None].to(x_hat.device), x_hat.to(x.dtype), x.to(x_hat.device))
+        return self.write(activations, kept.to(activations.device))
+
+
+def _ignored_tokens(model: HookedRootModule, exclude: Iterable[int] | bool) -> list[int]:
+    """The token ids whose positions are not counted (SAELens's ``exclude_special_tokens``)."""
+    if exclude is True:
+        return list(get_special_token_ids(model.tokenizer))
+    return list(exclude) if exclude else []
+
+
+def _token_mask(tokens: torch.Tensor, ignore: list[int]) -> torch.Tensor:
+    """Which positions count: those whose token is not ignored."""
+    if not ignore:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    return ~torch.isin(tokens, torch.tensor(ignore, device=tokens.device))
+
+
+class _LevelTotals:
+    """One level's running sums over the evaluated tokens, aggregated as SAELens's ``run_evals`` does."""
+
+    def __init__(self, d_sae: int, device: torch.device) -> None:
+        self.variance = ExplainedVarianceCalculator()
+        self.squared_errors: list[torch.Tensor] = []
+        self.l0: list[torch.Tensor] = []
+        self.firing = torch.zeros(d_sae, device=device)
+        self.ce_with_sae: list[torch.Tensor] = []
+        self.kl_with_sae: list[torch.Tensor] = []
+
+    def add_reconstruction(
+        self, x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """``x``, ``x_hat``, ``acts`` flattened to tokens; ``mask`` keeps the counted tokens."""
+        x, x_hat, acts = x[mask], x_hat[mask], acts[mask]
+        self.variance.add_batch(sae_output=x_hat, hidden_acts=x)
+        self.squared_errors.append((x - x_hat).pow(2).sum(dim=-1))
+        fired = (acts != 0).float()
+        self.l0.append(fired.sum(dim=-1))
+        self.firing += fired.sum(dim=0)
+
+    def row(self, n_tokens: int, dense_threshold: float) -> dict[str, float]:
+        density = self.firing / n_tokens
+        return {
+            "explained_variance": self.variance.compute(),
+            "mse": torch.cat(self.squared_errors).mean().item(),
+            "l0": torch.cat(self.l0).mean().item(),
+            "dead_latents": int((density == 0).sum()),
+            "dense_latents": int((density > dense_threshold).sum()),
+        }
+
+
+def _kl_divergence(original: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Per-token ``KL(original || new)`` of two logit tensors (SAELens's definition)."""
+    log_new = torch.nn.functional.log_softmax(new, dim=-1)
+    probs = torch.nn.functional.softmax(original, dim=-1)
+    return torch.nn.functional.kl_div(log_new, probs, reduction="none").sum(dim=-1)
+
+
+def _score(with_ablation: float, with_sae: float, without_sae: float) -> float:
+    """The fraction of the ablation's damage the SAE avoids (SAELens's CE / KL score)."""
+    return (with_ablation - with_sae) / (with_ablation - without_sae)
+
+
+@torch.no_grad()
 def evaluate_levels(
     sae: MatryoshkaSAE | MatryoshkaTrainingSAE,
     model: HookedRootModule,
@@ -64,55 +206,94 @@ def evaluate_levels(
     exclude_special_tokens: Iterable[int] | bool = False,
     activation_scaler: ActivationScaler | None = None,
 ) -> list[dict[str, float]]:
-    """SAELens's evals on every level of ``sae``: one row per level width.
+    """SAELens's evals on every level of ``sae``, all on the same tokens: one row per level width.
 
-    Each level is evaluated as the standalone SAE ``sae.truncate(width)``.
-    ``dead_latents`` never fired on the evaluated tokens; ``dense_latents``
-    fired on more than ``dense_threshold`` of them. CE loss recovered and KL
-    come from splicing the level into ``model`` (``compute_ce_loss``).
+    ``n_batches`` token batches are drawn once. For each, the model runs once
+    clean (its activations at the hook, logits and loss) and once with the hook
+    zero-ablated; every level (the standalone SAE ``sae.truncate(width)``)
+    reconstructs the same activations, and for CE and KL runs the model once
+    more with its reconstruction spliced in. So the rows differ only by level,
+    never by batch, and each equals SAELens's ``run_evals`` on
+    ``sae.truncate(width)`` over these tokens. ``dead_latents`` never fired on
+    the evaluated tokens; ``dense_latents`` fired on more than
+    ``dense_threshold`` of them; ``mean_max_decoder_cosine`` is the level's
+    decoder geometry.
     """
     if isinstance(sae, MatryoshkaTrainingSAE):
         sae = to_inference(sae)
-    eval_config = EvalConfig(
-        batch_size_prompts=batch_size_prompts,
-        n_eval_reconstruction_batches=n_batches,
-        n_eval_sparsity_variance_batches=n_batches,
-        compute_ce_loss=compute_ce_loss,
-        compute_kl=compute_ce_loss,
-        compute_variance_metrics=True,
-        compute_sparsity_metrics=True,
-        compute_featurewise_density_statistics=True,
+    scaler = activation_scaler or ActivationScaler()
+    hook_name = sae.cfg.metadata.hook_name
+    site = _HookSite(hook_name, sae.cfg.metadata.hook_head_index)
+    ignore = _ignored_tokens(model, exclude_special_tokens)
+    levels = [sae.truncate(width) for width in sae.matryoshka_widths]
+    for level in levels:  # the site reads heads flattened already, as SAELens's evals do
+        level.turn_off_forward_pass_hook_z_reshaping()
+    totals = [_LevelTotals(level.cfg.d_sae, sae.device) for level in levels]
+    ce_without, ce_ablation, kl_ablation = [], [], []
+    n_tokens = 0
+    batch_size = batch_size_prompts or activation_store.store_batch_size_prompts
+    for _ in range(n_batches):
+        tokens = activation_store.get_batch_tokens(batch_size)
+        mask = _token_mask(tokens, ignore)
+        n_tokens += int(mask.sum())
+        (logits, loss), cache = model.run_with_cache(
+            tokens, return_type="both", loss_per_token=True, names_filter=[hook_name]
+        )
+        x = site.read(cache[hook_name]).to(sae.device)
+        x_scaled = scaler.scale(x)
+        ce_without.append(loss[mask[:, :-1]])
+        if compute_ce_loss:
+            ablated_logits, ablated_loss = model.run_with_hooks(
+                tokens,
+                return_type="both",
+                loss_per_token=True,
+                fwd_hooks=[(hook_name, site.ablate)],
+            )
+            ce_ablation.append(ablated_loss[mask[:, :-1]])
+            kl_ablation.append(_kl_divergence(logits, ablated_logits)[mask])
+        for level, level_totals in zip(levels, totals, strict=True):
+            acts = level.encode(x_scaled)
+            x_hat = scaler.unscale(level.decode(acts))
+            level_totals.add_reconstruction(
+                x.flatten(0, 1),
+                x_hat.flatten(0, 1),
+                acts.flatten(0, 1),
+                mask.flatten().to(x.device),
+            )
+            if compute_ce_loss:
+                replace = partial(site.replace, level=level, scaler=scaler, mask=mask)
+                new_logits, new_loss = model.run_with_hooks(
+                    tokens,
+                    return_type="both",
+                    loss_per_token=True,
+                    fwd_hooks=[(hook_name, replace)],
+                )
+                level_totals.ce_with_sae.append(new_loss[mask[:, :-1]])
+                level_totals.kl_with_sae.append(_kl_divergence(logits, new_logits)[mask])
+    cosines = (
+        level_max_decoder_cosines(sae.W_dec, sae.matryoshka_widths)
+        if sae.matryoshka_widths[0] > 1
+        else None
     )
     rows = []
-    for width in sae.matryoshka_widths:
-        level = sae.truncate(width)
-        metrics, featurewise = run_evals(
-            level,
-            activation_store,
-            model,
-            activation_scaler or ActivationScaler(),
-            eval_config,
-            exclude_special_tokens=exclude_special_tokens,
-        )
-        density = torch.tensor(featurewise["feature_density"])
-        row: dict[str, float] = {
-            "width": width,
-            "explained_variance": metrics["reconstruction_quality"]["explained_variance"],
-            "mse": metrics["reconstruction_quality"]["mse"],
-            "l0": metrics["sparsity"]["l0"],
-            "dead_latents": int((density == 0).sum()),
-            "dense_latents": int((density > dense_threshold).sum()),
-        }
+    for index, (width, level_totals) in enumerate(zip(sae.matryoshka_widths, totals, strict=True)):
+        row: dict[str, float] = {"width": width, **level_totals.row(n_tokens, dense_threshold)}
         if compute_ce_loss:
-            performance = metrics["model_performance_preservation"]
+            without = torch.cat(ce_without).mean().item()
+            with_sae = torch.cat(level_totals.ce_with_sae).mean().item()
+            ablation = torch.cat(ce_ablation).mean().item()
+            kl_sae = torch.cat(level_totals.kl_with_sae).mean().item()
+            kl_ablated = torch.cat(kl_ablation).mean().item()
             row |= {
-                "ce_loss_score": performance["ce_loss_score"],
-                "ce_loss_with_sae": performance["ce_loss_with_sae"],
-                "ce_loss_without_sae": performance["ce_loss_without_sae"],
-                "kl_div_score": metrics["model_behavior_preservation"]["kl_div_score"],
+                "ce_loss_score": _score(ablation, with_sae, without),
+                "ce_loss_with_sae": with_sae,
+                "ce_loss_without_sae": without,
+                "ce_loss_with_ablation": ablation,
+                "kl_div_score": (kl_ablated - kl_sae) / kl_ablated,
+                "kl_div_with_sae": kl_sae,
             }
-        if width > 1:
-            row["mean_max_decoder_cosine"] = mean_max_decoder_cosine(sae.W_dec[:width])
+        if cosines is not None:
+            row["mean_max_decoder_cosine"] = cosines[index]
         rows.append(row)
     return rows
 

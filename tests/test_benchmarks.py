@@ -1,4 +1,4 @@
-"""The step-time benchmark runs end to end at a toy size and prints one JSON object."""
+"""The benchmarks run end to end at toy sizes and print one JSON object."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "step_time.py"
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+BENCHMARK = BENCHMARKS / "step_time.py"
 
 
 def test_step_time_benchmark_reports_every_contender_as_json() -> None:
@@ -40,3 +41,19 @@ def test_step_time_benchmark_reports_every_contender_as_json() -> None:
     rates = result["end_to_end_tokens_per_second"]
     assert rates.keys() == {"ours_matryoshka_5_levels", "saelens_matryoshka_batchtopk"}
     assert all(rate > 0 for rate in rates.values())
+
+
+def test_eval_memory_benchmark_stays_below_one_cosine_matrix() -> None:
+    """At 32,768 latents one full cosine matrix is 4 GiB; blocks of 256 MiB are used."""
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "eval_memory.py"), "--d-sae", "32768", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    (row,) = json.loads(completed.stdout)["results"]
+    assert row["d_sae"] == 32768
+    assert row["full_matrix_mib"] == 4096
+    assert 0 < row["peak_rise_mib"] < row["full_matrix_mib"] / 4
+    assert -1 <= row["full_width_value"] <= 1

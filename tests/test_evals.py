@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from sae_lens import LanguageModelSAETrainingRunner
+from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 
-from sae_lens_matryoshka import MatryoshkaTrainingSAE
+from sae_lens_matryoshka import MatryoshkaTrainingSAE, to_inference
 from sae_lens_matryoshka.evals import (
     add_level_evals,
     evaluate_levels,
     feature_recovery,
     hierarchy_absorption,
+    level_max_decoder_cosines,
     mean_max_decoder_cosine,
     plot_level_metrics,
 )
@@ -80,7 +82,26 @@ def test_feature_recovery_by_hand() -> None:
     )
 
 
-def test_evaluate_levels_on_a_real_model(
+class ReplayStore:
+    """An activation store that hands out the same token batches again after every reset."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches = batches
+        self.position = 0
+        self.context_size = batches[0].shape[1]
+        self.store_batch_size_prompts = batches[0].shape[0]
+
+    def get_batch_tokens(self, batch_size: int | None = None) -> torch.Tensor:
+        batch = self.batches[self.position % len(self.batches)]
+        self.position += 1
+        assert batch_size in (None, batch.shape[0])
+        return batch
+
+    def reset_input_dataset(self) -> None:
+        self.position = 0
+
+
+def test_every_level_is_evaluated_on_the_same_tokens_as_saelens_would(
     tiny_model, token_dataset, runner_cfg, tmp_path: Path
 ) -> None:
     runner = LanguageModelSAETrainingRunner(
@@ -89,30 +110,72 @@ def test_evaluate_levels_on_a_real_model(
         override_model=tiny_model,
     )
     trained = runner.run()
-    rows = evaluate_levels(
-        trained, tiny_model, runner.activations_store, n_batches=2, batch_size_prompts=4
-    )
+    tokens = torch.tensor(token_dataset["input_ids"][:8]).split(4)
+    clean_forwards = []
+    run_with_cache = tiny_model.run_with_cache
+    tiny_model.run_with_cache = lambda *a, **k: clean_forwards.append(1) or run_with_cache(*a, **k)
+    rows = evaluate_levels(trained, tiny_model, ReplayStore(list(tokens)), n_batches=2)
+    del tiny_model.run_with_cache
+    assert len(clean_forwards) == 2  # the model's clean pass once per batch, not per level
     assert [row["width"] for row in rows] == [8, 24, 64]
-    for row in rows:
-        assert set(row) >= {
-            "explained_variance",
-            "mse",
-            "l0",
-            "dead_latents",
-            "dense_latents",
-            "ce_loss_score",
-            "kl_div_score",
-            "mean_max_decoder_cosine",
-        }
-        assert 0 <= row["l0"] <= row["width"]
-        assert 0 <= row["dead_latents"] + row["dense_latents"] <= row["width"]
+    assert len({row["ce_loss_without_sae"] for row in rows}) == 1
     assert rows[-1]["explained_variance"] > rows[0]["explained_variance"]
-    assert rows[-1]["mse"] < rows[0]["mse"]
     assert rows[-1]["mean_max_decoder_cosine"] == pytest.approx(
-        mean_max_decoder_cosine(trained.W_dec)
+        mean_max_decoder_cosine(trained.W_dec), rel=1e-6
     )
+
+    config = EvalConfig(
+        batch_size_prompts=4,
+        n_eval_reconstruction_batches=2,
+        n_eval_sparsity_variance_batches=2,
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_variance_metrics=True,
+        compute_sparsity_metrics=True,
+        compute_featurewise_density_statistics=True,
+    )
+    full = to_inference(trained)
+    for row in rows:
+        level = full.truncate(row["width"])
+        metrics, featurewise = run_evals(
+            level,
+            ReplayStore(list(tokens)),
+            tiny_model,
+            ActivationScaler(),
+            config,
+            exclude_special_tokens=False,
+        )
+        density = torch.tensor(featurewise["feature_density"])
+        expected = {
+            "explained_variance": metrics["reconstruction_quality"]["explained_variance"],
+            "mse": metrics["reconstruction_quality"]["mse"],
+            "l0": metrics["sparsity"]["l0"],
+            "dead_latents": int((density == 0).sum()),
+            "dense_latents": int((density > 0.1).sum()),
+            **metrics["model_performance_preservation"],
+            "kl_div_score": metrics["model_behavior_preservation"]["kl_div_score"],
+            "kl_div_with_sae": metrics["model_behavior_preservation"]["kl_div_with_sae"],
+            "mean_max_decoder_cosine": mean_max_decoder_cosine(level.W_dec),
+        }
+        for name, value in expected.items():
+            assert row[name] == pytest.approx(value, rel=1e-4, abs=1e-6), (row["width"], name)
     path = plot_level_metrics(rows, tmp_path / "levels.png")
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_decoder_cosines_of_every_level_in_bounded_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blockwise pass equals the full matrix, whatever the block size."""
+    W_dec = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    unit = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    widths = [7, 40, 180, 300]
+    expected = []
+    for width in widths:
+        cosines = unit[:width] @ unit[:width].T
+        cosines.fill_diagonal_(-torch.inf)
+        expected.append(cosines.max(dim=-1).values.mean().item())
+    for block in (300 * 300, 300 * 7, 1):  # one block, several, one row at a time
+        monkeypatch.setattr("sae_lens_matryoshka.evals._COSINE_BLOCK", block)
+        assert level_max_decoder_cosines(W_dec, widths) == pytest.approx(expected, rel=1e-5)
 
 
 def test_runner_eval_steps_report_every_level(tiny_model, token_dataset, runner_cfg) -> None:
