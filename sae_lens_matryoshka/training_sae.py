@@ -296,7 +296,7 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         NaN/Inf batch (which always makes the loss NaN/Inf) can be kept from
         the parameters, where it would stay for good.
         """
-        if math.isfinite(float(loss)):
+        if math.isfinite(float(loss.detach())):
             return
         step = step_input.n_training_steps
         bad = int((~torch.isfinite(step_input.sae_in)).sum())

@@ -110,7 +110,7 @@ def test_every_level_is_evaluated_on_the_same_tokens_as_saelens_would(
         override_model=tiny_model,
     )
     trained = runner.run()
-    tokens = torch.tensor(token_dataset["input_ids"][:8]).split(4)
+    tokens = torch.as_tensor(token_dataset["input_ids"][:8]).split(4)
     clean_forwards = []
     run_with_cache = tiny_model.run_with_cache
     tiny_model.run_with_cache = lambda *a, **k: clean_forwards.append(1) or run_with_cache(*a, **k)
