@@ -21,11 +21,12 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sae_lens.training.sae_trainer import SAETrainer
+
+from sae_lens_matryoshka.config import trains_matryoshka
 
 #: the file that says a checkpoint folder is complete: every file and its size
 MARKER = "checkpoint_complete.json"
@@ -146,12 +147,6 @@ def _publish(written: Path, target: Path) -> None:
         shutil.rmtree(replaced)
 
 
-def _matryoshka(trainer: SAETrainer[Any, Any]) -> bool:
-    # by name, not class: a reloaded plugin defines new classes
-    architecture: Callable[[], str] | None = getattr(trainer.sae.cfg, "architecture", None)
-    return architecture is not None and architecture() == "matryoshka"
-
-
 def install() -> None:
     """Make SAELens's trainer write and read Matryoshka checkpoints as described above.
 
@@ -172,7 +167,7 @@ def install() -> None:
         wandb_aliases: list[str] | None = None,
     ) -> None:
         base = base_path if base_path is not None else self.cfg.checkpoint_path
-        if base is None or not _matryoshka(self):
+        if base is None or not trains_matryoshka(self):
             save(self, checkpoint_name, base_path, wandb_aliases)
             return
         staging = Path(base) / f".{checkpoint_name}.incomplete-{uuid.uuid4().hex[:8]}"
@@ -182,7 +177,7 @@ def install() -> None:
 
     @functools.wraps(load)
     def load_trainer_state(self: SAETrainer[Any, Any], checkpoint_path: Path | str) -> None:
-        if _matryoshka(self):
+        if trains_matryoshka(self):
             check_complete(checkpoint_path)
         load(self, checkpoint_path)
 

@@ -2,7 +2,7 @@
 
 ``toy`` runs the paper's toy experiment offline (see ``toy_demo``).
 
-``train`` is SAELens's own runner command line with the plugin registered: it
+``train`` is SAELens's runner command line with the plugin registered: it
 accepts every ``LanguageModelSAERunnerConfig`` flag and, through
 ``--architecture matryoshka`` (the default here), every
 ``MatryoshkaTrainingSAEConfig`` field, e.g.::
@@ -12,7 +12,18 @@ accepts every ``LanguageModelSAERunnerConfig`` flag and, through
         --is_dataset_tokenized False --d_in 64 --d_sae 1024 --k 16 \\
         --matryoshka_widths 64 256 1024
 
-Under ``torchrun`` the same command trains data-parallel (see ``distributed``)::
+Beyond SAELens's own command line it
+
+- requires ``--d_in`` and ``--d_sae`` (SAELens would quietly use 512 and 1024);
+- checks wandb's credentials before loading anything when ``--log_to_wandb``
+  is on (SAELens's default), rather than failing after the model has loaded;
+- trains from local folders (``--model_name`` a ``save_pretrained`` folder,
+  ``--dataset_path`` a ``save_to_disk`` or data-file folder: see
+  ``local_sources``), and says in one line when the Hub cannot be reached;
+- prints where the SAE was saved and each level's explained variance and L0.
+
+Under ``torchrun`` the same command trains data-parallel (see ``distributed``);
+``--training_tokens`` and ``--train_batch_size_tokens`` are then per rank::
 
     torchrun --nproc_per_node 8 -m sae_lens_matryoshka train ...
 """
@@ -20,29 +31,143 @@ Under ``torchrun`` the same command trains data-parallel (see ``distributed``)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from sae_lens import LanguageModelSAERunnerConfig
-
-# SAELens's runner command line; importing the package registers "matryoshka" first.
-from sae_lens.llm_sae_training_runner import _parse_cfg_args
+import simple_parsing
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.sae import TrainingSAEConfig
 
 import sae_lens_matryoshka  # noqa: F401  (registers the architecture)
 from sae_lens_matryoshka import distributed
 from sae_lens_matryoshka.config import ARCHITECTURE
+from sae_lens_matryoshka.evals import evaluate_levels
+from sae_lens_matryoshka.hub import hub_errors_in_one_line
+from sae_lens_matryoshka.local_sources import local_overrides, overrides_named_by_config
 from sae_lens_matryoshka.toy_demo import run_toy_demo
+from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
+
+TRAIN_PROG = "sae-lens-matryoshka train"
+
+
+class _RunnerFlagParser(simple_parsing.ArgumentParser):
+    """simple_parsing's parser, with each flag's help from its class docstring only.
+
+    SAELens documents runner fields in the class docstring and keeps other
+    notes in comments beside the fields, which simple_parsing would otherwise
+    show as help (``--lr float  # Learning Rate Schedule``).
+    """
+
+    def _resolve_subgroups(self, wrappers: Any, args: Any, namespace: Any = None) -> Any:
+        resolved, chosen = super()._resolve_subgroups(wrappers, args, namespace)
+        for root in resolved:
+            for wrapper in [root, *root.descendants]:
+                for field in wrapper.fields:
+                    field._docstring = dataclasses.replace(
+                        field._docstring, comment_above="", comment_inline="", docstring_below=""
+                    )
+        return resolved, chosen
 
 
 def parse_train_args(args: Sequence[str]) -> LanguageModelSAERunnerConfig[Any]:
-    """Build a runner config from SAELens runner flags, defaulting to ``--architecture matryoshka``."""
-    args = list(args)
-    if not args:
-        args = ["--help"]
-    elif not any(a == "--architecture" or a.startswith("--architecture=") for a in args):
-        args = ["--architecture", ARCHITECTURE, *args]
-    return _parse_cfg_args(args)
+    """A runner config from SAELens's runner flags; ``--architecture`` defaults to matryoshka.
+
+    Any registered architecture may be chosen; ``--d_in`` and ``--d_sae`` are
+    required (every SAE config needs them, and a guess would train the wrong
+    shape). No flags at all shows the help.
+    """
+    sae_configs = {name: config for name, (_, config) in SAE_TRAINING_CLASS_REGISTRY.items()}
+    command_line = dataclasses.make_dataclass(
+        "TrainCommandLine",
+        [
+            (
+                "sae",
+                TrainingSAEConfig,
+                simple_parsing.subgroups(sae_configs, default=ARCHITECTURE, alias="--architecture"),
+            )
+        ],
+        bases=(LanguageModelSAERunnerConfig,),
+    )
+    parser = _RunnerFlagParser(
+        prog=TRAIN_PROG,
+        description="Train a Matryoshka SAE with SAELens's runner (every runner flag is "
+        "accepted). Under torchrun, --training_tokens and --train_batch_size_tokens are per "
+        "rank.",
+        allow_abbrev=False,
+    )
+    parser.add_arguments(command_line, dest="cfg")
+    cfg: LanguageModelSAERunnerConfig[Any] = parser.parse_args(list(args) or ["--help"]).cfg
+    return cfg
+
+
+def check_wandb_login() -> None:
+    """Stop now, before a model loads, if wandb has no credentials to log with.
+
+    With a terminal, wandb asks for a key here; without one it has none to
+    ask for, and SAELens's runner would fail only after loading the model and
+    the data.
+    """
+    import wandb
+
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError as error:
+        raise SystemExit(
+            f"{TRAIN_PROG}: --log_to_wandb is on (SAELens's default) but wandb has no API key "
+            f"({error}). Run `wandb login` or set WANDB_API_KEY; or log offline "
+            "(WANDB_MODE=offline); or pass --log_to_wandb false."
+        ) from error
+
+
+def level_table(rows: Sequence[Mapping[str, float]]) -> str:
+    """Each level's width, explained variance, L0 and dead latents, as aligned text."""
+    lines = [f"{'width':>10} {'explained variance':>19} {'L0':>9} {'dead latents':>13}"]
+    lines += [
+        f"{int(row['width']):>10} {row['explained_variance']:>19.4f} {row['l0']:>9.2f} "
+        f"{int(row['dead_latents']):>13}"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def report(runner: LanguageModelSAETrainingRunner, sae: TrainingSAE[Any]) -> None:
+    """Print where the trained SAE went and, for a Matryoshka SAE, each level's evals."""
+    cfg = runner.cfg
+    if cfg.output_path is None:
+        print(f"{TRAIN_PROG}: not saved (--output_path is None).")
+    else:
+        print(f"{TRAIN_PROG}: saved to {Path(cfg.output_path).resolve()}")
+    if cfg.checkpoint_path is not None and cfg.n_checkpoints + cfg.save_final_checkpoint > 0:
+        print(f"{TRAIN_PROG}: checkpoints in {Path(cfg.checkpoint_path).resolve()}")
+    if isinstance(sae, MatryoshkaTrainingSAE):
+        rows = evaluate_levels(
+            sae,
+            runner.model,
+            runner.activations_store,
+            n_batches=cfg.n_eval_batches,
+            batch_size_prompts=cfg.eval_batch_size_prompts,
+            compute_ce_loss=False,
+        )
+        print(f"each level, on {cfg.n_eval_batches} further batches of the dataset:")
+        print(level_table(rows))
+
+
+def train(args: Sequence[str]) -> None:
+    """``sae-lens-matryoshka train ARGS``: check, load (local folders too), train, report."""
+    cfg = parse_train_args(args)
+    launched_rank = os.environ.get("RANK", "0")  # under torchrun, before the ranks meet
+    if cfg.logger.log_to_wandb and launched_rank == "0":
+        check_wandb_login()
+    with hub_errors_in_one_line(), overrides_named_by_config():
+        runner = distributed.build_runner(cfg, **local_overrides(cfg))
+    sae = distributed.train(runner)
+    if distributed.rank() == 0:
+        report(runner, sae)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -86,8 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     parsed, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if parsed.command == "train":
-        cfg = parse_train_args(rest)
-        distributed.run(cfg)  # data-parallel under torchrun, a plain runner run otherwise
+        train(rest)  # data-parallel under torchrun, a plain runner run otherwise
         return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -23,6 +23,16 @@ from sae_lens_matryoshka.levels import default_eval_widths, validate_widths
 
 ARCHITECTURE = "matryoshka"
 
+
+def trains_matryoshka(trainer: Any) -> bool:
+    """Whether a SAELens ``SAETrainer`` trains a Matryoshka SAE.
+
+    By architecture name, not class: a reloaded plugin defines new classes.
+    """
+    architecture = getattr(trainer.sae.cfg, "architecture", None)
+    return architecture is not None and architecture() == ARCHITECTURE
+
+
 #: activations that fix the number of active latents (and need ``k``)
 K_ACTIVATIONS = tuple(name for name, cls in TRAINING_ACTIVATIONS.items() if cls.k_sparse)
 

@@ -19,21 +19,24 @@ keeps the replicas one SAE:
 - the prefix sampler and learning-rate and coefficient schedules advance
   identically on every rank from the same seed and step count.
 
-Rank 0 alone logs, writes checkpoints and saves the result. Ranks meet within
-``SAE_MATRYOSHKA_RENDEZVOUS_TIMEOUT`` seconds (default 120), naming any that
-never arrive; collectives time out after ``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT``
-seconds (default 600), so a rank that dies makes the others stop with
-:class:`CollectiveError` instead of hanging.
+Rank 0 alone logs, writes checkpoints, saves the result and shows progress
+and warnings. Ranks meet within ``SAE_MATRYOSHKA_RENDEZVOUS_TIMEOUT`` seconds
+(default 120), naming any that never arrive; collectives time out after
+``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT`` seconds (default 600), so a rank that
+dies makes the others stop with :class:`CollectiveError` instead of hanging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -43,6 +46,8 @@ import torch.distributed as dist
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
+from sae_lens.training import sae_trainer
+from tqdm.auto import tqdm
 from typing_extensions import override
 
 from sae_lens_matryoshka.collectives import Collectives, kept_entries
@@ -67,6 +72,25 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def quiet_other_ranks() -> Iterator[None]:
+    """On ranks other than 0: no progress bar, no warnings, SAELens logs errors only."""
+    if rank() == 0:
+        yield
+        return
+    sae_lens_logger = logging.getLogger("sae_lens")
+    level, bar = sae_lens_logger.level, sae_trainer.tqdm
+    sae_lens_logger.setLevel(logging.ERROR)
+    sae_trainer.tqdm = partial(tqdm, disable=True)  # the trainer's bar
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sae_lens_logger.setLevel(level)
+        sae_trainer.tqdm = bar
 
 
 def _env_int(name: str, default: int | None, minimum: int) -> int:
@@ -307,27 +331,49 @@ def rank_config(cfg: LanguageModelSAERunnerConfig[Any]) -> LanguageModelSAERunne
     )
 
 
-def run(cfg: LanguageModelSAERunnerConfig[Any], **overrides: Any) -> TrainingSAE[Any]:
-    """Train with SAELens's runner: data-parallel under ``torchrun``, a plain run otherwise.
+def build_runner(
+    cfg: LanguageModelSAERunnerConfig[Any], **overrides: Any
+) -> LanguageModelSAETrainingRunner:
+    """SAELens's runner for ``cfg``: one data-parallel replica under ``torchrun``, else plain.
 
-    ``train_batch_size_tokens`` is per rank; the global batch is
-    ``world_size`` times larger (scale the learning rate accordingly).
+    ``overrides`` go to the runner (``override_model``, ``override_dataset``,
+    ...). Under ``torchrun`` this joins the other ranks, gives this rank its
+    shard of the data and makes its SAE a replica; ranks other than 0 build
+    and train quietly (see ``progress.quiet_other_ranks``).
     """
     if not init_from_env():
-        return LanguageModelSAETrainingRunner(cfg, **overrides).run()
+        return LanguageModelSAETrainingRunner(cfg, **overrides)
     if cfg.sae.normalize_activations not in ("none", "constant_norm_rescale", "layer_norm"):
         raise ValueError(
             f"normalize_activations={cfg.sae.normalize_activations!r} estimates statistics from "
             "each rank's own batches, which would differ across ranks; use 'none' (or estimate "
             "the scale once and fold it into the activations) for data-parallel training."
         )
-    runner = LanguageModelSAETrainingRunner(rank_config(cfg), **overrides)
+    with quiet_other_ranks():
+        runner = LanguageModelSAETrainingRunner(rank_config(cfg), **overrides)
     shard_activation_source(runner)
     prepare_data_parallel(runner.sae)
     if rank() == 0:
         print(
             f"sae-lens-matryoshka: data-parallel training on {world_size()} ranks, "
-            f"{cfg.train_batch_size_tokens * world_size()} tokens per global batch",
+            f"{cfg.train_batch_size_tokens * world_size()} tokens per global batch, "
+            f"{cfg.training_tokens * world_size()} tokens in all",
             file=sys.stderr,
         )
-    return runner.run()
+    return runner
+
+
+def train(runner: LanguageModelSAETrainingRunner) -> TrainingSAE[Any]:
+    """Run ``runner`` (from ``build_runner``), ranks other than 0 quietly; return the SAE."""
+    with quiet_other_ranks():
+        return runner.run()
+
+
+def run(cfg: LanguageModelSAERunnerConfig[Any], **overrides: Any) -> TrainingSAE[Any]:
+    """Train with SAELens's runner: data-parallel under ``torchrun``, a plain run otherwise.
+
+    ``train_batch_size_tokens`` and ``training_tokens`` are per rank: the global
+    batch and the tokens trained on in all are ``world_size`` times larger
+    (scale the learning rate accordingly).
+    """
+    return train(build_runner(cfg, **overrides))

@@ -7,17 +7,24 @@
 training configuration and, when given, its per-level metrics. Anything
 uploaded loads back with ``SAE.from_pretrained(repo_id, sae_id)`` as a
 ``MatryoshkaSAE`` once ``sae_lens_matryoshka`` is imported.
+
+``hub_errors_in_one_line`` turns a download that fails for want of the Hub
+(no network, or ``HF_HUB_OFFLINE=1`` and nothing cached) into one line saying
+so and what to do, instead of a chain of tracebacks through four libraries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-from collections.abc import Mapping, Sequence
+import socket
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
 from huggingface_hub import HfApi
+from huggingface_hub.errors import LocalEntryNotFoundError
 from sae_lens import SAE, upload_saes_to_huggingface
 from sae_lens.constants import SAE_CFG_FILENAME
 
@@ -26,6 +33,43 @@ from sae_lens_matryoshka.interop import to_inference
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 SaeRef: TypeAlias = "SAE[Any] | Path | str"
+
+#: what a download raises, somewhere in its chain, when the Hub cannot be reached:
+#: nothing cached offline (huggingface_hub), a refused or failed connection
+#: (``ConnectionError``, also ``datasets``' and ``OfflineModeIsEnabled``), an
+#: unresolvable host name
+_HUB_UNREACHABLE = (LocalEntryNotFoundError, ConnectionError, socket.gaierror)
+
+OFFLINE_HINT = (
+    "without network, download once where there is one (HF_HUB_OFFLINE=1 then reads the "
+    "cache), or train from local folders: --model_name /path/to/model (save_pretrained) "
+    "and --dataset_path /path/to/tokens (Dataset.save_to_disk)"
+)
+
+
+def hub_unreachable(error: BaseException) -> str | None:
+    """One line saying the Hub could not be reached, if that is why ``error`` was raised."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, _HUB_UNREACHABLE):
+            what = (
+                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            )
+            return f"Could not reach the Hugging Face Hub ({what[:200]}); {OFFLINE_HINT}."
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+@contextlib.contextmanager
+def hub_errors_in_one_line() -> Iterator[None]:
+    """Exit with one line, not a traceback, when a download inside fails for want of the Hub."""
+    try:
+        yield
+    except Exception as error:
+        line = hub_unreachable(error)
+        if line is None:
+            raise
+        raise SystemExit(line) from error
 
 
 def upload_to_huggingface(

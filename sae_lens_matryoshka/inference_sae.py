@@ -170,7 +170,7 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
         if width < self.cfg.d_sae:
             self.activation_fn.truncated_config(cfg_dict, width)
         cfg_dict["metadata"] = {**cfg_dict["metadata"], "truncated_from_d_sae": self.cfg.d_sae}
-        truncated = MatryoshkaSAE(MatryoshkaSAEConfig.from_dict(cfg_dict))
+        truncated = derived_sae(MatryoshkaSAEConfig.from_dict(cfg_dict))
         kept = {
             name: (
                 tensor[:, :width]
@@ -193,3 +193,17 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
             self.cfg.rescale_acts_by_decoder_norm = False
             return
         self.activation_fn.fold_decoder_norms(self.fold_and_get_W_dec_norm)
+
+
+def derived_sae(cfg: MatryoshkaSAEConfig) -> MatryoshkaSAE:
+    """A ``MatryoshkaSAE`` made in memory from another (one of its levels, its saved form).
+
+    Without the warning SAELens gives every SAE whose metadata holds
+    ``model_from_pretrained_kwargs`` (how to load the model for it): that
+    advice is for SAEs a user loads, and runner-trained SAEs always hold them.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs"
+        )
+        return MatryoshkaSAE(cfg)

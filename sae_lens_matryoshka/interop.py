@@ -53,7 +53,7 @@ from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file
 
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig
-from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
+from sae_lens_matryoshka.inference_sae import MatryoshkaSAE, derived_sae
 from sae_lens_matryoshka.levels import validate_widths
 from sae_lens_matryoshka.safe_loading import SAEFileError, read_safetensors_header
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
@@ -70,7 +70,7 @@ def to_inference(sae: MatryoshkaTrainingSAE) -> MatryoshkaSAE:
     """The ``MatryoshkaSAE`` that ``sae.save_inference_model`` would write, in memory."""
     state = {name: tensor.detach().clone() for name, tensor in sae.state_dict().items()}
     sae.process_state_dict_for_saving_inference(state)
-    inference = MatryoshkaSAE(MatryoshkaSAEConfig.from_dict(sae.cfg.get_inference_sae_cfg_dict()))
+    inference = derived_sae(MatryoshkaSAEConfig.from_dict(sae.cfg.get_inference_sae_cfg_dict()))
     inference.load_state_dict(state)
     return inference
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-from sae_lens_matryoshka import checkpoints
+from sae_lens_matryoshka import checkpoints, progress
 from sae_lens_matryoshka.config import (
     ARCHITECTURE,
     MatryoshkaSAEConfig,
@@ -47,8 +47,10 @@ def _register(registry: dict[str, tuple[Any, Any]], entry: tuple[type, type]) ->
 def register() -> None:
     """Register the Matryoshka training and inference classes with SAELens.
 
-    Also makes SAELens's trainer write Matryoshka checkpoints atomically (see ``checkpoints``).
+    Also makes SAELens's trainer write Matryoshka checkpoints atomically (see
+    ``checkpoints``) and count every step on its progress bar (see ``progress``).
     """
     checkpoints.install()
+    progress.install()
     _register(SAE_TRAINING_CLASS_REGISTRY, (MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig))
     _register(SAE_CLASS_REGISTRY, (MatryoshkaSAE, MatryoshkaSAEConfig))

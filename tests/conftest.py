@@ -57,6 +57,31 @@ def build_token_dataset() -> Dataset:
     return Dataset.from_dict({"input_ids": tokens.tolist()})
 
 
+def save_hf_model_folder(folder: Path) -> Path:
+    """A tiny random GPT-2 and its word-level tokenizer, as ``save_pretrained`` writes them.
+
+    What a user has on disk after downloading a model once; built here from
+    configs, with no download. Same width, context and vocabulary as the tiny model.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"<|endoftext|>": VOCAB - 1}
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    end = "<|endoftext|>"
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, bos_token=end, eos_token=end, unk_token="w0"
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=CONTEXT, n_ctx=CONTEXT, n_embd=D_MODEL, n_layer=1, n_head=4
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def unused_port() -> int:
     """A TCP port nothing listens on (for rendezvous tests)."""

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from huggingface_hub.errors import LocalEntryNotFoundError
 from sae_lens import SAE
 from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.cli import main, parse_train_args
+from sae_lens_matryoshka.hub import hub_unreachable
 
-from .conftest import CONTEXT, D_MODEL, HOOK, run_torchrun
+from .conftest import (
+    CONTEXT,
+    D_MODEL,
+    HOOK,
+    build_token_dataset,
+    run_torchrun,
+    save_hf_model_folder,
+)
+
+SCRIPT = str(Path(sys.executable).parent / "sae-lens-matryoshka")
 
 SAE_FLAGS = [
     "--d_in",
@@ -48,6 +61,13 @@ def test_train_flags_build_a_matryoshka_runner_config() -> None:
 def test_other_saelens_architectures_still_parse() -> None:
     cfg = parse_train_args(["--architecture", "standard", "--d_in", "16", "--d_sae", "64"])
     assert isinstance(cfg.sae, StandardTrainingSAEConfig)
+
+
+def test_d_in_and_d_sae_are_required(capsys) -> None:
+    """SAELens's command line would quietly train d_in=512, d_sae=1024."""
+    with pytest.raises(SystemExit):
+        parse_train_args(["--k", "4", "--matryoshka_widths", "8", "64"])
+    assert "the following arguments are required: --d_in, --d_sae" in capsys.readouterr().err
 
 
 def test_bad_flags_give_the_config_error() -> None:
@@ -135,7 +155,15 @@ def test_train_under_torchrun_trains_data_parallel(token_dataset, tmp_path: Path
         [str(entry), "train", *_train_flags(data_dir, output, tmp_path / "ckpt")]
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "data-parallel training on 2 ranks, 128 tokens per global batch" in completed.stderr
+    assert (
+        "data-parallel training on 2 ranks, 128 tokens per global batch, 2560 tokens in all"
+        in completed.stderr
+    )
+    # rank 0 alone shows the bar (it starts once) and warnings (SAELens warns each rank once)
+    assert completed.stderr.count("Training SAE:   0%") == 1
+    assert completed.stderr.count("The training dataset contains fewer samples") == 1
+    assert "Training SAE: 100%" in completed.stderr
+    assert completed.stdout.count("saved to") == 1
     loaded = SAE.load_from_disk(output)
     assert isinstance(loaded, MatryoshkaSAE)
     assert loaded.matryoshka_widths == [8, 24, 64]
@@ -154,5 +182,122 @@ def test_entry_points_run(command: list[str]) -> None:
     train = subprocess.run(
         [*command, "train", "--help"], capture_output=True, text=True, check=True
     )
+    assert train.stdout.startswith("usage: sae-lens-matryoshka train ")
     assert "--matryoshka_widths" in train.stdout
     assert "--use_matryoshka_aux_loss" in train.stdout
+    assert "(default:\n                        matryoshka)" in train.stdout  # --architecture
+    assert "--lr float            The learning rate." in train.stdout  # docstrings, not comments
+
+
+def _offline_flags(model: Path, tokens: Path, output: Path) -> list[str]:
+    """A run from local folders: a ``save_pretrained`` model and a ``save_to_disk`` dataset."""
+    return [
+        *SAE_FLAGS,
+        "--model_name",
+        str(model),
+        "--hook_name",
+        HOOK,
+        "--dataset_path",
+        str(tokens),
+        "--is_dataset_tokenized",
+        "true",
+        "--context_size",
+        str(CONTEXT),
+        "--prepend_bos",
+        "false",
+        "--training_tokens",
+        str(64 * 21),  # 21 steps: not a multiple of the 100 steps SAELens's bar advances by
+        "--train_batch_size_tokens",
+        "64",
+        "--store_batch_size_prompts",
+        "4",
+        "--n_batches_in_buffer",
+        "4",
+        "--n_eval_batches",
+        "2",
+        "--output_path",
+        str(output),
+        "--checkpoint_path",
+        str(output.parent / "checkpoints"),
+    ]
+
+
+def test_train_offline_from_local_folders_reports_the_levels(tmp_path: Path, capfd) -> None:
+    """No Hub: the model and tokens are folders; SAELens's Hub-only checks never run."""
+    model = save_hf_model_folder(tmp_path / "model")
+    build_token_dataset().save_to_disk(tmp_path / "tokens")
+    output = tmp_path / "output"
+    main(["train", *_offline_flags(model, tmp_path / "tokens", output), "--log_to_wandb", "false"])
+    out, err = capfd.readouterr()
+    assert f"saved to {output.resolve()}" in out
+    table = out[out.index("width  explained variance") :].splitlines()
+    assert [int(line.split()[0]) for line in table[1:]] == [8, 24, 64]
+    l0 = [float(line.split()[2]) for line in table[1:]]
+    assert 0 < l0[0] <= l0[1] <= l0[2]  # nested levels fire nested latents
+    assert "Training SAE: 100%" in err
+    assert "will override the one specified in your configuration" not in err
+    loaded = SAE.load_from_disk(output)
+    assert isinstance(loaded, MatryoshkaSAE)
+    assert loaded.cfg.metadata.model_name == str(model)
+
+
+def _bare_environment(tmp_path: Path) -> dict[str, str]:
+    """No wandb credentials or mode, an empty Hub cache, no network for the Hub."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("WANDB_", "HF_HOME", "HF_HUB_CACHE"))
+    }
+    return env | {"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+
+def test_wandb_without_credentials_fails_before_the_model_loads(tmp_path: Path) -> None:
+    """Logging to wandb is SAELens's default; the Hub model here would fail if loading began."""
+    flags = [*SAE_FLAGS, "--model_name", "tiny-stories-1M", "--hook_name", HOOK]
+    completed = subprocess.run(
+        [SCRIPT, "train", *flags],
+        capture_output=True,
+        text=True,
+        env=_bare_environment(tmp_path),
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+    assert completed.returncode == 1
+    assert "--log_to_wandb is on (SAELens's default) but wandb has no API key" in completed.stderr
+    assert "--log_to_wandb false" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert "Hugging Face Hub" not in completed.stderr
+
+
+def test_a_model_the_hub_cannot_give_is_one_line(tmp_path: Path) -> None:
+    flags = [*SAE_FLAGS, "--model_name", "tiny-stories-1M", "--hook_name", HOOK]
+    start = time.perf_counter()
+    completed = subprocess.run(
+        [SCRIPT, "train", *flags, "--log_to_wandb", "false"],
+        capture_output=True,
+        text=True,
+        env=_bare_environment(tmp_path),
+        timeout=120,
+    )
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    (line,) = [line for line in completed.stderr.splitlines() if "Hugging Face Hub" in line]
+    assert line.startswith("Could not reach the Hugging Face Hub (")
+    assert "HF_HUB_OFFLINE=1" in line and "--model_name /path/to/model" in line
+    assert time.perf_counter() - start < 60
+
+
+def test_hub_failures_are_told_apart_from_other_errors() -> None:
+    try:
+        try:
+            raise LocalEntryNotFoundError("not in the cache")
+        except LocalEntryNotFoundError as cause:
+            raise OSError("We couldn't connect to 'https://huggingface.co'\nmore") from cause
+    except OSError as error:
+        line = hub_unreachable(error)
+    assert line is not None
+    assert line.startswith("Could not reach the Hugging Face Hub (We couldn't connect")
+    assert "\n" not in line
+    assert hub_unreachable(ConnectionError("Couldn't reach 'a/b' on the Hub")) is not None
+    assert hub_unreachable(ValueError("d_in must be positive")) is None
+    assert hub_unreachable(FileNotFoundError("/data/tokens")) is None
