@@ -26,7 +26,7 @@ from sae_lens_matryoshka import (
     to_inference,
     upload_to_huggingface,
 )
-from sae_lens_matryoshka.hub import model_card
+from sae_lens_matryoshka.hub import hub_errors_in_one_line, model_card
 from sae_lens_matryoshka.toy import ToyHierarchy
 
 
@@ -73,7 +73,8 @@ def main() -> None:
     if args.repo_id is None:
         print(model_card("you/matryoshka-toy", {"toy": sae.cfg.to_dict()}, {}))
     else:
-        upload_to_huggingface({"toy": sae}, args.repo_id)
+        with hub_errors_in_one_line():
+            upload_to_huggingface({"toy": sae}, args.repo_id)
         print(f"uploaded; load with SAE.from_pretrained({args.repo_id!r}, 'toy')")
 
 

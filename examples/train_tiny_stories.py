@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 import sae_lens_matryoshka  # noqa: F401  (registers the "matryoshka" architecture)
 from sae_lens_matryoshka import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.evals import evaluate_levels, plot_level_metrics
+from sae_lens_matryoshka.hub import OFFLINE_HINT, hub_errors_in_one_line
 
 
 def build_config(
@@ -112,7 +113,9 @@ def main() -> None:
     if args.offline:
         model, dataset = offline_model_and_data()
         overrides = {"override_model": model, "override_dataset": dataset}
-    runner = LanguageModelSAETrainingRunner(cfg, **overrides)
+    # no network: one line saying so, not 80
+    with hub_errors_in_one_line(f"{OFFLINE_HINT}, or run this example with --offline"):
+        runner = LanguageModelSAETrainingRunner(cfg, **overrides)
     sae = runner.run()
 
     rows = evaluate_levels(

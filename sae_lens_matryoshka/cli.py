@@ -47,12 +47,16 @@ import sae_lens_matryoshka  # noqa: F401  (registers the architecture)
 from sae_lens_matryoshka import distributed
 from sae_lens_matryoshka.config import ARCHITECTURE
 from sae_lens_matryoshka.evals import evaluate_levels
-from sae_lens_matryoshka.hub import hub_errors_in_one_line
+from sae_lens_matryoshka.hub import OFFLINE_HINT, hub_errors_in_one_line
 from sae_lens_matryoshka.local_sources import local_overrides, overrides_named_by_config
 from sae_lens_matryoshka.toy_demo import run_toy_demo
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 TRAIN_PROG = "sae-lens-matryoshka train"
+LOCAL_FOLDERS_HINT = (
+    f"{OFFLINE_HINT}, or train from local folders: --model_name /path/to/model "
+    "(save_pretrained) and --dataset_path /path/to/tokens (Dataset.save_to_disk)"
+)
 
 
 class _RunnerFlagParser(simple_parsing.ArgumentParser):
@@ -163,7 +167,7 @@ def train(args: Sequence[str]) -> None:
     launched_rank = os.environ.get("RANK", "0")  # under torchrun, before the ranks meet
     if cfg.logger.log_to_wandb and launched_rank == "0":
         check_wandb_login()
-    with hub_errors_in_one_line(), overrides_named_by_config():
+    with hub_errors_in_one_line(LOCAL_FOLDERS_HINT), overrides_named_by_config():
         runner = distributed.build_runner(cfg, **local_overrides(cfg))
     sae = distributed.train(runner)
     if distributed.rank() == 0:

@@ -40,33 +40,34 @@ SaeRef: TypeAlias = "SAE[Any] | Path | str"
 #: unresolvable host name
 _HUB_UNREACHABLE = (LocalEntryNotFoundError, ConnectionError, socket.gaierror)
 
+#: what to do without network, wherever a download fails
 OFFLINE_HINT = (
-    "without network, download once where there is one (HF_HUB_OFFLINE=1 then reads the "
-    "cache), or train from local folders: --model_name /path/to/model (save_pretrained) "
-    "and --dataset_path /path/to/tokens (Dataset.save_to_disk)"
+    "without network, download once where there is one (HF_HUB_OFFLINE=1 then reads the cache)"
 )
 
 
-def hub_unreachable(error: BaseException) -> str | None:
-    """One line saying the Hub could not be reached, if that is why ``error`` was raised."""
+def hub_unreachable(error: BaseException, hint: str = OFFLINE_HINT) -> str | None:
+    """One line saying the Hub could not be reached and ``hint``, if that is why ``error`` was raised."""
     cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, _HUB_UNREACHABLE):
-            what = (
-                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            )
-            return f"Could not reach the Hugging Face Hub ({what[:200]}); {OFFLINE_HINT}."
+            message = str(error).strip()
+            what = message.splitlines()[0][:200] if message else type(error).__name__
+            return f"Could not reach the Hugging Face Hub ({what}); {hint}."
         cause = cause.__cause__ or cause.__context__
     return None
 
 
 @contextlib.contextmanager
-def hub_errors_in_one_line() -> Iterator[None]:
-    """Exit with one line, not a traceback, when a download inside fails for want of the Hub."""
+def hub_errors_in_one_line(hint: str = OFFLINE_HINT) -> Iterator[None]:
+    """Exit with one line, not a traceback, when a download inside fails for want of the Hub.
+
+    ``hint`` says what to do instead (the caller knows its own options).
+    """
     try:
         yield
     except Exception as error:
-        line = hub_unreachable(error)
+        line = hub_unreachable(error, hint)
         if line is None:
             raise
         raise SystemExit(line) from error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,21 @@ def test_hub_example_config_is_valid_without_downloading(tmp_path: Path) -> None
     cfg = module.build_config(tmp_path, training_tokens=1_000_000, device="cpu", log_to_wandb=False)
     assert isinstance(cfg.sae, MatryoshkaTrainingSAEConfig)
     assert cfg.sae.matryoshka_widths == [512, 1536, 3584, 7680, 16384]
+
+
+def test_hub_example_without_the_hub_says_so_in_one_line(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_tiny_stories.py"), "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HOME": str(tmp_path / "empty_cache"), "HF_HUB_OFFLINE": "1"},
+    )
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    last = completed.stderr.strip().splitlines()[-1]
+    assert last.startswith("Could not reach the Hugging Face Hub (")
+    assert last.endswith("or run this example with --offline.")
 
 
 def test_toy_variants_example_prints_every_variant() -> None:
