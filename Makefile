@@ -33,5 +33,6 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# the environment, caches, and the demo's and examples' default outputs
 clean:
-	rm -rf $(VENV) matryoshka_toy matryoshka_offline .pytest_cache .ruff_cache
+	rm -rf $(VENV) matryoshka_*/ .pytest_cache .ruff_cache .mypy_cache

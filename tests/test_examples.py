@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +18,8 @@ from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig
 
 from .conftest import run_torchrun
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 def test_offline_example_trains_and_reports_every_level(tmp_path: Path) -> None:
@@ -132,3 +136,26 @@ def test_data_parallel_example_runs_under_torchrun(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 rank(s) trained one SAE" in result.stdout
     assert isinstance(SAE.load_from_disk(tmp_path / "dp"), MatryoshkaSAE)
+
+
+def test_default_outputs_are_git_ignored_and_removed_by_make_clean() -> None:
+    sources = [*EXAMPLES.glob("*.py"), ROOT / "sae_lens_matryoshka" / "cli.py"]
+    defaults = {
+        folder
+        for source in sources
+        for folder in re.findall(
+            r'"--output-dir",[^)]*?default=(?:Path\()?"([\w.]+)"', source.read_text(), re.DOTALL
+        )
+    }
+    assert {"matryoshka_toy", "matryoshka_offline", "matryoshka_tiny_stories"} <= defaults
+    if (ROOT / ".git").exists():
+        for folder in defaults:
+            ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/cfg.json"], cwd=ROOT)
+            assert ignored.returncode == 0, f"{folder} is not git-ignored"
+    recipe = subprocess.run(
+        ["make", "-n", "clean"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    removed = shlex.split(recipe)
+    assert removed[:2] == ["rm", "-rf"]
+    for folder in defaults:
+        assert any(fnmatch.fnmatch(f"{folder}/", pattern) for pattern in removed), folder
