@@ -19,6 +19,7 @@ from sae_lens_matryoshka.interop import (
     to_inference,
     to_portable,
 )
+from sae_lens_matryoshka.recipes import paper_recipe
 from sae_lens_matryoshka.registration import register
 from sae_lens_matryoshka.safe_loading import SAEFileError, check_sae_folder, load_sae
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
@@ -41,6 +42,7 @@ __all__ = [
     "from_saelens_release",
     "from_sparsify",
     "load_sae",
+    "paper_recipe",
     "register",
     "to_inference",
     "to_portable",

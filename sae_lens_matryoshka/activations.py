@@ -111,8 +111,9 @@ class TrainingActivation(nn.Module):
         self,
         encoding: Encoding,  # noqa: ARG002
         collectives: Collectives,  # noqa: ARG002
+        step: int,  # noqa: ARG002
     ) -> dict[str, Any]:
-        """Learn state from a finished step's activations; returns metrics to log."""
+        """Learn state from a finished step's activations (``step`` counts from 0); returns metrics."""
         return {}
 
     def fold_scaling_factor(self, scaling_factor: float) -> None:
@@ -165,26 +166,38 @@ class BatchTopK(KSparseActivation):
     """The ``k * n_tokens`` largest pre-activations of the batch (Bussmann et al. 2024).
 
     The selection spans the whole batch, so at inference it is replaced by a
-    JumpReLU threshold, calibrated on the most recent training batch: its
-    cut-off (the smallest activation BatchTopK kept) is exactly the threshold
-    at which that batch fires ``k`` latents per token, under weights one step
-    old. An EMA of the cut-off (rate ``threshold_lr``, as SAELens and
-    dictionary_learning keep) lags it by about ``1 / threshold_lr`` steps,
-    far too long while activations still grow early in training, so it is only
-    logged. In ``eval()`` mode the activation already uses the calibrated
-    threshold, exactly as the saved SAE will.
+    JumpReLU threshold. By default (``inference_threshold="last_batch"``) that
+    is the cut-off of the most recent training batch (the smallest activation
+    BatchTopK kept): exactly the threshold at which that batch fires ``k``
+    latents per token, under weights one step old. An EMA of the cut-off (rate
+    ``threshold_lr``, from step ``ema_start_step`` on), as SAELens and
+    dictionary_learning keep it, lags by about ``1 / threshold_lr`` steps, far
+    too long while activations still grow early in training; it is logged,
+    and is the inference threshold with ``inference_threshold="ema"`` (the
+    paper's code). In ``eval()`` mode the activation already uses the
+    inference threshold, exactly as the saved SAE will.
     """
 
     inference_activation: ClassVar[str] = "jumprelu"
     precise_state: ClassVar[tuple[str, ...]] = ("topk_threshold", "last_cutoff")
-    #: EMA of the cut-off, float64 (logged); negative until the first step
+    #: EMA of the cut-off, float64; negative until its first step
     topk_threshold: torch.Tensor
-    #: the last training batch's cut-off, float64: the inference threshold; negative until then
+    #: the last training batch's cut-off, float64; negative until the first step
     last_cutoff: torch.Tensor
 
-    def __init__(self, k: float, threshold_lr: float, device: torch.device) -> None:
+    def __init__(
+        self,
+        k: float,
+        threshold_lr: float,
+        device: torch.device,
+        ema_start_step: int = 0,
+        saves_ema: bool = False,
+    ) -> None:
         super().__init__(k)
         self.threshold_lr = threshold_lr
+        self.ema_start_step = ema_start_step
+        #: whether the inference threshold is the EMA (else the last batch's cut-off)
+        self.saves_ema = saves_ema
         # double precision: an EMA over many steps loses bits in float32
         for name in ("topk_threshold", "last_cutoff"):
             self.register_buffer(name, torch.tensor(-1.0, dtype=torch.double, device=device))
@@ -192,12 +205,26 @@ class BatchTopK(KSparseActivation):
     @override
     @classmethod
     def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> Self:
-        return cls(_required_k(cfg), cfg.topk_threshold_lr, torch.device(cfg.device))
+        return cls(
+            _required_k(cfg),
+            cfg.topk_threshold_lr,
+            torch.device(cfg.device),
+            cfg.topk_threshold_start_step,
+            cfg.inference_threshold == "ema",
+        )
+
+    def _threshold(self, ema: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The inference threshold from the two cut-off statistics (0 before any step).
+
+        The last batch's cut-off stands in for an EMA that has not started yet.
+        """
+        chosen = ema if self.saves_ema else last
+        return torch.where(chosen >= 0, chosen, last).clamp(min=0.0)
 
     @property
     def inference_threshold(self) -> torch.Tensor:
-        """The JumpReLU threshold the saved SAE will use (0 before any step)."""
-        return self.last_cutoff.clamp(min=0.0)
+        """The JumpReLU threshold the saved SAE will use."""
+        return self._threshold(self.topk_threshold, self.last_cutoff)
 
     @override
     def select(
@@ -213,7 +240,9 @@ class BatchTopK(KSparseActivation):
 
     @override
     @torch.no_grad()
-    def update_from_step(self, encoding: Encoding, collectives: Collectives) -> dict[str, Any]:
+    def update_from_step(
+        self, encoding: Encoding, collectives: Collectives, step: int
+    ) -> dict[str, Any]:
         kept = encoding.kept_values()
         ema, last = self.topk_threshold, self.last_cutoff
         # computed on the device, without a host synchronisation; a batch that
@@ -221,10 +250,11 @@ class BatchTopK(KSparseActivation):
         cutoff = kept.min().to(last.dtype) if kept.numel() else last.new_tensor(torch.inf)
         cutoff = collectives.minimum(cutoff)
         kept_any = torch.isfinite(cutoff)
-        learned = torch.where(ema < 0, cutoff, ema.lerp(cutoff, self.threshold_lr))
-        ema.copy_(torch.where(kept_any, learned, ema))
+        if step >= self.ema_start_step:
+            learned = torch.where(ema < 0, cutoff, ema.lerp(cutoff, self.threshold_lr))
+            ema.copy_(torch.where(kept_any, learned, ema))
         last.copy_(torch.where(kept_any, cutoff, last))
-        return {"topk_threshold": ema, "inference_threshold": last}
+        return {"topk_threshold": ema, "inference_threshold": self.inference_threshold}
 
     @override
     @torch.no_grad()
@@ -241,16 +271,22 @@ class BatchTopK(KSparseActivation):
 
     @override
     def to_inference(self, state_dict: dict[str, Any]) -> None:
-        del state_dict["topk_threshold"]
-        threshold = state_dict.pop("last_cutoff")
-        if float(threshold) < 0:
+        ema, last = state_dict.pop("topk_threshold"), state_dict.pop("last_cutoff")
+        if float(last) < 0:
             warnings.warn(
                 "saving a batchtopk SAE that never took a training step: its threshold was "
                 "never learned and is saved as 0, so every positive pre-activation fires "
                 "(about half the latents) instead of k per token.",
                 stacklevel=4,
             )
-        threshold = threshold.clamp(min=0.0)
+        elif self.saves_ema and float(ema) < 0:
+            warnings.warn(
+                f"inference_threshold='ema', but the EMA starts at step {self.ema_start_step} "
+                "(topk_threshold_start_step) and training stopped before it: the last "
+                "batch's cut-off is saved instead.",
+                stacklevel=4,
+            )
+        threshold = self._threshold(ema, last)
         state_dict["threshold"] = torch.full_like(state_dict["b_enc"], threshold.item())
 
 

@@ -3,10 +3,11 @@
 A Matryoshka training step has three pieces of batch-global state: the
 BatchTopK selection (the ``k * n_tokens`` largest pre-activations of the whole
 batch), the dead-latent mask (a latent is dead if it fired on no token) and the
-inference threshold (the smallest kept activation). Under data parallelism the
-batch is spread over ranks, so each becomes a collective operation. The SAE is
-given one :class:`Collectives` object and calls these three operations without
-knowing how many processes there are: :data:`SINGLE_PROCESS` computes them
+inference threshold (the smallest kept activation); a ``b_dec`` started at the
+first batch's geometric median needs sums over the batch. Under data
+parallelism the batch is spread over ranks, so each becomes a collective
+operation. The SAE is given one :class:`Collectives` object and calls these
+operations without knowing how many processes there are: :data:`SINGLE_PROCESS` computes them
 locally, ``distributed.DataParallelCollectives`` across ranks.
 """
 
@@ -34,6 +35,10 @@ class Collectives:
     def minimum(self, value: torch.Tensor) -> torch.Tensor:
         """The minimum of a scalar over the whole batch (``value`` is this process's)."""
         return value
+
+    def sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """A sum over the whole batch (``partial`` is this process's part of it)."""
+        return partial
 
 
 def kept_entries(k: float, hidden_pre: torch.Tensor, n_ranks: int = 1) -> int:

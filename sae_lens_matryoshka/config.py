@@ -210,17 +210,41 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
             full-width reconstruction).
         topk_threshold_lr: (batchtopk) rate of the EMA of the cut-off (the
             smallest kept activation of each batch), logged as
-            ``topk_threshold``. The saved SAE's JumpReLU threshold is the
-            cut-off of the last training batch instead: the EMA lags it by
-            about ``1 / topk_threshold_lr`` steps, which early in training
-            would make the saved SAE fire far more than ``k`` latents per token.
+            ``topk_threshold``; ``1 - threshold_beta`` in dictionary_learning.
+        topk_threshold_start_step: (batchtopk) the first step (counting from
+            0) the EMA learns from; dictionary_learning's
+            ``threshold_start_step=1000`` is 1001 here (it updates at steps
+            above it).
+        inference_threshold: (batchtopk) the saved SAE's JumpReLU threshold.
+            ``"last_batch"``: the cut-off of the last training batch, at which
+            that batch fired exactly ``k`` latents per token. ``"ema"``: the EMA
+            above, as the paper's code saves it; it lags the cut-off by about
+            ``1 / topk_threshold_lr`` steps, which after a short run makes the
+            saved SAE fire far more than ``k`` latents per token.
         aux_loss_coefficient: weight of the dead-latent auxiliary loss, which
             asks the ``d_in // 2`` most active dead latents to reconstruct the
-            residual (Gao et al. 2024). SAELens uses 1.0; the paper's code 1/32.
+            residual (Gao et al. 2024). SAELens uses 1.0. It multiplies
+            ``aux_loss_form``'s term, whose scale depends on the form.
+        aux_loss_form: ``"saelens"``: the dead latents decode with their sign,
+            and the squared error is scaled by ``min(n_dead / (d_in // 2), 1)``
+            (SAELens's TopK and BatchTopK SAEs). ``"dictionary_learning"``: they
+            pass a ReLU first, and the squared error is divided by the
+            residual's variance (the paper's code, whose coefficient 1/32
+            multiplies this unit-free term). The README's conventions table
+            maps one to the other.
         use_matryoshka_aux_loss: one auxiliary loss per level: the dead latents
             of each group reconstruct their own level's residual.
         rescale_acts_by_decoder_norm: select, penalise and decode activations as
             if every decoder row had unit norm; folded into the encoder on save.
+        normalize_decoder: hold decoder rows at unit norm, as dictionary_learning
+            and sparsify do: rows start at unit norm (``decoder_init_norm``
+            does not apply, and ``W_enc = W_dec.T``), each row's gradient loses
+            its component along the row, and rows are rescaled to unit norm
+            before every step and in the saved SAE. An alternative to
+            ``rescale_acts_by_decoder_norm``, which then changes nothing.
+        b_dec_init: ``"zeros"`` (SAELens) or ``"geometric_median"``: ``b_dec``
+            starts at the geometric median of the first training batch (the
+            paper's code), over all ranks' batches under data parallelism.
         l1_coefficient, l1_warm_up_steps: (relu) the L1 penalty
             ``sum_i c_i * a_i * ||d_i||``, where ``c_i`` is the summed weight of
             the levels containing latent ``i`` (nested L1, as in Nabeshima's
@@ -250,9 +274,14 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
     prefix_sampling_seed: int = 0
     detach_between_levels: bool = False
     topk_threshold_lr: float = 0.01
+    topk_threshold_start_step: int = 0
+    inference_threshold: Literal["last_batch", "ema"] = "last_batch"
     aux_loss_coefficient: float = 1.0
+    aux_loss_form: Literal["saelens", "dictionary_learning"] = "saelens"
     use_matryoshka_aux_loss: bool = False
     rescale_acts_by_decoder_norm: bool = True
+    normalize_decoder: bool = False
+    b_dec_init: Literal["zeros", "geometric_median"] = "zeros"
     l1_coefficient: float = 1.0
     l1_warm_up_steps: int = 0
     l0_coefficient: float = 1.0
@@ -345,6 +374,19 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
             raise ValueError(
                 f"{name}.topk_threshold_lr must be in (0, 1], got {self.topk_threshold_lr!r}."
             )
+        _check_int(f"{name}.topk_threshold_start_step", self.topk_threshold_start_step, 0)
+        _check_choice(
+            f"{name}.inference_threshold", self.inference_threshold, ("last_batch", "ema")
+        )
+        if self.inference_threshold == "ema" and self.activation != "batchtopk":
+            raise ValueError(
+                f"{name}.inference_threshold='ema' applies to activation='batchtopk' only (the "
+                f"threshold that replaces the batch selection); activation={self.activation!r}."
+            )
+        _check_choice(
+            f"{name}.aux_loss_form", self.aux_loss_form, ("saelens", "dictionary_learning")
+        )
+        _check_choice(f"{name}.b_dec_init", self.b_dec_init, ("zeros", "geometric_median"))
         for field_name in (
             "aux_loss_coefficient",
             "l1_coefficient",

@@ -273,6 +273,12 @@ class DataParallelCollectives(Collectives):
         )
         return value
 
+    @override
+    def sum(self, partial: torch.Tensor) -> torch.Tensor:
+        total = partial.contiguous().clone()
+        _collective("summing over the global batch", lambda: dist.all_reduce(total))
+        return total
+
 
 def prepare_data_parallel(sae: TrainingSAE[Any]) -> None:
     """Make ``sae`` one replica of a data-parallel SAE (call on every rank, before training).

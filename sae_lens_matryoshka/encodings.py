@@ -53,9 +53,13 @@ class Encoding(Protocol):
         ...
 
     def dead_latent_reconstruction(
-        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor
+        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor, rectified: bool
     ) -> torch.Tensor:
-        """Each token's decode (no bias) of its ``k_aux`` most active ``dead_latents``, ``[*batch, d_in]``."""
+        """Each token's decode (no bias) of its ``k_aux`` most active ``dead_latents``, ``[*batch, d_in]``.
+
+        ``rectified``: their pre-activations go through a ReLU first (else they
+        decode with their sign).
+        """
         ...
 
 
@@ -88,11 +92,12 @@ class DenseEncoding(NamedTuple):
         return decode_levels(acts, W_dec, b_dec, plan.widths, detach)
 
     def dead_latent_reconstruction(
-        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor
+        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor, rectified: bool
     ) -> torch.Tensor:
         hidden = self.hidden_pre[..., dead_latents]
         top = hidden.topk(min(k_aux, dead_latents.numel()), dim=-1, sorted=False)
-        acts = torch.zeros_like(hidden).scatter(-1, top.indices, top.values)
+        values = top.values.relu() if rectified else top.values
+        acts = torch.zeros_like(hidden).scatter(-1, top.indices, values)
         return self.decoding_acts(acts, dead_latents) @ W_dec[dead_latents]
 
 
@@ -178,10 +183,12 @@ class SparseEncoding(NamedTuple):
         return levels.transpose(0, 1).unflatten(1, self.pre.batch_shape)
 
     def dead_latent_reconstruction(
-        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor
+        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor, rectified: bool
     ) -> torch.Tensor:
         token, latent = dead_topk_entries(self.pre.hidden_pre, dead_latents, k_aux)
         weights = self.pre.decoding_values(token, latent)
+        if rectified:
+            weights = weights.relu()
         recon = decode_fixed_bags(weights, latent, W_dec, self.pre.sae_in.shape[0])
         return recon.unflatten(0, self.pre.batch_shape)
 

@@ -21,14 +21,47 @@ def aux_k(d_in: int) -> int:
     return max(d_in // 2, 1)
 
 
-def dead_latent_mse(recon: torch.Tensor, residual: torch.Tensor, n_dead: int) -> torch.Tensor:
-    """The auxiliary loss of a dead-latent reconstruction ``recon`` of ``residual``.
+class ScaledAuxLoss:
+    """SAELens's dead-latent loss (Gao et al. 2024): the dead latents decode with their sign.
 
-    Scaled by ``min(n_dead / k_aux, 1)`` so that a handful of dead latents do
-    not dominate (Gao et al. 2024, Appendix B.1).
+    The squared error of their reconstruction of the residual, scaled by
+    ``min(n_dead / k_aux, 1)`` so that a handful of dead latents do not
+    dominate (Appendix B.1).
     """
-    scale = min(n_dead / aux_k(residual.shape[-1]), 1.0)
-    return scale * (recon - residual).pow(2).sum(dim=-1).mean()
+
+    #: whether dead latents' pre-activations pass a ReLU before they decode
+    rectified = False
+
+    def __call__(self, recon: torch.Tensor, residual: torch.Tensor, n_dead: int) -> torch.Tensor:
+        scale = min(n_dead / aux_k(residual.shape[-1]), 1.0)
+        return scale * (recon - residual).pow(2).sum(dim=-1).mean()
+
+
+class VarianceNormalizedAuxLoss(ScaledAuxLoss):
+    """dictionary_learning's dead-latent loss: ReLU'd dead latents, error over the residual's variance.
+
+    ``||r - recon||^2 / ||r - mean(r)||^2`` (each summed over ``d_in`` and
+    averaged over tokens), computed in float32 as there; its coefficient is
+    then relative to a unit-free term (the paper's code uses 1/32). When the
+    residual does not vary at all it is 0 (dictionary_learning's would be
+    the largest float, a spike no optimizer step should take).
+    """
+
+    rectified = True
+
+    def __call__(self, recon: torch.Tensor, residual: torch.Tensor, n_dead: int) -> torch.Tensor:
+        del n_dead  # not scaled by how many are dead
+        residual = residual.float().reshape(-1, residual.shape[-1])
+        error = (residual - recon.float().reshape_as(residual)).pow(2).sum(dim=-1).mean()
+        variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        return (error / variance).nan_to_num(0.0, posinf=0.0)
+
+
+#: ``aux_loss_form`` -> the dead-latent loss
+AUX_LOSSES: dict[str, ScaledAuxLoss] = {
+    "saelens": ScaledAuxLoss(),
+    "dictionary_learning": VarianceNormalizedAuxLoss(),
+}
 
 
 def level_metrics(

@@ -9,8 +9,11 @@ saves the final dictionary with ``save_inference_model`` as a ``MatryoshkaSAE``.
 What varies is held by objects chosen once, when the SAE is built: the
 activation (``activation_fn``, see ``activations``), the levels each step
 trains (``levels``: fixed widths or sampled prefixes), the encoding a step
-works from (dense or sparse, see ``encodings``) and the batch-global operations
-(``collectives``: one process, or data parallel). This class only composes them.
+works from (dense or sparse, see ``encodings``), the batch-global operations
+(``collectives``: one process, or data parallel), the dead-latent loss
+(``aux_loss``, see ``losses``), and how ``b_dec`` starts and decoder rows are
+held (``b_dec_init``, ``decoder_norm``, see ``parametrization``). This class
+only composes them.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
 from sae_lens_matryoshka.levels import LevelPlan, decode_levels, training_levels
-from sae_lens_matryoshka.losses import aux_k, dead_latent_mse, level_metrics, level_mse
+from sae_lens_matryoshka.losses import AUX_LOSSES, aux_k, level_metrics, level_mse
+from sae_lens_matryoshka.parametrization import B_DEC_INITS, decoder_norm
 from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts, check_activations
 from sae_lens_matryoshka.safe_loading import check_finite_weights, keep_threshold_precision
 
@@ -62,6 +66,10 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         self.levels = training_levels(cfg)
         #: the batch-global operations of a training step (data parallel replaces them)
         self.collectives: Collectives = SINGLE_PROCESS
+        self.aux_loss = AUX_LOSSES[cfg.aux_loss_form]
+        self.b_dec_init = B_DEC_INITS[cfg.b_dec_init]()
+        self.decoder_norm = decoder_norm(cfg.normalize_decoder)
+        self.decoder_norm.initialize(self.W_dec, self.W_enc)
         self.save_children_flat(["activation_fn", "levels"])
 
     @override
@@ -185,6 +193,10 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         collectives = self.collectives if self.training else SINGLE_PROCESS
         x = step_input.sae_in
         check_activations(x, self.cfg.d_in, heads_flattened=self.hook_z_reshaping_mode)
+        if self.training:
+            self.decoder_norm.before_step(self.W_dec)
+            if step_input.n_training_steps == 0:
+                self.b_dec_init.first_step(self.b_dec, x, collectives)
         self.activation_fn.prepare_step()
         plan = self.levels.step_plan(self.W_dec.device)
         evaluated = self.levels.evaluated(self.W_dec.device)
@@ -208,7 +220,11 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
 
         metrics: dict[str, Any] = {}
         if self.training:
-            metrics.update(self.activation_fn.update_from_step(encoding, collectives))
+            metrics.update(
+                self.activation_fn.update_from_step(
+                    encoding, collectives, step_input.n_training_steps
+                )
+            )
         if logs_other_levels:
             logged_mse = level_mse(all_levels[len(plan.widths) :].detach(), x)
             metrics.update(level_metrics(x, logged_mse, evaluated.widths))
@@ -235,8 +251,8 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         """Dead-latent auxiliary loss (Gao et al. 2024), whole-SAE or per level.
 
         The ``d_in // 2`` dead latents with the largest pre-activations are asked
-        to reconstruct the residual of the live ones; the loss is scaled down
-        when fewer latents are dead than that. With ``use_matryoshka_aux_loss``
+        to reconstruct the residual of the live ones, in ``aux_loss``'s form
+        (SAELens's or dictionary_learning's). With ``use_matryoshka_aux_loss``
         each level's group of dead latents reconstructs its own level's residual.
         """
         dead = step_input.dead_neuron_mask
@@ -265,8 +281,10 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
             if latents.numel() == 0:
                 continue
             residual = (step_input.sae_in - level).detach()
-            recon = encoding.dead_latent_reconstruction(latents, aux_k(self.cfg.d_in), self.W_dec)
-            total = total + dead_latent_mse(recon, residual, latents.numel())
+            recon = encoding.dead_latent_reconstruction(
+                latents, aux_k(self.cfg.d_in), self.W_dec, self.aux_loss.rectified
+            )
+            total = total + self.aux_loss(recon, residual, latents.numel())
         return self.cfg.aux_loss_coefficient * total
 
     @override
@@ -385,15 +403,17 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         """Turn training weights into the inference ``MatryoshkaSAE``'s.
 
-        Decoder norms are folded into the encoder, so inference needs no
-        rescaling (thresholds are in the folded units already), and the
-        activation converts its state (a batchtopk SAE's learned threshold
-        becomes a per-latent JumpReLU threshold).
+        Unit-norm decoder rows get their last renormalisation; decoder norms
+        are folded into the encoder, so inference needs no rescaling
+        (thresholds are in the folded units already); and the activation
+        converts its state (a batchtopk SAE's learned threshold becomes a
+        per-latent JumpReLU threshold).
         """
         super().process_state_dict_for_saving_inference(state_dict)
         state_dict.pop("prefix_rng_state", None)
+        self.decoder_norm.for_inference(state_dict)
         if self.cfg.rescale_acts_by_decoder_norm:
-            norms = self.W_dec.detach().norm(dim=-1)
+            norms = state_dict["W_dec"].norm(dim=-1)
             state_dict["W_enc"] = state_dict["W_enc"] * norms
             state_dict["b_enc"] = state_dict["b_enc"] * norms
             state_dict["W_dec"] = state_dict["W_dec"] / norms.unsqueeze(1)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
+import types
 
 # Tests never reach the Hub or wandb: fail fast instead of trying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,6 +83,35 @@ def save_hf_model_folder(folder: Path) -> Path:
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def dictionary_learning() -> types.SimpleNamespace:
+    """dictionary_learning 0.1.0's own modules, the oracle for its formats.
+
+    Installed with ``pip install --no-deps dictionary-learning==0.1.0``: its
+    ``nnsight`` (activation collection) and ``wandb`` (logging) are not used
+    here, so they are stubbed where they are absent.
+    """
+    if importlib.util.find_spec("dictionary_learning") is None:
+        pytest.skip("dictionary_learning is not installed (pip install --no-deps it to run)")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("nnsight", "wandb"):
+            if importlib.util.find_spec(name) is None:
+                stub = types.ModuleType(name)
+                stub.LanguageModel = object
+                patch.setitem(sys.modules, name, stub)
+        return types.SimpleNamespace(
+            **{
+                name.rsplit(".")[-1]: importlib.import_module(f"dictionary_learning.{name}")
+                for name in (
+                    "training",
+                    "trainers.top_k",
+                    "trainers.batch_top_k",
+                    "trainers.matryoshka_batch_top_k",
+                )
+            }
+        )
 
 
 @pytest.fixture

@@ -34,6 +34,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batchtopk-sparse-aux": {"activation": "batchtopk", "k": 3, "use_matryoshka_aux_loss": True},
     "batchtopk-dense": {"activation": "batchtopk", "k": 2.5, "training_path": "dense"},
     "topk-pareto": {"activation": "topk", "k": 3, "prefix_sampling": "pareto"},
+    # b_dec from the geometric median of the global batch, unit-norm rows, the EMA saved
+    "paper-recipe": {
+        "activation": "batchtopk",
+        "k": 3,
+        "b_dec_init": "geometric_median",
+        "normalize_decoder": True,
+        "rescale_acts_by_decoder_norm": False,
+        "aux_loss_form": "dictionary_learning",
+        "inference_threshold": "ema",
+        "topk_threshold_start_step": 5,
+    },
 }
 
 

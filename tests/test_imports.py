@@ -8,10 +8,7 @@ it and compared with the source's inference formulas, transcribed below.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -287,35 +284,6 @@ def test_dictionary_learning_loading_never_unpickles_code(tmp_path: Path) -> Non
     torch.save({"encoder.weight": Payload()}, tmp_path / "ae.pt")
     with pytest.raises(Exception, match="Weights only load failed"):
         from_dictionary_learning(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def dictionary_learning() -> types.SimpleNamespace:
-    """dictionary_learning 0.1.0's own modules, the oracle for its formats.
-
-    Installed with ``pip install --no-deps dictionary-learning==0.1.0``: its
-    ``nnsight`` (activation collection) and ``wandb`` (logging) are not used
-    here, so they are stubbed where they are absent.
-    """
-    if importlib.util.find_spec("dictionary_learning") is None:
-        pytest.skip("dictionary_learning is not installed (pip install --no-deps it to run)")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("nnsight", "wandb"):
-            if importlib.util.find_spec(name) is None:
-                stub = types.ModuleType(name)
-                stub.LanguageModel = object
-                patch.setitem(sys.modules, name, stub)
-        return types.SimpleNamespace(
-            **{
-                name.rsplit(".")[-1]: importlib.import_module(f"dictionary_learning.{name}")
-                for name in (
-                    "training",
-                    "trainers.top_k",
-                    "trainers.batch_top_k",
-                    "trainers.matryoshka_batch_top_k",
-                )
-            }
-        )
 
 
 def test_checkpoints_written_by_dictionary_learning_itself(

@@ -232,6 +232,20 @@ STEP_CONFIGS: dict[str, dict[str, Any]] = {
     "b_dec-not-applied-to-input": {"apply_b_dec_to_input": False},
     "matryoshka-aux-loss": {"use_matryoshka_aux_loss": True},
     "matryoshka-aux-loss-topk": {"use_matryoshka_aux_loss": True, "activation": "topk"},
+    "dictionary-learning-aux": {"aux_loss_form": "dictionary_learning"},
+    "dictionary-learning-aux-per-level": {
+        "aux_loss_form": "dictionary_learning",
+        "use_matryoshka_aux_loss": True,
+    },
+    "unit-norm-decoder": {"normalize_decoder": True, "rescale_acts_by_decoder_norm": False},
+    "paper-recipe": {
+        "normalize_decoder": True,
+        "rescale_acts_by_decoder_norm": False,
+        "aux_loss_form": "dictionary_learning",
+        "b_dec_init": "geometric_median",
+        "inference_threshold": "ema",
+        "level_weights": [0.1, 0.1, 0.1],
+    },
 }
 
 
