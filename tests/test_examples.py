@@ -153,7 +153,11 @@ def test_default_outputs_are_git_ignored_and_removed_by_make_clean() -> None:
             ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/cfg.json"], cwd=ROOT)
             assert ignored.returncode == 0, f"{folder} is not git-ignored"
     recipe = subprocess.run(
-        ["make", "-n", "clean"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", "clean"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     removed = shlex.split(recipe)
     assert removed[:2] == ["rm", "-rf"]

@@ -35,7 +35,7 @@ def _sae(
         for name, param in sae.named_parameters():
             param.copy_(
                 torch.rand_like(param) * 0.3
-                if name == "threshold"
+                if name.endswith("threshold")
                 else torch.randn_like(param) * 0.5
             )
     return sae

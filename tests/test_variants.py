@@ -18,6 +18,7 @@ from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEC
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka.checkpoints import mark_complete
 from sae_lens_matryoshka.levels import pareto_prefix_probabilities, sample_prefix_widths
 
 from .conftest import dense, step_output, train_step
@@ -238,7 +239,9 @@ def test_prefix_sampling_is_seeded_and_resumes_from_a_checkpoint(tmp_path: Path)
 
     interrupted = _ours(**fields)
     sequence(interrupted, 3)
-    interrupted.save_model(tmp_path)  # what SAELens's trainer checkpoints
+    interrupted.save_model(tmp_path)  # the part of SAELens's checkpoint the SAE writes
+    torch.save({}, tmp_path / "trainer_state.pt")  # the trainer's part, unused here
+    mark_complete(tmp_path)
     resumed = _ours(**fields)
     resumed.load_weights_from_checkpoint(tmp_path)  # what the runner does on resume
     assert sequence(resumed, 3) == first[3:]
