@@ -34,7 +34,6 @@ from typing_extensions import Self, override
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.encodings import Encoding, dense_only
 from sae_lens_matryoshka.levels import LevelPlan
-from sae_lens_matryoshka.sparse_kernels import topk_entries
 
 if TYPE_CHECKING:
     from sae_lens_matryoshka.config import MatryoshkaSAEConfig, MatryoshkaTrainingSAEConfig
@@ -302,11 +301,9 @@ class TopK(KSparseActivation):
 
     @override
     def select(
-        self,
-        hidden_pre: torch.Tensor,
-        collectives: Collectives,
+        self, hidden_pre: torch.Tensor, collectives: Collectives
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk_entries(hidden_pre, int(self.k))
+        return collectives.topk(hidden_pre, int(self.k))
 
 
 class JumpReLU(TrainingActivation):

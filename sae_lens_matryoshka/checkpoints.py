@@ -34,6 +34,10 @@ MARKER = "checkpoint_complete.json"
 _STAGING = re.compile(r"\.incomplete-[0-9a-f]+$")
 #: the files SAELens's trainer writes into every checkpoint
 _TRAINER_FILES = ("cfg.json", "sae_weights.safetensors", "trainer_state.pt")
+#: in each shard's part of a latent-sharded checkpoint: which latents it holds
+PART_FILE = "latent_shard.json"
+#: the folders of a latent-sharded checkpoint's parts
+_PART = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
 
 class IncompleteCheckpointError(ValueError):
@@ -70,11 +74,36 @@ def check_complete(folder: str | Path) -> None:
         )
 
 
+def check_part(folder: str | Path, part: dict[str, Any] | None) -> None:
+    """Refuse a checkpoint folder that holds another part of the dictionary than ``part``.
+
+    ``part`` is what this process trains (``None``: the whole dictionary);
+    each part of a latent-sharded checkpoint records its own.
+    """
+    record = Path(folder) / PART_FILE
+    saved = json.loads(record.read_text()) if record.is_file() else None
+    if saved == part:
+        return
+    if saved is None:
+        held = "the whole dictionary (it was not sharded)"
+    else:
+        held = f"shard {saved['shard']} of {saved['n_shards']} (latents {saved['latents']})"
+    if part is None:
+        trained = "the whole dictionary"
+    else:
+        trained = f"shard {part['shard']} of {part['n_shards']} (latents {part['latents']})"
+    raise ValueError(
+        f"{folder} holds {held}, but this process trains {trained}: resume with the "
+        "checkpoint's number of latent shards."
+    )
+
+
 def is_checkpoint(folder: str | Path) -> bool:
     """Whether ``folder`` is (or was being written as) a training checkpoint, not a saved SAE."""
     folder = Path(folder).resolve()
     staged = any(_STAGING.search(part) for part in folder.parts)
-    return staged or (folder / MARKER).exists() or (folder / "trainer_state.pt").exists()
+    marked = (folder / MARKER).exists() or (folder / "trainer_state.pt").exists()
+    return staged or marked or bool(_parts(folder))
 
 
 def latest_complete(checkpoints: str | Path) -> Path | None:
@@ -87,9 +116,26 @@ def latest_complete(checkpoints: str | Path) -> Path | None:
     return max(complete, key=_progress, default=None)
 
 
+def _parts(folder: Path) -> list[Path]:
+    """The shards' parts in ``folder``, if it is a latent-sharded checkpoint."""
+    if not folder.is_dir():
+        return []
+    return [part for part in folder.iterdir() if part.is_dir() and _PART.match(part.name)]
+
+
 def _problems(folder: Path) -> list[str]:
     if _STAGING.search(folder.parent.name) or _STAGING.search(folder.name):
         return ["it is a staging folder, left by a run killed while writing it"]
+    parts = _parts(folder)
+    if parts:  # whole when every shard's part is
+        match = _PART.match(parts[0].name)
+        assert match is not None
+        n_shards = int(match.group(2))
+        expected = [f"shard-{shard}-of-{n_shards}" for shard in range(n_shards)]
+        problems = [f"{name} is missing" for name in expected if not (folder / name).is_dir()]
+        for part in sorted(parts):
+            problems += [f"{part.name}: {problem}" for problem in _problems(part)]
+        return problems
     marker = folder / MARKER
     if not marker.is_file():
         found = [_describe(folder, name) for name in _TRAINER_FILES]
@@ -170,8 +216,13 @@ def install() -> None:
         if base is None or not trains_matryoshka(self):
             save(self, checkpoint_name, base_path, wandb_aliases)
             return
+        part = self.sae.collectives.checkpoint_part()
+        if part is not None:  # one shard's part, beside the other shards' parts
+            base, checkpoint_name = Path(base) / checkpoint_name, part["name"]
         staging = Path(base) / f".{checkpoint_name}.incomplete-{uuid.uuid4().hex[:8]}"
         save(self, checkpoint_name, staging, wandb_aliases)
+        if part is not None:
+            (staging / checkpoint_name / PART_FILE).write_text(json.dumps(part))
         _publish(staging / checkpoint_name, Path(base) / checkpoint_name)
         staging.rmdir()
 

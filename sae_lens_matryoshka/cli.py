@@ -34,12 +34,12 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import simple_parsing
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
+from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAEConfig
 
@@ -100,8 +100,9 @@ def parse_train_args(args: Sequence[str]) -> LanguageModelSAERunnerConfig[Any]:
     parser = _RunnerFlagParser(
         prog=TRAIN_PROG,
         description="Train a Matryoshka SAE with SAELens's runner (every runner flag is "
-        "accepted). Under torchrun, --training_tokens and --train_batch_size_tokens are per "
-        "rank.",
+        "accepted). Under torchrun, --latent_shards N splits the SAE's latents over N ranks "
+        "(default 1); the other ranks are data-parallel replicas, and --training_tokens and "
+        "--train_batch_size_tokens are per replica.",
         allow_abbrev=False,
     )
     parser.add_arguments(command_line, dest="cfg")
@@ -139,16 +140,22 @@ def level_table(rows: Sequence[Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def report(runner: LanguageModelSAETrainingRunner, sae: TrainingSAE[Any]) -> None:
+def report(run: distributed.TrainingRun, sae: TrainingSAE[Any]) -> None:
     """Print where the trained SAE went and, for a Matryoshka SAE, each level's evals."""
-    cfg = runner.cfg
+    cfg = run.cfg
     if cfg.output_path is None:
         print(f"{TRAIN_PROG}: not saved (--output_path is None).")
     else:
         print(f"{TRAIN_PROG}: saved to {Path(cfg.output_path).resolve()}")
     if cfg.checkpoint_path is not None and cfg.n_checkpoints + cfg.save_final_checkpoint > 0:
         print(f"{TRAIN_PROG}: checkpoints in {Path(cfg.checkpoint_path).resolve()}")
-    if isinstance(sae, MatryoshkaTrainingSAE):
+    if run.mesh is not None and run.mesh.n_shards > 1:
+        print(
+            f"{TRAIN_PROG}: this rank holds one latent shard; evaluate the saved SAE's levels "
+            "with sae_lens_matryoshka.evals.evaluate_levels where it fits."
+        )
+    elif isinstance(sae, MatryoshkaTrainingSAE):
+        runner = run.runner
         rows = evaluate_levels(
             sae,
             runner.model,
@@ -161,17 +168,43 @@ def report(runner: LanguageModelSAETrainingRunner, sae: TrainingSAE[Any]) -> Non
         print(level_table(rows))
 
 
+def _latent_shards(args: Sequence[str]) -> tuple[list[str], int]:
+    """``--latent_shards N`` taken out of the runner flags (default 1)."""
+    parser = argparse.ArgumentParser(prog=TRAIN_PROG, add_help=False, allow_abbrev=False)
+    parser.add_argument("--latent_shards", type=_positive(int), default=1)
+    parsed, rest = parser.parse_known_args(list(args))
+    return rest, parsed.latent_shards
+
+
 def train(args: Sequence[str]) -> None:
     """``sae-lens-matryoshka train ARGS``: check, load (local folders too), train, report."""
+    args, latent_shards = _latent_shards(args)
     cfg = parse_train_args(args)
     launched_rank = os.environ.get("RANK", "0")  # under torchrun, before the ranks meet
     if cfg.logger.log_to_wandb and launched_rank == "0":
         check_wandb_login()
     with hub_errors_in_one_line(LOCAL_FOLDERS_HINT), overrides_named_by_config():
-        runner = distributed.build_runner(cfg, **local_overrides(cfg))
-    sae = distributed.train(runner)
+        run = distributed.build_runner(cfg, latent_shards, **local_overrides(cfg))
+    sae = distributed.train(run)
     if distributed.rank() == 0:
-        report(runner, sae)
+        report(run, sae)
+
+
+#: what a positive-number option parses to
+Number = TypeVar("Number", int, float)
+
+
+def _positive(kind: Callable[[str], Number]) -> Callable[[str], Number]:
+    """An argparse type: ``kind`` of the text, refused unless it is above zero."""
+
+    def parse(text: str) -> Number:
+        value = kind(text)  # a ValueError becomes argparse's "invalid int value: 'x'"
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
 
 
 def _build_parser() -> argparse.ArgumentParser:

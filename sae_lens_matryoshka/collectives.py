@@ -1,32 +1,64 @@
-"""What a training step needs from the other replicas of a data-parallel SAE.
+"""What a training step needs from the other ranks of a distributed SAE, and the one-process answer.
 
-A Matryoshka training step has three pieces of batch-global state: the
-BatchTopK selection (the ``k * n_tokens`` largest pre-activations of the whole
-batch), the dead-latent mask (a latent is dead if it fired on no token) and the
-inference threshold (the smallest kept activation); a ``b_dec`` started at the
-first batch's geometric median needs sums over the batch. Under data
-parallelism the batch is spread over ranks, so each becomes a collective
-operation. The SAE is given one :class:`Collectives` object and calls these
-operations without knowing how many processes there are: :data:`SINGLE_PROCESS` computes them
-locally, ``distributed.DataParallelCollectives`` across ranks.
+A Matryoshka training step has batch-global state: the BatchTopK selection
+(the ``k * n_tokens`` largest pre-activations of the whole batch), the
+dead-latent mask (a latent is dead if it fired on no token), the inference
+threshold (the smallest kept activation), and sums over the batch (a
+geometric-median ``b_dec``). When the dictionary itself is split over ranks
+(latent sharding), it also needs the whole dictionary's view of each token:
+TopK and the dead-latent selection rank every shard's latents, and the
+reconstruction is the sum of every shard's part.
+
+The SAE is given one :class:`Collectives` object and calls these operations
+without knowing how many processes there are: :data:`SINGLE_PROCESS` computes
+them locally, ``mesh.MeshCollectives`` over a grid of data-parallel replicas x
+latent shards.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from sae_lens_matryoshka.sparse_kernels import batch_topk_entries
+from sae_lens_matryoshka.levels import LevelPlan
+from sae_lens_matryoshka.sparse_kernels import batch_topk_entries, topk_entries
 
 
 class Collectives:
-    """The batch-global operations of a training step, in a single process."""
+    """The batch-global operations of a training step, in a single process with every latent."""
+
+    def latent_range(self, d_sae: int) -> tuple[int, int]:
+        """The latents this process holds, ``[start, stop)`` of the dictionary's ``d_sae``."""
+        return 0, d_sae
+
+    def local_plan(self, plan: LevelPlan) -> LevelPlan:
+        """``plan`` with its group bounds in this process's latent numbering."""
+        return plan
 
     def batch_topk(self, hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(token, latent)`` entries BatchTopK keeps: the ``k * n_tokens`` largest positive ones.
 
         Returned token-major (tokens non-decreasing, latents increasing within a token).
         """
-        return batch_topk_entries(hidden_pre, kept_entries(k, hidden_pre))
+        n_keep = kept_entries(k, hidden_pre.shape[0], hidden_pre.numel())
+        return batch_topk_entries(hidden_pre, n_keep)
+
+    def topk(self, hidden_pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(token, latent)`` entries TopK keeps: each token's ``k`` largest, token-major."""
+        return topk_entries(hidden_pre, k)
+
+    def dead_topk(
+        self, dead_hidden: torch.Tensor, n_pick: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's ``n_pick`` largest of ``dead_hidden [n_tokens, n_dead]``: ``(token, column)``.
+
+        The dead latents the auxiliary loss decodes (their pre-activations, any
+        sign), token-major.
+        """
+        top = dead_hidden.topk(n_pick, dim=-1, sorted=False).indices
+        token = torch.arange(dead_hidden.shape[0], device=dead_hidden.device)
+        return token.repeat_interleave(n_pick), top.reshape(-1)
 
     def dead_everywhere(self, dead: torch.Tensor) -> torch.Tensor:
         """The dead-latent mask of the whole batch (``dead`` is this process's)."""
@@ -40,20 +72,35 @@ class Collectives:
         """A sum over the whole batch (``partial`` is this process's part of it)."""
         return partial
 
+    def decoder_bias(self, b_dec: torch.Tensor) -> torch.Tensor:
+        """What this process adds as ``b_dec`` to its part of the reconstruction."""
+        return b_dec
 
-def kept_entries(k: float, hidden_pre: torch.Tensor, n_ranks: int = 1) -> int:
-    """How many entries BatchTopK keeps of ``n_ranks`` batches like ``hidden_pre``: ``k * n_tokens``.
+    def whole_reconstruction(self, part: torch.Tensor) -> torch.Tensor:
+        """A reconstruction by the whole dictionary, from this process's latents' ``part`` of it."""
+        return part
+
+    def whole_feature_acts(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """The activations of the whole dictionary (no graph), from this process's latents'."""
+        return feature_acts
+
+    def checkpoint_part(self) -> dict[str, Any] | None:
+        """Which part of the dictionary this process's checkpoints hold (``None``: all of it)."""
+        return None
+
+
+def kept_entries(k: float, n_tokens: int, n_entries: int) -> int:
+    """How many entries BatchTopK keeps of a batch of ``n_tokens`` (``n_entries`` in all): ``k * n_tokens``.
 
     Refuses a batch so small that BatchTopK would keep nothing and train nothing.
     """
-    n_tokens = hidden_pre.shape[0] * n_ranks
     if k * n_tokens < 1:
         raise ValueError(
             f"BatchTopK keeps k * n_tokens = {k} * {n_tokens} = {k * n_tokens:g} < 1 latent "
             "activations of this batch, so it would train nothing: use a larger batch "
             "(train_batch_size_tokens) or a larger k."
         )
-    return min(int(k * n_tokens), hidden_pre.numel() * n_ranks)
+    return min(int(k * n_tokens), n_entries)
 
 
 #: the collectives of an SAE trained in one process

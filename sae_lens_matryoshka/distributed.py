@@ -30,40 +30,47 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from functools import partial
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
+from sae_lens.constants import RUNNER_CFG_FILENAME
 from sae_lens.training import sae_trainer
 from tqdm.auto import tqdm
-from typing_extensions import override
 
-from sae_lens_matryoshka.collectives import Collectives, kept_entries
-from sae_lens_matryoshka.sparse_kernels import batch_topk_entries
+from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka.mesh import (
+    TIMEOUT_ENV,
+    CollectiveError,
+    Mesh,
+    MeshCollectives,
+    collective,
+)
+from sae_lens_matryoshka.sharding import (
+    SHARDED_DIMENSIONS,
+    check_shardable,
+    save_whole,
+    sharded_training_sae,
+)
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
-TIMEOUT_ENV = "SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
 RENDEZVOUS_TIMEOUT_ENV = "SAE_MATRYOSHKA_RENDEZVOUS_TIMEOUT"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 120.0
-
-T = TypeVar("T")
-
-
-class CollectiveError(RuntimeError):
-    """A collective operation across ranks failed: another rank died, stalled or diverged."""
 
 
 def world_size() -> int:
@@ -209,177 +216,296 @@ def _rendezvous(this_rank: int, n_ranks: int, timeout_s: float) -> dist.Store:
     return store
 
 
-def _collective(what: str, operation: Callable[[], T]) -> T:
-    try:
-        return operation()
-    except (RuntimeError, dist.DistError) as error:
-        raise CollectiveError(
-            f"rank {rank()} of {world_size()}: {what} failed. Another rank has probably died "
-            f"or stalled (the collective timeout is set by {TIMEOUT_ENV}, in seconds). "
-            f"Cause: {error}"
-        ) from error
+def _synchronise_gradient(param: torch.Tensor, mesh: Mesh, over_shards: bool) -> None:
+    """Make ``param``'s gradient the whole batch's, on every rank that holds ``param``.
 
-
-def _average_gradient(param: torch.Tensor) -> None:
+    The replicas of a tensor average their gradients (each saw a share of the
+    batch's tokens). ``b_dec``, held whole by every shard, first sums over the
+    shards: each contributed the part of its gradient that flows through its
+    own latents.
+    """
     grad = param.grad
     assert grad is not None
     # collectives need contiguous memory; a sparse backward may hand over a transposed view
     buffer = grad if grad.is_contiguous() else grad.contiguous()
-    _collective("averaging gradients", lambda: dist.all_reduce(buffer))
-    buffer.div_(world_size())
+    if over_shards:
+        collective("summing gradients", lambda: dist.all_reduce(buffer, group=mesh.shard_group))
+    if mesh.n_replicas > 1:
+        what = "averaging gradients"
+        collective(what, lambda: dist.all_reduce(buffer, group=mesh.replica_group))
+        buffer.div_(mesh.n_replicas)
     if buffer is not grad:
         grad.copy_(buffer)
 
 
-class DataParallelCollectives(Collectives):
-    """The batch-global operations of a training step, over every rank's share of the batch."""
-
-    @override
-    def batch_topk(self, hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the BatchTopK selection over the global batch.
-
-        The global batch keeps its ``k * n_tokens * world_size`` largest positive
-        values (equal batches on every rank). No rank can contribute more than
-        that, so each takes its local top that many, the ranks exchange those
-        values, and each keeps its entries at or above the global cut-off. Exact
-        up to ties at the cut-off across ranks.
-        """
-        n_ranks = world_size()
-        n_keep = min(kept_entries(k, hidden_pre, n_ranks), hidden_pre.numel())
-        token, latent = batch_topk_entries(hidden_pre, n_keep)
-        values = hidden_pre[token, latent]
-        local = torch.full((n_keep,), -torch.inf, dtype=values.dtype, device=values.device)
-        local[: values.numel()] = values
-        gathered = [torch.empty_like(local) for _ in range(n_ranks)]
-        _collective("the global BatchTopK selection", lambda: dist.all_gather(gathered, local))
-        cutoff = torch.cat(gathered).topk(n_keep, sorted=False).values.min()
-        keep = values >= cutoff
-        return token[keep], latent[keep]
-
-    @override
-    def dead_everywhere(self, dead: torch.Tensor) -> torch.Tensor:
-        """Dead on every rank (fired on none within the window): the single-process dead mask."""
-        flags = dead.to(torch.uint8)
-        _collective(
-            "agreeing on dead latents", lambda: dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        )
-        return flags.bool()
-
-    @override
-    def minimum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.clone()
-        _collective(
-            "agreeing on the threshold", lambda: dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        )
-        return value
-
-    @override
-    def sum(self, partial: torch.Tensor) -> torch.Tensor:
-        total = partial.contiguous().clone()
-        _collective("summing over the global batch", lambda: dist.all_reduce(total))
-        return total
+#: the gradient norm SAELens's trainer clips to (``clip_grad_norm_(sae.parameters(), 1.0)``)
+SAELENS_CLIP_NORM = 1.0
 
 
-def prepare_data_parallel(sae: TrainingSAE[Any]) -> None:
-    """Make ``sae`` one replica of a data-parallel SAE (call on every rank, before training).
+class _WholeGradientClip:
+    """Clip the whole sharded SAE's gradient, as SAELens clips one process's, once backward ends.
 
-    Broadcasts rank 0's parameters and buffers, averages every gradient across
-    ranks as it is accumulated, and gives the SAE the collectives that make its
-    batch-global state (BatchTopK selection, dead latents, inference threshold)
-    global.
+    SAELens's trainer clips the norm of ``sae.parameters()``' gradients, on
+    each rank: with the latents sharded that would be one shard's norm. At the
+    end of every backward this scales every rank's gradients by the factor
+    the whole SAE's norm gives (shared tensors, equal on every shard, counted
+    once); the trainer's own clip then finds a norm within bounds and changes
+    nothing.
     """
-    if world_size() <= 1:
+
+    def __init__(self, sae: TrainingSAE[Any], mesh: Mesh) -> None:
+        self.parameters = dict(sae.named_parameters())
+        self.mesh = mesh
+        self.queued = False
+
+    def queue(self, _param: torch.Tensor) -> None:
+        """A post-accumulate hook: run :meth:`clip` once, when this backward has finished."""
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.clip)
+
+    @torch.no_grad()
+    def clip(self) -> None:
+        self.queued = False
+        grads = {
+            name: param.grad for name, param in self.parameters.items() if param.grad is not None
+        }
+        zero = next(iter(self.parameters.values())).new_zeros((), dtype=torch.float32)
+        sharded = sum(
+            (g.float().pow(2).sum() for n, g in grads.items() if n in SHARDED_DIMENSIONS), zero
+        )
+        shared = sum(
+            (g.float().pow(2).sum() for n, g in grads.items() if n not in SHARDED_DIMENSIONS), zero
+        )
+        what = "the whole SAE's gradient norm"
+        sharded = sharded.clone()
+        collective(what, lambda: dist.all_reduce(sharded, group=self.mesh.shard_group))
+        norm = (sharded + shared).sqrt()
+        factor = (SAELENS_CLIP_NORM / (norm + 1e-6)).clamp(max=1.0)
+        for grad in grads.values():
+            grad.mul_(factor.to(grad.dtype))
+
+
+def prepare_distributed(sae: TrainingSAE[Any], mesh: Mesh) -> None:
+    """Make ``sae`` this rank's part of a distributed SAE (every rank, before training).
+
+    Every replica starts as the first replica (parameters and buffers are
+    broadcast, each shard's from its first replica), gradients are
+    synchronised as they are accumulated (and, when sharded, clipped by the
+    whole SAE's norm), and the SAE gets the collectives
+    that make its batch-global state (BatchTopK selection, dead latents,
+    inference threshold) and, when sharded, its selections and
+    reconstructions span every rank. A sharded SAE comes from
+    :func:`sharding.sharded_training_sae`.
+    """
+    if dist.get_world_size() <= 1:
         return
     if not isinstance(sae, MatryoshkaTrainingSAE):
         raise ValueError(
-            f"Data-parallel training needs architecture 'matryoshka' (got {type(sae).__name__}, "
+            f"Distributed training needs architecture 'matryoshka' (got {type(sae).__name__}, "
             f"architecture {sae.cfg.architecture()!r}): other SAEs would select BatchTopK and "
             "track dead latents per rank, silently unlike a single-process run."
         )
+    if mesh.n_shards > 1 and sae.W_dec.shape[0] != sae.cfg.d_sae // mesh.n_shards:
+        raise ValueError(
+            "a latent-sharded run needs each rank's shard of the SAE "
+            "(sharding.sharded_training_sae), not the whole dictionary."
+        )
     # the prefix sampler's state stays on the CPU, and is the same on every rank
-    # (same seed, same steps); everything else starts as rank 0's
-    shared = [t for t in [*sae.parameters(), *sae.buffers()] if t.device == sae.W_dec.device]
+    # (same seed, same steps); everything else starts as its first replica's
     with torch.no_grad():
-        for tensor in shared:
-            _collective("broadcasting the initial weights", partial(dist.broadcast, tensor, 0))
-    for param in sae.parameters():
-        param.register_post_accumulate_grad_hook(_average_gradient)
-    sae.collectives = DataParallelCollectives()
+        for name, tensor in [*sae.named_parameters(), *sae.named_buffers()]:
+            if tensor.device != sae.W_dec.device:
+                continue
+            per_shard = mesh.n_shards > 1 and name in SHARDED_DIMENSIONS
+            group = mesh.replica_group if per_shard else None
+            source = mesh.first_rank_of(mesh.replica_group) if per_shard else 0
+            collective(
+                "broadcasting the initial weights",
+                partial(dist.broadcast, tensor, source, group=group),
+            )
+    clip = _WholeGradientClip(sae, mesh) if mesh.n_shards > 1 else None
+    for name, param in sae.named_parameters():
+        over_shards = mesh.n_shards > 1 and name not in SHARDED_DIMENSIONS
+        param.register_post_accumulate_grad_hook(
+            partial(_synchronise_gradient, mesh=mesh, over_shards=over_shards)
+        )
+        if clip is not None:
+            param.register_post_accumulate_grad_hook(clip.queue)
+    if not isinstance(sae.collectives, MeshCollectives):
+        sae.collectives = MeshCollectives(mesh, sae.cfg.d_sae)
 
 
-def shard_activation_source(runner: LanguageModelSAETrainingRunner) -> None:
-    """Give this rank a disjoint shard of the runner's token dataset or activation cache."""
+def shard_activation_source(runner: LanguageModelSAETrainingRunner, mesh: Mesh) -> None:
+    """Give this rank its replica's disjoint shard of the token dataset or activation cache.
+
+    The shards of one replica read the same tokens.
+    """
     store = runner.activations_store
-    n_ranks, index = world_size(), rank()
+    n_parts, index = mesh.n_replicas, mesh.replica
     if store.cached_activation_dataset is not None:
         store.cached_activation_dataset = store.cached_activation_dataset.shard(
-            n_ranks, index, contiguous=True
+            n_parts, index, contiguous=True
         )
     if isinstance(store.dataset, Dataset):
-        store.dataset = store.dataset.shard(n_ranks, index, contiguous=True)
+        store.dataset = store.dataset.shard(n_parts, index, contiguous=True)
     elif isinstance(store.dataset, IterableDataset):
-        store.dataset = split_dataset_by_node(store.dataset, rank=index, world_size=n_ranks)
+        store.dataset = split_dataset_by_node(store.dataset, rank=index, world_size=n_parts)
     if store.dataset is not None:
         store.iterable_sequences = store._iterate_tokenized_sequences()
 
 
-def rank_config(cfg: LanguageModelSAERunnerConfig[Any]) -> LanguageModelSAERunnerConfig[Any]:
-    """Rank 0 keeps the config; the others neither log, checkpoint nor save."""
-    if rank() == 0:
-        return cfg
-    return dataclasses.replace(
+def rank_config(
+    cfg: LanguageModelSAERunnerConfig[Any], mesh: Mesh
+) -> LanguageModelSAERunnerConfig[Any]:
+    """This rank's runner config.
+
+    Rank 0 alone logs and saves; with the latents sharded the whole SAE is
+    gathered and saved after training (``train``), so no rank's runner saves,
+    each shard of the first replica checkpoints its own part, and resuming
+    reads this rank's part of the checkpoint.
+    """
+    sharded = mesh.n_shards > 1
+    checkpoints = mesh.replica == 0 if sharded else dist.get_rank() == 0
+    rank_cfg = dataclasses.replace(
         cfg,
-        logger=dataclasses.replace(cfg.logger, log_to_wandb=False),
-        n_checkpoints=0,
-        checkpoint_path=None,
-        save_final_checkpoint=False,
-        output_path=None,
+        logger=dataclasses.replace(
+            cfg.logger, log_to_wandb=cfg.logger.log_to_wandb and dist.get_rank() == 0
+        ),
+        n_checkpoints=cfg.n_checkpoints if checkpoints else 0,
+        save_final_checkpoint=cfg.save_final_checkpoint and checkpoints,
+        output_path=cfg.output_path if dist.get_rank() == 0 and not sharded else None,
     )
+    # set after construction: the config appends a fresh run id to a checkpoint path
+    rank_cfg.checkpoint_path = cfg.checkpoint_path if checkpoints else None
+    if sharded and cfg.resume_from_checkpoint is not None:
+        rank_cfg.resume_from_checkpoint = str(Path(cfg.resume_from_checkpoint) / mesh.part_name())
+    return rank_cfg
+
+
+class TrainingRun(NamedTuple):
+    """A runner ready to train, and where this run sits among the ranks."""
+
+    runner: LanguageModelSAETrainingRunner
+    #: ``None`` in a single process
+    mesh: Mesh | None
+    #: the config as given (``runner.cfg`` is this rank's version of it)
+    cfg: LanguageModelSAERunnerConfig[Any]
+
+
+def _agree_on_checkpoint_path(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
+    """Give every rank rank 0's checkpoint folder (each config drew its own run id)."""
+    shared = [cfg.checkpoint_path]
+    collective("agreeing on the checkpoint folder", lambda: dist.broadcast_object_list(shared))
+    cfg.checkpoint_path = shared[0]
+
+
+class _NoEvalsOnOneShard:
+    """The evaluator of a latent-sharded run: evals during training would see one shard."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def __call__(self, *_args: Any, **_kwargs: Any) -> dict[str, Any]:
+        if not self.warned:
+            warnings.warn(
+                "evals during a latent-sharded run are skipped (rank 0 holds one shard of the "
+                "latents); evaluate the saved SAE, e.g. with evals.evaluate_levels.",
+                stacklevel=2,
+            )
+            self.warned = True
+        return {}
 
 
 def build_runner(
-    cfg: LanguageModelSAERunnerConfig[Any], **overrides: Any
-) -> LanguageModelSAETrainingRunner:
-    """SAELens's runner for ``cfg``: one data-parallel replica under ``torchrun``, else plain.
+    cfg: LanguageModelSAERunnerConfig[Any], latent_shards: int = 1, **overrides: Any
+) -> TrainingRun:
+    """SAELens's runner for ``cfg``, as this rank's part of the run under ``torchrun``.
 
-    ``overrides`` go to the runner (``override_model``, ``override_dataset``,
-    ...). Under ``torchrun`` this joins the other ranks, gives this rank its
-    shard of the data and makes its SAE a replica; ranks other than 0 build
-    and train quietly (see ``progress.quiet_other_ranks``).
+    Without ``torchrun``, a plain runner. Under it, ``WORLD_SIZE`` ranks
+    form ``WORLD_SIZE / latent_shards`` data-parallel replicas of an SAE whose
+    latents are split over ``latent_shards`` ranks (see ``mesh``, ``sharding``):
+    this rank joins the others, gets its replica's shard of the data and its
+    part of the SAE. ``overrides`` go to the runner (``override_model``,
+    ``override_dataset``, ...). Ranks other than 0 build and train quietly.
     """
+    if latent_shards < 1:
+        raise ValueError(f"latent_shards must be a whole number >= 1, got {latent_shards!r}.")
     if not init_from_env():
-        return LanguageModelSAETrainingRunner(cfg, **overrides)
+        if latent_shards > 1:
+            raise ValueError(
+                f"latent_shards={latent_shards} splits the SAE over {latent_shards} ranks: "
+                f"launch with torchrun and a multiple of {latent_shards} processes."
+            )
+        return TrainingRun(LanguageModelSAETrainingRunner(cfg, **overrides), None, cfg)
     if cfg.sae.normalize_activations not in ("none", "constant_norm_rescale", "layer_norm"):
         raise ValueError(
             f"normalize_activations={cfg.sae.normalize_activations!r} estimates statistics from "
             "each rank's own batches, which would differ across ranks; use 'none' (or estimate "
             "the scale once and fold it into the activations) for data-parallel training."
         )
+    mesh = Mesh.of_world(latent_shards)
+    if latent_shards > 1:
+        if not isinstance(cfg.sae, MatryoshkaTrainingSAEConfig):
+            raise ValueError("latent sharding trains architecture 'matryoshka' only.")
+        check_shardable(cfg.sae, latent_shards)
+        if cfg.from_pretrained_path is not None or "override_sae" in overrides:
+            raise ValueError(
+                "a latent-sharded run builds its own shards of a new SAE; to continue a "
+                "sharded run, use resume_from_checkpoint."
+            )
+        _agree_on_checkpoint_path(cfg)
+    rank_cfg = rank_config(cfg, mesh)
+    if latent_shards > 1:
+        torch.manual_seed(cfg.seed)  # every rank draws the same stream and keeps its rows
+        sae_cfg = MatryoshkaTrainingSAEConfig.from_dict(rank_cfg.get_training_sae_cfg_dict())
+        overrides["override_sae"] = sharded_training_sae(sae_cfg, mesh)
     with quiet_other_ranks():
-        runner = LanguageModelSAETrainingRunner(rank_config(cfg), **overrides)
-    shard_activation_source(runner)
-    prepare_data_parallel(runner.sae)
-    if rank() == 0:
+        runner = LanguageModelSAETrainingRunner(rank_cfg, **overrides)
+    shard_activation_source(runner, mesh)
+    prepare_distributed(runner.sae, mesh)
+    if latent_shards > 1:
+        runner.evaluator = _NoEvalsOnOneShard()
+    if dist.get_rank() == 0:
+        layout = (
+            f"{mesh.n_replicas} replica(s) x {mesh.n_shards} latent shards"
+            if latent_shards > 1
+            else f"{mesh.n_replicas} ranks"
+        )
         print(
-            f"sae-lens-matryoshka: data-parallel training on {world_size()} ranks, "
-            f"{cfg.train_batch_size_tokens * world_size()} tokens per global batch, "
-            f"{cfg.training_tokens * world_size()} tokens in all",
+            f"sae-lens-matryoshka: distributed training on {layout}, "
+            f"{cfg.train_batch_size_tokens * mesh.n_replicas} tokens per global batch, "
+            f"{cfg.training_tokens * mesh.n_replicas} tokens in all",
             file=sys.stderr,
         )
-    return runner
+    return TrainingRun(runner, mesh, cfg)
 
 
-def train(runner: LanguageModelSAETrainingRunner) -> TrainingSAE[Any]:
-    """Run ``runner`` (from ``build_runner``), ranks other than 0 quietly; return the SAE."""
-    with quiet_other_ranks():
-        return runner.run()
+def train(run: TrainingRun) -> TrainingSAE[Any]:
+    """Train ``run`` (from ``build_runner``), ranks other than 0 quietly; return this rank's SAE.
 
-
-def run(cfg: LanguageModelSAERunnerConfig[Any], **overrides: Any) -> TrainingSAE[Any]:
-    """Train with SAELens's runner: data-parallel under ``torchrun``, a plain run otherwise.
-
-    ``train_batch_size_tokens`` and ``training_tokens`` are per rank: the global
-    batch and the tokens trained on in all are ``world_size`` times larger
-    (scale the learning rate accordingly).
+    A latent-sharded SAE is then gathered and saved whole to ``output_path``
+    (with ``runner_cfg.json``), as SAELens's runner saves one.
     """
-    return train(build_runner(cfg, **overrides))
+    with quiet_other_ranks():
+        sae = run.runner.run()
+    if run.mesh is not None and run.mesh.n_shards > 1 and run.cfg.output_path is not None:
+        assert isinstance(sae, MatryoshkaTrainingSAE)
+        folder = save_whole(sae, run.mesh, run.cfg.output_path)
+        if folder is not None:
+            (folder / RUNNER_CFG_FILENAME).write_text(json.dumps(run.cfg.to_dict()))
+    return sae
+
+
+def run(
+    cfg: LanguageModelSAERunnerConfig[Any], latent_shards: int = 1, **overrides: Any
+) -> TrainingSAE[Any]:
+    """Train with SAELens's runner: distributed under ``torchrun``, a plain run otherwise.
+
+    ``latent_shards`` ranks hold one SAE's latents between them; the others
+    are data-parallel replicas. ``train_batch_size_tokens`` and
+    ``training_tokens`` are per replica: the global batch and the tokens
+    trained on in all are ``WORLD_SIZE / latent_shards`` times larger (scale
+    the learning rate accordingly).
+    """
+    return train(build_runner(cfg, latent_shards, **overrides))

@@ -16,12 +16,11 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from sae_lens_matryoshka.collectives import Collectives
 from sae_lens_matryoshka.levels import LevelPlan, decode_levels
 from sae_lens_matryoshka.sparse_kernels import (
     RunningLevels,
     SparseEncoderValues,
-    dead_topk_entries,
-    decode_fixed_bags,
     decode_groups,
 )
 
@@ -53,12 +52,19 @@ class Encoding(Protocol):
         ...
 
     def dead_latent_reconstruction(
-        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor, rectified: bool
+        self,
+        dead_latents: torch.Tensor,
+        n_pick: int,
+        W_dec: torch.Tensor,
+        rectified: bool,
+        collectives: Collectives,
     ) -> torch.Tensor:
-        """Each token's decode (no bias) of its ``k_aux`` most active ``dead_latents``, ``[*batch, d_in]``.
+        """Each token's decode (no bias) of its ``n_pick`` most active ``dead_latents``, ``[*batch, d_in]``.
 
-        ``rectified``: their pre-activations go through a ReLU first (else they
-        decode with their sign).
+        ``dead_latents`` are this process's (its numbering); ``collectives``
+        ranks them with the other shards' (``n_pick`` counts the whole
+        dictionary's). ``rectified``: their pre-activations go through a ReLU
+        first (else they decode with their sign).
         """
         ...
 
@@ -92,13 +98,21 @@ class DenseEncoding(NamedTuple):
         return decode_levels(acts, W_dec, b_dec, plan.widths, detach)
 
     def dead_latent_reconstruction(
-        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor, rectified: bool
+        self,
+        dead_latents: torch.Tensor,
+        n_pick: int,
+        W_dec: torch.Tensor,
+        rectified: bool,
+        collectives: Collectives,
     ) -> torch.Tensor:
         hidden = self.hidden_pre[..., dead_latents]
-        top = hidden.topk(min(k_aux, dead_latents.numel()), dim=-1, sorted=False)
-        values = top.values.relu() if rectified else top.values
-        acts = torch.zeros_like(hidden).scatter(-1, top.indices, values)
-        return self.decoding_acts(acts, dead_latents) @ W_dec[dead_latents]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        token, column = collectives.dead_topk(flat.detach(), n_pick)
+        values = flat[token, column]
+        values = values.relu() if rectified else values
+        acts = torch.zeros_like(flat).index_put((token, column), values)
+        recon = self.decoding_acts(acts, dead_latents) @ W_dec[dead_latents]
+        return recon.view(*hidden.shape[:-1], -1)
 
 
 class PreActivations(NamedTuple):
@@ -183,13 +197,21 @@ class SparseEncoding(NamedTuple):
         return levels.transpose(0, 1).unflatten(1, self.pre.batch_shape)
 
     def dead_latent_reconstruction(
-        self, dead_latents: torch.Tensor, k_aux: int, W_dec: torch.Tensor, rectified: bool
+        self,
+        dead_latents: torch.Tensor,
+        n_pick: int,
+        W_dec: torch.Tensor,
+        rectified: bool,
+        collectives: Collectives,
     ) -> torch.Tensor:
-        token, latent = dead_topk_entries(self.pre.hidden_pre, dead_latents, k_aux)
+        token, column = collectives.dead_topk(self.pre.hidden_pre[:, dead_latents], n_pick)
+        latent = dead_latents[column]
         weights = self.pre.decoding_values(token, latent)
         if rectified:
             weights = weights.relu()
-        recon = decode_fixed_bags(weights, latent, W_dec, self.pre.sae_in.shape[0])
+        n_tokens = self.pre.sae_in.shape[0]
+        one_group = latent.new_zeros(0)
+        recon = decode_groups(weights, token, latent, W_dec, n_tokens, one_group)[:, 0]
         return recon.unflatten(0, self.pre.batch_shape)
 
 

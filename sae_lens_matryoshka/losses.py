@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from sae_lens_matryoshka.collectives import Collectives
+
 
 def level_mse(levels: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
     """``||x - x_hat_l||^2`` summed over ``d_in`` and averaged over tokens, per level: ``[n_levels]``."""
@@ -32,7 +34,11 @@ class ScaledAuxLoss:
     #: whether dead latents' pre-activations pass a ReLU before they decode
     rectified = False
 
-    def __call__(self, recon: torch.Tensor, residual: torch.Tensor, n_dead: int) -> torch.Tensor:
+    def __call__(
+        self, recon: torch.Tensor, residual: torch.Tensor, n_dead: int, collectives: Collectives
+    ) -> torch.Tensor:
+        """The loss of ``recon`` for ``residual`` (this process's tokens), ``n_dead`` latents dead."""
+        del collectives  # a mean over tokens: the replicas' gradients average to the batch's
         scale = min(n_dead / aux_k(residual.shape[-1]), 1.0)
         return scale * (recon - residual).pow(2).sum(dim=-1).mean()
 
@@ -44,16 +50,22 @@ class VarianceNormalizedAuxLoss(ScaledAuxLoss):
     averaged over tokens), computed in float32 as there; its coefficient is
     then relative to a unit-free term (the paper's code uses 1/32). When the
     residual does not vary at all it is 0 (dictionary_learning's would be
-    the largest float, a spike no optimizer step should take).
+    the largest float, a spike no optimizer step should take). Under data
+    parallelism the variance is the whole batch's, so that the replicas'
+    averaged gradients are one process's.
     """
 
     rectified = True
 
-    def __call__(self, recon: torch.Tensor, residual: torch.Tensor, n_dead: int) -> torch.Tensor:
+    def __call__(
+        self, recon: torch.Tensor, residual: torch.Tensor, n_dead: int, collectives: Collectives
+    ) -> torch.Tensor:
         del n_dead  # not scaled by how many are dead
         residual = residual.float().reshape(-1, residual.shape[-1])
         error = (residual - recon.float().reshape_as(residual)).pow(2).sum(dim=-1).mean()
-        variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        n_tokens = collectives.sum(residual.new_tensor(float(residual.shape[0])))
+        mean = collectives.sum(residual.sum(dim=0)) / n_tokens
+        variance = collectives.sum((residual - mean).pow(2).sum()) / n_tokens
         return (error / variance).nan_to_num(0.0, posinf=0.0)
 
 

@@ -38,7 +38,7 @@ def geometric_median(points: torch.Tensor, collectives: Collectives) -> torch.Te
     Under data parallelism ``points`` is this rank's share and the sums run
     over every rank, so each rank gets the median of the whole batch.
     """
-    points = points.float()
+    points = points.to(torch.promote_types(points.dtype, torch.float32))
     count = collectives.sum(points.new_tensor(float(points.shape[0])))
     guess = collectives.sum(points.sum(dim=0)) / count
     for _ in range(_MEDIAN_ITERATIONS):

@@ -10,10 +10,9 @@ makes the rest cheap: a token's entries are contiguous (a CSR row) and a
 token's entries of one Matryoshka group follow each other, so bags and sparse
 products need no sort.
 
-- selection (:func:`batch_topk_entries`, :func:`topk_entries`,
-  :func:`dead_topk_entries`) returns the entries a dense top-k would keep,
-  filtering with a threshold estimated from a sample so that the full
-  ``n_tokens x d_sae`` ranking never runs;
+- selection (:func:`batch_topk_entries`, :func:`topk_entries`) returns the
+  entries a dense top-k would keep, filtering with a threshold estimated from
+  a sample so that the full ``n_tokens x d_sae`` ranking never runs;
 - :class:`SparseEncoderValues` gives selected pre-activations an encoder
   backward that touches only the selected latents: the ``W_enc`` gradient is
   one sparse-dense product with the token-major (CSR) gradient matrix;
@@ -114,20 +113,6 @@ def topk_entries(hidden_pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     latent = hidden_pre.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
     token = torch.arange(hidden_pre.shape[0], device=hidden_pre.device).repeat_interleave(k)
     return token, latent.reshape(-1)
-
-
-def dead_topk_entries(
-    hidden_pre: torch.Tensor, dead_latents: torch.Tensor, k_aux: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token, the ``k_aux`` of ``dead_latents`` with the largest pre-activations (any sign).
-
-    The selection of the dead-latent auxiliary loss, ``min(k_aux, n_dead)`` per
-    token, token-major (latents in no particular order within a token).
-    """
-    n_pick = min(k_aux, dead_latents.numel())
-    top = hidden_pre[:, dead_latents].topk(n_pick, dim=-1, sorted=False).indices
-    token = torch.arange(hidden_pre.shape[0], device=hidden_pre.device).repeat_interleave(n_pick)
-    return token, dead_latents[top.reshape(-1)]
 
 
 def _row_starts(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -250,15 +235,3 @@ class RunningLevels(torch.autograd.Function):
         n_levels = grad.shape[1]
         reach = torch.ones(n_levels, n_levels, dtype=grad.dtype, device=grad.device).triu()
         return reach @ grad, grad.sum(dim=(0, 1)), None
-
-
-def decode_fixed_bags(
-    weights: torch.Tensor, latent: torch.Tensor, W_dec: torch.Tensor, n_tokens: int
-) -> torch.Tensor:
-    """Each token's sum of ``weights * W_dec[latent]`` over its equally many entries, ``[n_tokens, d_in]``."""
-    return F.embedding_bag(
-        latent.view(n_tokens, -1),
-        W_dec,
-        mode="sum",
-        per_sample_weights=weights.view(n_tokens, -1).to(W_dec.dtype),
-    )

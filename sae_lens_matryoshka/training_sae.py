@@ -171,16 +171,26 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         return self.run_time_activation_norm_fn_out(levels)
 
     def _decode_step_levels(
-        self, encoding: Encoding, plan: LevelPlan, logged: LevelPlan | None
+        self,
+        encoding: Encoding,
+        plan: LevelPlan,
+        logged: LevelPlan | None,
+        collectives: Collectives,
     ) -> torch.Tensor:
-        """The trained levels, then (without a graph) the ``logged`` ones, output-normalised once."""
-        levels = encoding.decode_levels(
-            self.W_dec, self.b_dec, plan, self.cfg.detach_between_levels
-        )
+        """The trained levels, then (without a graph) the ``logged`` ones, output-normalised once.
+
+        With the latents sharded, this process decodes its latents' part of
+        each level and ``collectives`` sums the parts.
+        """
+        b_dec = collectives.decoder_bias(self.b_dec)
+        detach = self.cfg.detach_between_levels
+        levels = encoding.decode_levels(self.W_dec, b_dec, collectives.local_plan(plan), detach)
         if logged is not None:
             with torch.no_grad():
-                extra = encoding.decode_levels(self.W_dec, self.b_dec, logged, False)
+                local = collectives.local_plan(logged)
+                extra = encoding.decode_levels(self.W_dec, b_dec, local, False)
             levels = torch.cat([levels, extra])
+        levels = collectives.whole_reconstruction(levels)
         # the activation normalisation's inverse can run only once per input
         return self.run_time_activation_norm_fn_out(levels)
 
@@ -203,7 +213,7 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         logs_other_levels = plan.widths != evaluated.widths and step_input.is_logging_step
         encoding = self._encode_step(x, collectives)
         all_levels = self._decode_step_levels(
-            encoding, plan, evaluated if logs_other_levels else None
+            encoding, plan, evaluated if logs_other_levels else None, collectives
         )
         levels = all_levels[: len(plan.widths)]
         mse = level_mse(levels, x)
@@ -233,7 +243,8 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         return TrainStepOutput(
             sae_in=x,
             sae_out=levels[-1],
-            feature_acts=encoding.feature_acts,
+            # SAELens's trainer counts firing and dead latents over the whole dictionary
+            feature_acts=collectives.whole_feature_acts(encoding.feature_acts),
             hidden_pre=encoding.hidden_pre,
             loss=loss,
             losses=losses,
@@ -276,15 +287,19 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
             parts = list(zip(groups, levels, strict=True))
         else:
             parts = [(dead_latents, levels[-1])]
+        start, stop = collectives.latent_range(self.cfg.d_sae)
         total = zero
         for latents, level in parts:
-            if latents.numel() == 0:
+            if latents.numel() == 0:  # of the whole dictionary: the same on every shard
                 continue
+            held = latents[(latents >= start) & (latents < stop)] - start
             residual = (step_input.sae_in - level).detach()
-            recon = encoding.dead_latent_reconstruction(
-                latents, aux_k(self.cfg.d_in), self.W_dec, self.aux_loss.rectified
+            n_pick = min(aux_k(self.cfg.d_in), latents.numel())
+            part = encoding.dead_latent_reconstruction(
+                held, n_pick, self.W_dec, self.aux_loss.rectified, collectives
             )
-            total = total + self.aux_loss(recon, residual, latents.numel())
+            recon = collectives.whole_reconstruction(part)
+            total = total + self.aux_loss(recon, residual, latents.numel(), collectives)
         return self.cfg.aux_loss_coefficient * total
 
     @override
@@ -377,8 +392,10 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
 
     @override
     def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:
-        """What resuming loads: refused if the checkpoint is incomplete or trained another SAE."""
+        """What resuming loads: refused if the checkpoint is incomplete, trained another SAE,
+        or holds another part of a latent-sharded dictionary."""
         checkpoints.check_complete(checkpoint_path)
+        checkpoints.check_part(checkpoint_path, self.collectives.checkpoint_part())
         saved = json.loads((Path(checkpoint_path) / SAE_CFG_FILENAME).read_text())
         differences = [
             f"{name}: checkpoint {saved.get(name)!r}, this run {getattr(self.cfg, name)!r}"

@@ -144,21 +144,22 @@ sys.exit(main())
 """
 
 
-def test_train_under_torchrun_trains_data_parallel(token_dataset, tmp_path: Path) -> None:
+def test_train_under_torchrun_shards_the_latents(token_dataset, tmp_path: Path) -> None:
+    """Two ranks hold half the latents each (data parallelism is the same path, one shard)."""
     data_dir = tmp_path / "tokens"
     data_dir.mkdir()
     token_dataset.to_parquet(str(data_dir / "train.parquet"))
     entry = tmp_path / "entry.py"
     entry.write_text(TORCHRUN_ENTRY)
     output = tmp_path / "output"
-    completed = run_torchrun(
-        [str(entry), "train", *_train_flags(data_dir, output, tmp_path / "ckpt")]
-    )
+    flags = [*_train_flags(data_dir, output, tmp_path / "ckpt"), "--latent_shards", "2"]
+    completed = run_torchrun([str(entry), "train", *flags])
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert (
-        "data-parallel training on 2 ranks, 128 tokens per global batch, 2560 tokens in all"
-        in completed.stderr
+        "distributed training on 1 replica(s) x 2 latent shards, 64 tokens per global batch, "
+        "1280 tokens in all" in completed.stderr
     )
+    assert "this rank holds one latent shard" in completed.stdout
     # rank 0 alone shows the bar (it starts once) and warnings (SAELens warns each rank once)
     assert completed.stderr.count("Training SAE:   0%") == 1
     assert completed.stderr.count("The training dataset contains fewer samples") == 1

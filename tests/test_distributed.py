@@ -1,7 +1,7 @@
 """Data-parallel training: 2 gloo processes on CPU equal 1 process on the concatenated batches.
 
 The test spawns the ranks itself (bounded in time), runs SAELens's own
-``SAETrainer`` on each with ``prepare_data_parallel``, and compares rank 0's
+``SAETrainer`` on each with ``prepare_distributed``, and compares rank 0's
 final weights with a single process trained on the global batches with the
 same seed. Another test kills a rank mid-run: the survivor must stop with a
 ``CollectiveError`` instead of hanging.
@@ -26,7 +26,8 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingS
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.distributed import CollectiveError, prepare_data_parallel
+from sae_lens_matryoshka.distributed import prepare_distributed
+from sae_lens_matryoshka.mesh import CollectiveError, Mesh
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
 D_IN, D_SAE, RANK_BATCH, STEPS, WORLD = 10, 48, 24, 25, 2
@@ -72,7 +73,7 @@ def _train(variant: str, data: Iterator[torch.Tensor], batch: int, parallel: boo
         fields["matryoshka_widths"] = [6, 18, D_SAE]
     sae = MatryoshkaTrainingSAE(MatryoshkaTrainingSAEConfig(**fields))
     if parallel:
-        prepare_data_parallel(sae)
+        prepare_distributed(sae, Mesh.of_world(1))
     cfg = dataclasses.replace(
         short_run_trainer_config(STEPS, batch_size=batch, lr=3e-3, dead_feature_window=3),
         lr_scheduler_name="cosineannealing",
@@ -101,7 +102,7 @@ def _exactness_rank(rank: int, folder: Path) -> None:
         torch.save(state, folder / f"{variant}-rank{rank}.pt")
     other = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=3))
     try:
-        prepare_data_parallel(other)
+        prepare_distributed(other, Mesh.of_world(1))
     except ValueError as error:
         (folder / f"refusal-rank{rank}.txt").write_text(str(error))
     dist.destroy_process_group()

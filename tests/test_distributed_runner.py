@@ -32,6 +32,7 @@ from sae_lens import (
 from safetensors.torch import load_file
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig, distributed
+from sae_lens_matryoshka.checkpoints import latest_complete
 
 from .conftest import CONTEXT, D_MODEL, HOOK, build_tiny_model, build_token_dataset
 
@@ -120,11 +121,12 @@ def _rank(rank: int, folder: Path, port: int) -> None:
 
         def spy(
             runner: Any,
+            mesh: Any,
             keep: dict[str, Any] = captured,
             shard: Any = original,
             column: str = "token_ids" if cache else "input_ids",
         ) -> None:
-            shard(runner)
+            shard(runner, mesh)
             store = runner.activations_store
             rows = store.cached_activation_dataset or store.dataset
             keep["first_rows"] = [row[column] for row in rows][:4]
@@ -139,6 +141,7 @@ def _rank(rank: int, folder: Path, port: int) -> None:
             "W_dec": sae.W_dec.detach().flatten().tolist(),
         }
     report["resume"] = _train_then_resume(folder)
+    report["sharded"] = _sharded_train_then_resume(folder)
     (folder / f"rank{rank}.json").write_text(json.dumps(report))
 
 
@@ -172,6 +175,49 @@ def _train_then_resume(folder: Path) -> bool:
     return all(torch.equal(state[name].to(value.dtype), value) for name, value in saved.items())
 
 
+def _sharded_train_then_resume(folder: Path) -> dict[str, Any]:
+    """Two ranks hold one SAE's latents: it is saved whole, checkpointed in parts, resumed."""
+    checkpoints = folder / "sharded-checkpoints"
+    cfg = dataclasses.replace(
+        _runner_cfg(folder / "out-sharded", None),
+        checkpoint_path=str(checkpoints),
+        n_checkpoints=1,
+    )
+    sae = distributed.run(
+        cfg,
+        latent_shards=2,
+        override_model=build_tiny_model(),
+        override_dataset=build_token_dataset(),
+    )
+    shard_rows = sae.W_dec.shape[0]
+    dist.barrier()
+    checkpoint = latest_complete(next(checkpoints.iterdir()))
+    assert checkpoint is not None
+    part = checkpoint / f"shard-{dist.get_rank()}-of-2"
+    resumed_cfg = dataclasses.replace(
+        cfg,
+        training_tokens=int(checkpoint.name),
+        resume_from_checkpoint=str(checkpoint),
+        checkpoint_path=None,
+        n_checkpoints=0,
+        output_path=str(folder / "out-sharded-resumed"),
+    )
+    model = build_tiny_model()  # (building it reseeds torch)
+    torch.manual_seed(1234)  # a fresh SAE unlike the first: only the checkpoint can match it
+    resumed = distributed.run(
+        resumed_cfg, latent_shards=2, override_model=model, override_dataset=build_token_dataset()
+    )
+    saved = load_file(part / "sae_weights.safetensors")
+    state = resumed.state_dict()
+    return {
+        "shard_rows": shard_rows,
+        "checkpoint": str(checkpoint),
+        "resumed_its_part": all(
+            torch.equal(state[name].to(value.dtype), value) for name, value in saved.items()
+        ),
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -198,3 +244,18 @@ def test_two_ranks_train_one_sae_from_disjoint_shards(
         saved = SAE.load_from_disk(tmp_path / f"out-{source}")
         assert isinstance(saved, MatryoshkaSAE)
     assert reports[0]["resume"] and reports[1]["resume"]  # every rank resumed the checkpoint
+
+    # latent-sharded: each rank held half the latents, and the SAE was saved whole
+    assert [report["sharded"]["shard_rows"] for report in reports] == [32, 32]
+    whole = SAE.load_from_disk(tmp_path / "out-sharded")
+    assert isinstance(whole, MatryoshkaSAE) and whole.cfg.d_sae == 64
+    assert (tmp_path / "out-sharded" / "runner_cfg.json").is_file()
+    checkpoint = Path(reports[0]["sharded"]["checkpoint"])
+    assert sorted(part.name for part in checkpoint.iterdir()) == ["shard-0-of-2", "shard-1-of-2"]
+    assert all(report["sharded"]["resumed_its_part"] for report in reports)
+    resumed = SAE.load_from_disk(tmp_path / "out-sharded-resumed")
+    parts = [load_file(checkpoint / f"shard-{s}-of-2" / "sae_weights.safetensors") for s in (0, 1)]
+    # the resumed run trained nothing more: its whole SAE is the checkpoint's parts, joined
+    # (saved in inference form: decoder norms folded into the encoder)
+    W_dec = torch.cat([part["W_dec"] for part in parts])
+    torch.testing.assert_close(resumed.W_dec, W_dec / W_dec.norm(dim=-1, keepdim=True))

@@ -199,11 +199,11 @@ def test_variance_normalised_aux_loss_by_hand() -> None:
     residual = torch.tensor([[1.0, 2.0], [3.0, 0.0], [2.0, 1.0]])
     recon = torch.tensor([[1.0, 1.0], [2.0, 0.0], [2.0, 2.0]])
     # errors 1, 1, 1 -> mean 1; residual mean (2, 1), deviations 2, 2, 0 -> mean 4/3
-    loss = VarianceNormalizedAuxLoss()(recon, residual, n_dead=50)
+    loss = VarianceNormalizedAuxLoss()(recon, residual, 50, SINGLE_PROCESS)
     torch.testing.assert_close(loss, torch.tensor(0.75))
     flat = torch.ones(4, 2)
     # no variance to normalise by: 0 (dictionary_learning would give the largest float)
-    assert float(VarianceNormalizedAuxLoss()(flat * 0, flat, n_dead=1)) == 0.0
+    assert float(VarianceNormalizedAuxLoss()(flat * 0, flat, 1, SINGLE_PROCESS)) == 0.0
 
 
 def _batchtopk(**fields: Any) -> MatryoshkaTrainingSAE:

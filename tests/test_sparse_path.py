@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka.collectives import SINGLE_PROCESS
 from sae_lens_matryoshka.levels import decode_levels
 from sae_lens_matryoshka.sparse_kernels import (
     SparseEncoderValues,
     batch_topk_entries,
-    dead_topk_entries,
     decode_groups,
     encoder_weight_grad,
     topk_entries,
@@ -115,7 +115,9 @@ def test_topk_selection_equals_a_dense_topk(shift: float) -> None:
 def test_dead_latent_selection_equals_a_masked_topk() -> None:
     hidden_pre = torch.randn(20, 40, generator=torch.Generator().manual_seed(0))
     dead = torch.arange(40) % 3 == 0
-    token, latent = dead_topk_entries(hidden_pre, dead.nonzero().squeeze(1), 5)
+    dead_latents = dead.nonzero().squeeze(1)
+    token, column = SINGLE_PROCESS.dead_topk(hidden_pre[:, dead_latents], 5)
+    latent = dead_latents[column]
     top = torch.where(dead, hidden_pre, -torch.inf).topk(5, dim=-1).indices
     expected = {(t, int(j)) for t in range(20) for j in top[t]}
     assert _selected_set(token, latent) == expected
