@@ -44,12 +44,12 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAEConfig
 
 import sae_lens_matryoshka  # noqa: F401  (registers the architecture)
-from sae_lens_matryoshka import distributed
+from sae_lens_matryoshka import distributed, toy_demo
 from sae_lens_matryoshka.config import ARCHITECTURE
 from sae_lens_matryoshka.evals import evaluate_levels
 from sae_lens_matryoshka.hub import OFFLINE_HINT, hub_errors_in_one_line
 from sae_lens_matryoshka.local_sources import local_overrides, overrides_named_by_config
-from sae_lens_matryoshka.toy_demo import run_toy_demo
+from sae_lens_matryoshka.toy import ToyHierarchy
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 TRAIN_PROG = "sae-lens-matryoshka train"
@@ -221,24 +221,53 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     toy = commands.add_parser(
         "toy",
-        help="the paper's toy experiment, offline: Matryoshka vs SAELens BatchTopK on a known "
-        "feature hierarchy; writes metrics and figures",
+        help="the paper's toy experiment, offline: a Matryoshka SAE against SAELens's plain SAE "
+        "on Nabeshima's feature hierarchy, over several seeds; writes metrics and figures",
     )
     toy.add_argument(
-        "--output-dir", default="matryoshka_toy", help="where metrics.json and the PNGs go"
+        "--output-dir",
+        default="matryoshka_toy",
+        help="where metrics.json, the PNGs and the saved SAEs go",
     )
-    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
     toy.add_argument(
-        "--steps", type=int, default=1500, help="training steps of 512 samples per SAE"
+        "--seeds",
+        type=_positive(int),
+        default=toy_demo.DEFAULT_SEEDS,
+        help=f"how many seeds, from --seed on (default {toy_demo.DEFAULT_SEEDS})",
+    )
+    toy.add_argument(
+        "--steps",
+        type=_positive(int),
+        default=toy_demo.DEFAULT_STEPS,
+        help=f"training steps of {toy_demo.BATCH_SIZE} samples per SAE "
+        f"(default {toy_demo.DEFAULT_STEPS})",
     )
     toy.add_argument(
         "--width",
-        type=int,
+        type=_positive(int),
         default=None,
-        help="latents in both SAEs (default: 16, the true features)",
+        help="latents in both SAEs (default: 40, twice the true features; more than 3, the "
+        "first level)",
     )
     toy.add_argument(
-        "--l0", type=float, default=None, help="BatchTopK k of both SAEs (default: the data's L0)"
+        "--activation",
+        choices=["relu", "batchtopk"],
+        default=None,
+        help="relu: ReLU + L1 for both SAEs (the default); batchtopk: the paper's BatchTopK "
+        "against SAELens's (implied by --l0)",
+    )
+    toy.add_argument(
+        "--l1",
+        type=_positive(float),
+        default=None,
+        help=f"L1 coefficient of both ReLU SAEs (default {toy_demo.DEFAULT_L1})",
+    )
+    toy.add_argument(
+        "--l0",
+        type=_positive(float),
+        default=None,
+        help="BatchTopK k of both SAEs (default: the data's L0); implies --activation batchtopk",
     )
     return parser
 
@@ -252,11 +281,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    run_toy_demo(
+    activation: toy_demo.Activation = parsed.activation or (
+        "batchtopk" if parsed.l0 is not None else "relu"
+    )
+    try:  # the options' combination, checked before any training
+        toy_demo.demo_settings(
+            ToyHierarchy.nabeshima(), parsed.width, activation, parsed.l1, parsed.l0
+        )
+    except ValueError as error:
+        parser.error(f"toy: {error}")
+    toy_demo.run_toy_demo(
         output_dir=parsed.output_dir,
         seed=parsed.seed,
+        seeds=parsed.seeds,
         steps=parsed.steps,
         width=parsed.width,
+        activation=activation,
+        l1=parsed.l1,
         l0=parsed.l0,
     )
     return 0

@@ -1,216 +1,461 @@
-"""The paper's toy experiment: Matryoshka vs SAELens's BatchTopK on a known feature hierarchy.
+"""The paper's toy experiment: a Matryoshka SAE against a plain SAE on a known feature hierarchy.
 
-``run_toy_demo`` trains a Matryoshka SAE and SAELens's plain BatchTopK at the
-same width and L0 on the same stream of toy data (``toy.ToyHierarchy``), then
-writes to an output folder:
+``run_toy_demo`` trains, for each of several seeds, a Matryoshka SAE (the
+paper's fixed levels: a first level as wide as the number of parents, then the
+whole dictionary) and SAELens's plain SAE of the same width and sparsity on the
+same stream of Nabeshima's toy data (``toy.ToyHierarchy.nabeshima``). Both are
+saved with ``save_inference_model`` and loaded back with
+``SAE.load_from_disk``; every number and figure comes from the loaded SAEs,
+the form a researcher ships. It writes to an output folder:
 
-- ``metrics.json`` (and a printed table): absorption, feature recovery (mean
-  best decoder cosine, MCC), explained variance and L0 of both SAEs, and the
-  Matryoshka SAE's per-level explained variance;
-- ``decoder_cosines.png``: each SAE's decoder-vs-true-feature cosine heatmap,
-  side by side (the paper's Figure 2);
-- ``parent_child_activations.png``: the mean activation of a parent's and its
-  children's latents when the parent fires alone or with each child (Figure 3).
+- ``metrics.json`` (and a printed table): per seed, absorption, how many
+  parents have their best latent in the first level, feature recovery (best
+  decoder cosine per feature, MCC), explained variance and L0 of both SAEs
+  and per level of the Matryoshka SAE; and the mean, standard deviation,
+  minimum and maximum of each over the seeds;
+- ``decoder_cosines.png``: each SAE's decoder-vs-true-feature cosines (first
+  seed), latents ordered by their best-matching feature within each level
+  (the paper's Figure 2);
+- ``parent_child_activations.png``: how often each parent's latent fires
+  without a child and with each child, over all seeds (Figure 3);
+- ``saes/seed_<seed>/<name>``: the saved SAEs.
 
-Offline, CPU only, a couple of minutes on 2 cores with the defaults.
+``activation="relu"`` (the default) trains both SAEs with ReLU and an L1
+penalty (Nabeshima's sparsity; the plain SAE is SAELens's ``standard``), the
+set-up in which the first level reliably learns the parents; ``"batchtopk"``
+trains the paper's BatchTopK against SAELens's ``batchtopk``, whose first
+level depends on the seed at this size (see the README's toy section).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from sae_lens import TrainingSAE
+from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig, TrainingSAE
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.evals import feature_recovery, hierarchy_absorption
-from sae_lens_matryoshka.toy import ToyHierarchy
+from sae_lens_matryoshka.toy import ToyHierarchy, single_thread
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
+Activation = Literal["relu", "batchtopk"]
+
 EVAL_SAMPLES = 20_000
+BATCH_SIZE = 512
+DEFAULT_STEPS = 1500
+DEFAULT_SEEDS = 3
+DEFAULT_LR = 1e-3
+DEFAULT_L1 = 0.1
+#: the fraction of the steps over which the learning rate ramps up: the first
+#: level's latents settle on features in the first few dozen steps, and a gentle
+#: start lets the first level's loss, not the initial directions, decide which
+LR_WARM_UP = 0.2
+#: the training batches' stream (``ToyHierarchy.batches``): both SAEs of a seed see it
+TRAIN_STREAM = 1
+#: the metrics summarised over seeds, in the printed table's order
+SUMMARY_METRICS = (
+    "absorption",
+    "parents_in_first_level",
+    "min_best_cosine",
+    "mean_best_cosine",
+    "mcc",
+    "explained_variance",
+    "l0",
+)
+PLAIN_NAMES: dict[Activation, str] = {
+    "relu": "SAELens standard (ReLU + L1)",
+    "batchtopk": "SAELens batchtopk",
+}
 
 
+def demo_settings(
+    toy: ToyHierarchy,
+    width: int | None,
+    activation: Activation,
+    l1: float | None,
+    l0: float | None,
+) -> tuple[list[int], dict[str, float]]:
+    """The Matryoshka SAE's levels and both SAEs' sparsity fields, or a ValueError naming the mistake.
+
+    The levels are the parents' worth of latents, then all ``width`` (default:
+    twice the true features). ReLU SAEs take ``l1_coefficient`` (default 0.1),
+    BatchTopK SAEs ``k`` (default: the toy's L0).
+    """
+    width = width or 2 * toy.n_features
+    if width <= toy.n_parents:
+        raise ValueError(
+            f"width must be larger than the first level ({toy.n_parents} latents, one per "
+            f"parent), got {width}."
+        )
+    if (l1 is not None and activation != "relu") or (l0 is not None and activation != "batchtopk"):
+        raise ValueError(
+            f"l1 goes with the relu activation and l0 (BatchTopK's k) with batchtopk; got "
+            f"activation {activation!r} with l1={l1}, l0={l0}."
+        )
+    if activation == "relu":
+        return [toy.n_parents, width], {"l1_coefficient": l1 or DEFAULT_L1}
+    return [toy.n_parents, width], {"k": l0 or toy.expected_l0}
+
+
+@single_thread()
 def run_toy_demo(
     output_dir: str | Path = "matryoshka_toy",
     seed: int = 0,
-    steps: int = 1500,
+    seeds: int = DEFAULT_SEEDS,
+    steps: int = DEFAULT_STEPS,
     width: int | None = None,
+    activation: Activation = "relu",
+    l1: float | None = None,
     l0: float | None = None,
-    matryoshka_widths: list[int] | None = None,
-    toy: ToyHierarchy | None = None,
+    lr: float = DEFAULT_LR,
 ) -> dict[str, Any]:
-    """Train both SAEs on the toy hierarchy, write metrics and figures, return the metrics.
+    """Train and score both SAEs for seeds ``seed .. seed + seeds - 1``; write metrics and figures.
 
     Args:
-        output_dir: folder for ``metrics.json`` and the PNGs (created).
-        seed: seed of the toy model, the data and both SAEs' initialisation.
+        output_dir: folder for ``metrics.json``, the PNGs and the saved SAEs (created).
+        seed: the first seed; each seed sets the toy's feature directions, the
+            training data and both SAEs' initialisation.
+        seeds: how many seeds.
         steps: training steps of 512 samples for each SAE.
-        width: dictionary size of both SAEs (default: the number of true features).
-        l0: active latents per sample, BatchTopK's ``k`` for both (default: the
-            toy's expected L0).
-        matryoshka_widths: the Matryoshka levels (default: parents; parents
-            and children; all).
-        toy: the toy model (default ``ToyHierarchy(seed=seed)``).
+        width: dictionary size of both SAEs (default: twice the 20 true features).
+        activation: ``"relu"`` (ReLU + L1 for both) or ``"batchtopk"`` (the
+            paper's BatchTopK against SAELens's).
+        l1: the L1 coefficient of both ReLU SAEs (default 0.1).
+        l0: BatchTopK's ``k`` for both BatchTopK SAEs (default: the toy's L0).
+        lr: Adam's learning rate.
+
+    Returns:
+        The metrics written to ``metrics.json``.
     """
-    toy = toy or ToyHierarchy(seed=seed)
-    width = width or toy.n_features
-    l0 = l0 or toy.expected_l0
-    n_hierarchy = toy.n_parents * (1 + toy.children_per_parent)
-    if matryoshka_widths is None:
-        matryoshka_widths = sorted({toy.n_parents, min(n_hierarchy, width), width})
-    torch.manual_seed(seed)
-    matryoshka = MatryoshkaTrainingSAE(
-        MatryoshkaTrainingSAEConfig(
-            d_in=toy.n_features,
-            d_sae=width,
-            k=l0,
-            matryoshka_widths=matryoshka_widths,
-            use_matryoshka_aux_loss=True,
-        )
-    )
-    torch.manual_seed(seed)
-    plain = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=toy.n_features, d_sae=width, k=l0))
-    saes: dict[str, TrainingSAE] = {"matryoshka": matryoshka, "batchtopk": plain}
-    for sae in saes.values():
-        toy.train(sae, steps)
-
-    features, x = toy.sample(EVAL_SAMPLES)
-    metrics: dict[str, Any] = {
-        "toy": {
-            "n_features": toy.n_features,
-            "parents": toy.parents,
-            "children": toy.children,
-            "expected_l0": toy.expected_l0,
-            "seed": seed,
-            "steps": steps,
-        },
-    }
-    for name, sae in saes.items():
-        absorption = hierarchy_absorption(sae, features, x, toy.directions, toy.children)
-        recovery = feature_recovery(sae, toy.directions)
-        sae.eval()
-        with torch.no_grad():
-            acts = sae.encode(x)
-            recon = sae.decode(acts)
-        metrics[name] = {
-            "absorption": absorption["absorption"],
-            "mean_best_cosine": recovery["mean_best_cosine"],
-            "mcc": recovery["mcc"],
-            "explained_variance": _explained_variance(recon, x),
-            "l0": (acts > 0).float().sum(-1).mean().item(),
-            "absorption_edges": absorption["edges"],
-            "best_cosine": recovery["best_cosine"],
-        }
-    with torch.no_grad():
-        levels = matryoshka.decode_levels(matryoshka.encode(x))
-    metrics["matryoshka"]["levels"] = [
-        {"width": w, "explained_variance": _explained_variance(level, x)}
-        for w, level in zip(matryoshka.matryoshka_widths, levels, strict=True)
-    ]
-
+    if seeds < 1 or steps < 1:
+        raise ValueError(f"seeds and steps must be positive, got seeds={seeds}, steps={steps}.")
+    reference = ToyHierarchy.nabeshima(seed)
+    levels, sparsity = demo_settings(reference, width, activation, l1, l0)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+
+    runs = []
+    trained: list[tuple[ToyHierarchy, dict[str, SAE[Any]]]] = []
+    for run_seed in range(seed, seed + seeds):
+        toy = ToyHierarchy.nabeshima(run_seed)
+        saes = {}
+        for name, sae in _build_saes(toy, levels, activation, sparsity, run_seed).items():
+            toy.train(
+                sae,
+                steps,
+                batch_size=BATCH_SIZE,
+                lr=lr,
+                stream=TRAIN_STREAM,
+                lr_warm_up_steps=int(steps * LR_WARM_UP),
+            )
+            folder = output_dir / "saes" / f"seed_{run_seed}" / name
+            sae.save_inference_model(folder)
+            saes[name] = SAE.load_from_disk(folder)
+        runs.append({"seed": run_seed, **score(saes, toy, levels)})
+        trained.append((toy, saes))
+
+    metrics: dict[str, Any] = {
+        "config": {
+            "toy": "nabeshima",
+            "n_features": reference.n_features,
+            "parents": reference.parents,
+            "children": reference.children,
+            "independents": reference.independents,
+            "labels": reference.labels,
+            "expected_l0": reference.expected_l0,
+            "seeds": [run["seed"] for run in runs],
+            "steps": steps,
+            "batch_size": BATCH_SIZE,
+            "lr": lr,
+            "lr_warm_up_steps": int(steps * LR_WARM_UP),
+            "width": levels[-1],
+            "matryoshka_widths": levels,
+            "activation": activation,
+            "plain": PLAIN_NAMES[activation],
+            **sparsity,
+        },
+        "summary": summarise(runs),
+        "runs": runs,
+    }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _plot_heatmaps(saes, toy, matryoshka.matryoshka_widths, output_dir / "decoder_cosines.png")
-    _plot_parent_children(saes, toy, features, x, output_dir / "parent_child_activations.png")
+    titles = sae_titles(levels, activation)
+    plot_decoder_cosines(*trained[0], levels, titles, output_dir / "decoder_cosines.png")
+    plot_parent_firing(runs, reference, titles, output_dir / "parent_child_activations.png")
     print(format_table(metrics))
     print(f"wrote {output_dir / 'metrics.json'}, decoder_cosines.png, parent_child_activations.png")
     return metrics
+
+
+def _build_saes(
+    toy: ToyHierarchy,
+    levels: list[int],
+    activation: Activation,
+    sparsity: dict[str, float],
+    seed: int,
+) -> dict[str, TrainingSAE[Any]]:
+    """The Matryoshka SAE and the plain SAE of the same width and sparsity, each seeded with ``seed``."""
+    d_in, width = toy.directions.shape[1], levels[-1]
+    torch.manual_seed(seed)
+    matryoshka = MatryoshkaTrainingSAE(
+        MatryoshkaTrainingSAEConfig(
+            d_in=d_in,
+            d_sae=width,
+            matryoshka_widths=levels,
+            activation=activation,
+            use_matryoshka_aux_loss=True,
+            **sparsity,  # type: ignore[arg-type]
+        )
+    )
+    torch.manual_seed(seed)
+    plain: TrainingSAE[Any]
+    if activation == "relu":
+        plain = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=width, **sparsity))
+    else:
+        plain = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=width, **sparsity))
+    return {"matryoshka": matryoshka, "plain": plain}
+
+
+@torch.no_grad()
+def score(saes: Mapping[str, SAE[Any]], toy: ToyHierarchy, levels: list[int]) -> dict[str, Any]:
+    """Every metric of each SAE (as loaded from disk) on fresh toy samples."""
+    features, x = toy.sample(EVAL_SAMPLES)
+    scores: dict[str, Any] = {}
+    for name, sae in saes.items():
+        sae.eval()
+        absorption = hierarchy_absorption(sae, features, x, toy.directions, toy.children)
+        recovery = feature_recovery(sae, toy.directions)
+        acts = sae.encode(x)
+        best_latent = toy.decoder_cosines(sae).argmax(dim=0)
+        scores[name] = {
+            "absorption": absorption["absorption"],
+            "min_best_cosine": min(recovery["best_cosine"]),
+            "mean_best_cosine": recovery["mean_best_cosine"],
+            "mcc": recovery["mcc"],
+            "explained_variance": _explained_variance(sae.decode(acts), x),
+            "l0": _l0(acts),
+            "best_cosine": recovery["best_cosine"],
+            "absorption_edges": absorption["edges"],
+        }
+        if name == "matryoshka":
+            scores[name]["parents_in_first_level"] = sum(
+                int(best_latent[parent]) < levels[0] for parent in toy.parents
+            )
+            scores[name]["levels"] = [
+                {
+                    "width": width,
+                    "explained_variance": _explained_variance(level, x),
+                    "l0": _l0(acts[:, :width]),
+                }
+                for width, level in zip(levels, sae.decode_levels(acts), strict=True)
+            ]
+    return scores
 
 
 def _explained_variance(recon: torch.Tensor, x: torch.Tensor) -> float:
     return (1 - (recon - x).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()).item()
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-    """The headline numbers of both SAEs as a text table."""
-    columns = ("absorption", "mean_best_cosine", "mcc", "explained_variance", "l0")
-    lines = [f"{'SAE':<12}" + "".join(f"{c:>20}" for c in columns)]
-    for name in ("matryoshka", "batchtopk"):
-        lines.append(f"{name:<12}" + "".join(f"{metrics[name][c]:>20.3f}" for c in columns))
+def _l0(acts: torch.Tensor) -> float:
+    return (acts > 0).float().sum(-1).mean().item()
+
+
+def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean, standard deviation (over seeds, population), minimum and maximum of each metric."""
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for name in ("matryoshka", "plain"):
+        summary[name] = {}
+        for metric in SUMMARY_METRICS:
+            values = [float(run[name][metric]) for run in runs if metric in run[name]]
+            if values:
+                summary[name][metric] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.pstdev(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
+    return summary
+
+
+def format_table(metrics: Mapping[str, Any]) -> str:
+    """The headline numbers: each metric's mean ± std over seeds, and absorption per seed."""
+    config, summary, runs = metrics["config"], metrics["summary"], metrics["runs"]
+    seeds = ", ".join(str(s) for s in config["seeds"])
+    lines = [
+        f"{config['activation']}: Matryoshka (levels {config['matryoshka_widths']}) vs "
+        f"{config['plain']}, {config['width']} latents, {config['steps']} steps, seeds {seeds}; "
+        "mean ± std over seeds, SAEs as loaded from disk",
+        f"{'metric':<24}{'matryoshka':>18}{'plain':>18}",
+    ]
+    for metric in SUMMARY_METRICS:
+        cells = [
+            f"{summary[name][metric]['mean']:.3f} ± {summary[name][metric]['std']:.3f}"
+            if metric in summary[name]
+            else "-"
+            for name in ("matryoshka", "plain")
+        ]
+        lines.append(f"{metric:<24}{cells[0]:>18}{cells[1]:>18}")
+    for name in ("matryoshka", "plain"):
+        per_seed = " / ".join(f"{run[name]['absorption']:.3f}" for run in runs)
+        lines.append(f"absorption per seed, {name}: {per_seed}")
     levels = ", ".join(
-        f"{row['width']}: {row['explained_variance']:.3f}"
-        for row in metrics["matryoshka"]["levels"]
+        f"{row['width']}: {statistics.fmean(run['matryoshka']['levels'][i]['explained_variance'] for run in runs):.3f}"
+        for i, row in enumerate(runs[0]["matryoshka"]["levels"])
     )
-    lines.append(f"matryoshka explained variance per level: {levels}")
+    lines.append(f"matryoshka explained variance per level (mean): {levels}")
     return "\n".join(lines)
 
 
-def _plot_heatmaps(
-    saes: dict[str, TrainingSAE], toy: ToyHierarchy, widths: list[int], path: Path
-) -> None:
+def order_latents(
+    cosines: torch.Tensor, widths: Sequence[int], feature_order: Sequence[int]
+) -> torch.Tensor:
+    """A permutation of the latents that puts a heatmap's diagonal in view, levels kept in place.
+
+    Within each level (latents ``widths[i-1] .. widths[i] - 1``), latents are
+    sorted by where their best-matching feature (largest decoder cosine)
+    stands in ``feature_order``, the more similar first among latents matching
+    the same feature. A latent never leaves its level, so the level boundaries
+    of a Matryoshka SAE stay where they are.
+
+    Args:
+        cosines: ``[d_sae, n_features]`` decoder-vs-feature cosines.
+        widths: the level widths, the last being ``d_sae`` (``[d_sae]`` for a plain SAE).
+        feature_order: feature indices in the order the heatmap shows them.
+    """
+    rank = torch.empty(cosines.shape[1], dtype=torch.long)
+    rank[torch.as_tensor(list(feature_order))] = torch.arange(cosines.shape[1])
+    best_cosine, best_feature = cosines.max(dim=1)
+    order = []
+    start = 0
+    for end in widths:
+        latents = torch.arange(start, end)
+        # sort by feature rank, then by cosine (descending): one key, rank dominating
+        key = rank[best_feature[latents]].double() * 4 - best_cosine[latents].double()
+        order.append(latents[key.argsort(stable=True)])
+        start = end
+    return torch.cat(order)
+
+
+#: tick-label colours of the three kinds of feature
+KIND_COLOURS = {"P": "#b2182b", "C": "#2166ac", "I": "#4d4d4d"}
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(saes), figsize=(5.5 * len(saes), 5), squeeze=False)
+    return plt
+
+
+def sae_titles(levels: Sequence[int], activation: Activation) -> dict[str, str]:
+    """What each SAE is called on the figures."""
+    return {
+        "matryoshka": f"Matryoshka SAE, levels {' / '.join(map(str, levels))}",
+        "plain": PLAIN_NAMES[activation],
+    }
+
+
+def plot_decoder_cosines(
+    toy: ToyHierarchy,
+    saes: Mapping[str, SAE[Any]],
+    levels: list[int],
+    titles: Mapping[str, str],
+    path: Path,
+) -> None:
+    """Each SAE's decoder-vs-feature cosines, features general to specific, latents by ``order_latents``.
+
+    Rows are the true features (parents, their children, the independent
+    features), columns the latents, each labelled with the feature it matches
+    best; the Matryoshka SAE's level boundaries are drawn where they are.
+    """
+    plt = _pyplot()
+    features = toy.general_to_specific
+    labels = toy.labels
+    fig, axes = plt.subplots(1, len(saes), figsize=(8.5 * len(saes), 6.2), squeeze=False)
     for axis, (name, sae) in zip(axes[0], saes.items(), strict=True):
+        widths = levels if name == "matryoshka" else [levels[-1]]
         cosines = toy.decoder_cosines(sae)
-        if name != "matryoshka":  # order a flat dictionary's latents by the feature they match
-            cosines = cosines[cosines.argmax(dim=1).argsort()]
-        image = axis.imshow(cosines.T.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-        if name == "matryoshka":
-            for boundary in widths[:-1]:
-                axis.axvline(boundary - 0.5, color="black", linewidth=1)
-        for parent in toy.parents:
-            axis.axhline(parent - 0.5, color="grey", linewidth=0.5)
+        order = order_latents(cosines, widths, features)
+        shown = cosines[order][:, features].T
+        image = axis.imshow(shown.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        axis.set_yticks(range(len(features)), [labels[f] for f in features], fontsize=8)
+        matched = cosines[order].argmax(dim=1).tolist()
+        axis.set_xticks(range(len(order)), [labels[f] for f in matched], fontsize=6, rotation=90)
+        for ticks in (axis.get_yticklabels(), axis.get_xticklabels()):
+            for tick in ticks:
+                tick.set_color(KIND_COLOURS[tick.get_text()[0]])
+        for boundary in (toy.n_parents, toy.n_parents * (1 + toy.children_per_parent)):
+            axis.axhline(boundary - 0.5, color="grey", linewidth=0.8)
+        for boundary in widths[:-1]:
+            axis.axvline(boundary - 0.5, color="black", linewidth=2)
         axis.set_xlabel(
-            "latent" + (" (level boundaries in black)" if name == "matryoshka" else " (sorted)")
+            "latent, labelled by its best-matching feature"
+            + (
+                ", sorted within each level (black line: end of level 1)"
+                if name == "matryoshka"
+                else ", sorted"
+            )
         )
-        axis.set_ylabel("true feature (parents at the grey lines)")
-        axis.set_title(f"{name}: decoder vs true features")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+        axis.set_ylabel("true feature: P parent, C child (C1a: child of P1), I independent")
+        axis.set_title(f"{titles[name]}: decoder cosine with each true feature", fontsize=10)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="cosine")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_parent_firing(
+    runs: Sequence[Mapping[str, Any]], toy: ToyHierarchy, titles: Mapping[str, str], path: Path
+) -> None:
+    """How often each parent's latent fires with no child and with each child, on every seed.
+
+    Bars are the mean over seeds and dots the seeds; the rates are
+    ``hierarchy_absorption``'s recalls. A parent latent that its children
+    absorbed falls silent exactly when a child fires.
+    """
+    plt = _pyplot()
+    labels = toy.labels
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False, sharey=True)
+    cases = ["no child", *(f"child {chr(ord('a') + j)}" for j in range(toy.children_per_parent))]
+    bar = 0.8 / len(cases)
+    for axis, name in zip(axes[0], ("matryoshka", "plain"), strict=True):
+        # rates[seed, parent, case]: without children, then with each child
+        rates = torch.tensor([_parent_firing(run[name], toy.parents) for run in runs])
+        for j, case in enumerate(cases):
+            positions = torch.arange(toy.n_parents) + (j - (len(cases) - 1) / 2) * bar
+            axis.bar(positions.numpy(), rates[:, :, j].mean(0).numpy(), width=bar, label=case)
+            for seed_rates in rates[:, :, j]:
+                axis.plot(positions.numpy(), seed_rates.numpy(), "k.", markersize=4)
+        axis.set_xticks(range(toy.n_parents), [f"parent {labels[p]}" for p in toy.parents])
+        absorption = statistics.fmean(run[name]["absorption"] for run in runs)
+        axis.set_title(f"{titles[name]}\nabsorption {absorption:.2f} (mean of {len(runs)} seeds)")
+        axis.set_ylim(0, 1.05)
+    axes[0][0].set_ylabel("fraction of samples where\nthe parent's latent fires")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        names,
+        title="samples with the parent and (bars: mean over seeds, dots: each seed)",
+        loc="lower center",
+        ncol=len(cases),
+        fontsize=8,
+        title_fontsize=8,
+    )
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_parent_children(
-    saes: dict[str, TrainingSAE],
-    toy: ToyHierarchy,
-    features: torch.Tensor,
-    x: torch.Tensor,
-    path: Path,
-) -> None:
-    """One panel per (SAE, parent): its latents' mean activation, parent alone or with each child."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        len(saes),
-        toy.n_parents,
-        figsize=(4.6 * toy.n_parents, 3.4 * len(saes)),
-        squeeze=False,
-        sharey=True,
-    )
-    for row, (name, sae) in enumerate(saes.items()):
-        cosines = toy.decoder_cosines(sae)
-        sae.eval()
-        with torch.no_grad():
-            acts = sae.encode(x)
-        for column, parent in enumerate(toy.parents):
-            axis = axes[row][column]
-            kids = toy.children[parent]
-            parent_on = features[:, parent] > 0
-            cases = {"alone": parent_on & (features[:, kids] <= 0).all(dim=-1)}
-            for i, child in enumerate(kids):
-                cases[f"+ child {i + 1}"] = parent_on & (features[:, child] > 0)
-            latents = {"parent latent": int(cosines[:, parent].argmax())}
-            for i, child in enumerate(kids):
-                latents[f"child {i + 1} latent"] = int(cosines[:, child].argmax())
-            bar = 0.8 / len(latents)
-            for j, (label, latent) in enumerate(latents.items()):
-                means = [acts[mask, latent].mean().item() for mask in cases.values()]
-                axis.bar([i + j * bar for i in range(len(cases))], means, width=bar, label=label)
-            axis.set_xticks([i + 0.4 - bar / 2 for i in range(len(cases))], list(cases))
-            axis.set_title(f"{name}: parent feature {parent}")
-        axes[row][0].set_ylabel("mean activation")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _parent_firing(scores: Mapping[str, Any], parents: Sequence[int]) -> list[list[float]]:
+    """Per parent: its latent's firing rate with no child, then with each child (from the absorption edges)."""
+    rates: dict[int, list[float]] = {}
+    for edge in scores["absorption_edges"]:
+        rates.setdefault(edge["parent"], [edge["recall_without_children"]])
+        rates[edge["parent"]].append(edge["recall_with_child"])
+    return [rates[parent] for parent in parents]

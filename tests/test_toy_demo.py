@@ -1,73 +1,161 @@
-"""The toy demo: what it writes, from the function and from the command line."""
+"""The toy demo: its latent ordering, what it writes, its per-seed result, and its command line."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
+import statistics
 from pathlib import Path
 
 import pytest
+import torch
+from sae_lens import SAE
 
 from sae_lens_matryoshka.cli import main
-from sae_lens_matryoshka.toy_demo import run_toy_demo
+from sae_lens_matryoshka.evals import hierarchy_absorption
+from sae_lens_matryoshka.toy import ToyHierarchy
+from sae_lens_matryoshka.toy_demo import EVAL_SAMPLES, SUMMARY_METRICS, order_latents, run_toy_demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_writes_metrics_and_figures(tmp_path: Path, capsys) -> None:
-    metrics = run_toy_demo(output_dir=tmp_path, steps=60)
-    assert {p.name for p in tmp_path.iterdir()} == {
+def test_order_latents_sorts_within_each_level_by_best_feature() -> None:
+    # 6 latents, 3 features shown in the order 2, 0, 1; levels [2, 6]
+    cosines = torch.tensor(
+        [
+            [0.1, 0.9, 0.0],  # latent 0: feature 1
+            [0.8, 0.0, 0.1],  # latent 1: feature 0
+            [0.0, 0.2, 0.7],  # latent 2: feature 2, weaker
+            [0.1, 0.95, 0.0],  # latent 3: feature 1
+            [0.0, 0.0, 0.99],  # latent 4: feature 2, stronger
+            [0.6, -0.3, 0.0],  # latent 5: feature 0
+        ]
+    )
+    order = order_latents(cosines, [2, 6], feature_order=[2, 0, 1])
+    # level 1 keeps latents 0 and 1, feature 0 before feature 1;
+    # level 2: feature 2 (stronger first), feature 0, feature 1
+    assert order.tolist() == [1, 0, 4, 2, 5, 3]
+    # one level: a flat dictionary is sorted as a whole
+    assert order_latents(cosines, [6], feature_order=[0, 1, 2]).tolist() == [1, 5, 3, 0, 4, 2]
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    """Two seeds of a 60-step demo (too short to learn the hierarchy): the files and their structure."""
+    output = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        metrics = run_toy_demo(output_dir=output, seed=5, seeds=2, steps=60)
+    return output, metrics, printed.getvalue()
+
+
+def test_demo_writes_metrics_figures_and_saved_saes(short_demo: tuple[Path, dict, str]) -> None:
+    output, metrics, printed = short_demo
+    assert {p.name for p in output.iterdir()} == {
         "metrics.json",
         "decoder_cosines.png",
         "parent_child_activations.png",
+        "saes",
     }
     for png in ("decoder_cosines.png", "parent_child_activations.png"):
-        assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["matryoshka"]["absorption"] == metrics["matryoshka"]["absorption"]
-    for name in ("matryoshka", "batchtopk"):
-        assert 0 <= saved[name]["absorption"] <= 1
-        assert 0 <= saved[name]["mcc"] <= 1
-        assert len(saved[name]["absorption_edges"]) == 9
-        assert len(saved[name]["best_cosine"]) == 16
-    assert [row["width"] for row in saved["matryoshka"]["levels"]] == [3, 12, 16]
-    printed = capsys.readouterr().out
-    assert "absorption" in printed and "matryoshka explained variance per level: 3:" in printed
+        assert (output / png).read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((output / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    config = metrics["config"]
+    assert config["seeds"] == [5, 6] and config["steps"] == 60
+    assert config["matryoshka_widths"] == [3, 40] and config["activation"] == "relu"
+    assert config["l1_coefficient"] == 0.1
+    assert [run["seed"] for run in metrics["runs"]] == [5, 6]
+    for run in metrics["runs"]:
+        for name in ("matryoshka", "plain"):
+            assert len(run[name]["absorption_edges"]) == 9
+            assert len(run[name]["best_cosine"]) == 20
+            assert run[name]["min_best_cosine"] == min(run[name]["best_cosine"])
+        assert [row["width"] for row in run["matryoshka"]["levels"]] == [3, 40]
+        assert "parents_in_first_level" not in run["plain"]
+    # the summary is each metric's mean, spread and range over the runs
+    for name in ("matryoshka", "plain"):
+        for metric in SUMMARY_METRICS:
+            values = [run[name][metric] for run in metrics["runs"] if metric in run[name]]
+            if not values:
+                assert metric not in metrics["summary"][name]
+                continue
+            assert metrics["summary"][name][metric] == pytest.approx(
+                {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.pstdev(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
+            )
+    assert "parents_in_first_level" in metrics["summary"]["matryoshka"]
+    assert "absorption per seed, matryoshka:" in printed and " ± " in printed
+    assert "wrote" in printed
 
 
-def test_toy_command_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sae_lens_matryoshka",
-            "toy",
-            "--steps",
-            "30",
-            "--seed",
-            "1",
-            "--width",
-            "20",
-            "--l0",
-            "1.0",
-            "--output-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
+def test_demo_scores_the_saes_as_saved(short_demo: tuple[Path, dict, str]) -> None:
+    """The numbers are those of the folders on disk, loaded back, on the toy's own samples."""
+    output, metrics, _ = short_demo
+    features, x = ToyHierarchy.nabeshima(5).sample(EVAL_SAMPLES)  # what the demo scored on
+    toy = ToyHierarchy.nabeshima(5)
+    run = metrics["runs"][0]
+    for name in ("matryoshka", "plain"):
+        sae = SAE.load_from_disk(output / "saes" / "seed_5" / name)
+        with torch.no_grad():
+            l0 = (sae.encode(x) > 0).float().sum(-1).mean().item()
+        assert run[name]["l0"] == pytest.approx(l0)
+        absorption = hierarchy_absorption(sae, features, x, toy.directions, toy.children)
+        assert run[name]["absorption"] == pytest.approx(absorption["absorption"])
+    assert type(SAE.load_from_disk(output / "saes" / "seed_5" / "matryoshka")).__name__ == (
+        "MatryoshkaSAE"
     )
-    assert "wrote" in result.stdout
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["toy"]["seed"] == 1 and saved["toy"]["steps"] == 30
-    assert [row["width"] for row in saved["matryoshka"]["levels"]] == [3, 12, 20]
-    assert "Training SAE" in result.stderr  # SAELens's progress bar
 
 
-def test_toy_refuses_unknown_flags(capsys) -> None:
+def test_the_default_demo_shows_the_papers_result_on_every_seed(tmp_path: Path) -> None:
+    """What ``make demo`` prints and the README reports, per seed: parents first, no absorption."""
+    metrics = run_toy_demo(output_dir=tmp_path)
+    assert len(metrics["runs"]) >= 3
+    for run in metrics["runs"]:
+        ours, plain = run["matryoshka"], run["plain"]
+        assert ours["parents_in_first_level"] == 3, run["seed"]
+        assert ours["absorption"] <= 0.1, (run["seed"], ours["absorption"])
+        assert ours["absorption"] < plain["absorption"], (run["seed"], plain["absorption"])
+        # every feature learned; the children least exactly, as the README explains
+        assert ours["min_best_cosine"] > 0.85, (run["seed"], ours["best_cosine"])
+        assert ours["mean_best_cosine"] > plain["mean_best_cosine"], run["seed"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--steps", "0"], "argument --steps: must be positive, got 0"),
+        (["--width", "-4"], "argument --width: must be positive, got -4"),
+        (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
+        (["--l1", "0"], "argument --l1: must be positive, got 0"),
+        (["--width", "3"], "width must be larger than the first level (3 latents"),
+        (["--l1", "0.1", "--l0", "1.0"], "l1 goes with the relu activation"),
+        (["--activation", "relu", "--l0", "1.0"], "l1 goes with the relu activation"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_toy_command_line_refuses_bad_values(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["toy", "--bogus"])
+        main(["toy", "--output-dir", str(tmp_path), *flags])
     assert exit_info.value.code == 2
-    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_toy_command_line_runs_batchtopk_when_given_l0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["--steps", "30", "--seed", "1", "--seeds", "1", "--width", "20", "--l0", "1.0"]
+    code = main(["toy", *flags, "--output-dir", str(tmp_path)])
+    assert code == 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["config"]["seeds"] == [1] and saved["config"]["steps"] == 30
+    assert saved["config"]["activation"] == "batchtopk" and saved["config"]["k"] == 1.0
+    assert saved["config"]["matryoshka_widths"] == [3, 20]
+    assert "wrote" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from sae_lens_matryoshka import (
     MatryoshkaTrainingSAEConfig,
 )
 from sae_lens_matryoshka.evals import hierarchy_absorption
-from sae_lens_matryoshka.toy import ToyHierarchy
+from sae_lens_matryoshka.toy import ToyHierarchy, single_thread
 
 FIRST_LEVEL = 6
 STEPS = 1000
@@ -116,3 +116,54 @@ def test_toy_is_reproducible_and_rejects_bad_settings() -> None:
         ValueError, match=r"parent_probability must be a probability in \[0, 1\], got 1.5"
     ):
         ToyHierarchy(parent_probability=1.5)
+
+
+def test_nabeshima_toy_has_his_structure_and_frequencies() -> None:
+    toy = ToyHierarchy.nabeshima(seed=0)
+    assert toy.n_features == 20 and toy.directions.shape == (20, 20)
+    assert len(toy.parents) == 3 and len(toy.independents) == 8
+    assert all(len(kids) == 3 for kids in toy.children.values())
+    features, _ = toy.sample(60000)
+    firing = (features > 0).float().mean(0)
+    children = [child for kids in toy.children.values() for child in kids]
+    for group, probability in ((toy.parents, 0.15), (children, 0.03), (toy.independents, 0.05)):
+        assert firing[group].tolist() == pytest.approx([probability] * len(group), abs=0.006)
+    assert toy.expected_l0 == pytest.approx(3 * 0.15 * 1.6 + 8 * 0.05)
+
+
+def test_labels_and_display_order_follow_the_hierarchy() -> None:
+    toy = ToyHierarchy(n_parents=2, children_per_parent=2, n_independent=3, seed=0)
+    order = toy.general_to_specific
+    assert sorted(order) == list(range(toy.n_features))
+    assert order[:2] == toy.parents
+    assert order[2:6] == [*toy.children[toy.parents[0]], *toy.children[toy.parents[1]]]
+    assert order[6:] == toy.independents
+    labels = toy.labels
+    assert [labels[p] for p in toy.parents] == ["P1", "P2"]
+    assert [labels[c] for c in toy.children[toy.parents[1]]] == ["C2a", "C2b"]
+    assert [labels[i] for i in toy.independents] == ["I1", "I2", "I3"]
+
+
+def test_streams_repeat_and_leave_the_global_generator_alone() -> None:
+    toy = ToyHierarchy.nabeshima(seed=2)
+    before = torch.get_rng_state()
+    first, again = toy.batches(64, stream=1), toy.batches(64, stream=1)
+    for _ in range(3):
+        torch.testing.assert_close(next(first), next(again))
+    assert not torch.equal(next(toy.batches(64, stream=1)), next(toy.batches(64, stream=2)))
+    # the toy's own samples (what the demo evaluates on) are not the training stream
+    assert not torch.equal(toy.sample(64)[1], next(toy.batches(64, stream=1)))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not next(toy.batches(8, stream=1)).requires_grad
+
+
+def test_single_thread_restores_the_thread_count() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError), single_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("restored even when the body fails")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
