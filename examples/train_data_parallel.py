@@ -1,14 +1,19 @@
-"""Data-parallel Matryoshka training under torchrun, offline, on a tiny random model.
+"""Matryoshka training under torchrun, offline, on a tiny random model: data parallel or sharded.
 
     torchrun --standalone --nproc_per_node 2 examples/train_data_parallel.py --output-dir dp_out
+    torchrun --standalone --nproc_per_node 2 examples/train_data_parallel.py --latent-shards 2
     python examples/train_data_parallel.py --output-dir dp_out       # the same, one process
 
-Every rank builds the same tiny ``HookedTransformer`` and token dataset (nothing
-is downloaded), ``distributed.run`` gives each rank a disjoint shard of the
-tokens, averages gradients and selects BatchTopK over the global batch, and
-rank 0 saves the SAE. For a real model the command line does the same::
+Every rank builds the same tiny ``HookedTransformer`` and token dataset
+(nothing is downloaded). By default ``distributed.run`` gives each rank a
+disjoint shard of the tokens, averages gradients and selects BatchTopK over
+the global batch, and rank 0 saves the SAE. With ``--latent-shards 2`` the two
+ranks instead read the same tokens and each holds half of the latents; the
+whole SAE is gathered and saved by rank 0. For a real model the command line
+does the same::
 
     torchrun --nproc_per_node 8 -m sae_lens_matryoshka train --model_name gemma-2-2b ...
+    torchrun --nproc_per_node 8 -m sae_lens_matryoshka train --latent_shards 8 ...
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ def main() -> None:
     )
     parser.add_argument("--output-dir", type=Path, default=Path("matryoshka_data_parallel"))
     parser.add_argument("--training-tokens", type=int, default=100_000)
-    parser.add_argument("--batch-tokens", type=int, default=512, help="per rank")
+    parser.add_argument("--batch-tokens", type=int, default=512, help="per replica")
+    parser.add_argument(
+        "--latent-shards", type=int, default=1, help="ranks that split the latents (default 1)"
+    )
     args = parser.parse_args()
 
     # identical on every rank: same seeds, no downloads
@@ -75,6 +83,7 @@ def main() -> None:
     )
     distributed.run(
         cfg,
+        latent_shards=args.latent_shards,
         override_model=model,
         override_dataset=Dataset.from_dict({"input_ids": tokens.tolist()}),
     )
@@ -82,8 +91,9 @@ def main() -> None:
         sae = SAE.load_from_disk(args.output_dir)
         assert isinstance(sae, MatryoshkaSAE)
         print(
-            f"{distributed.world_size()} rank(s) trained one SAE, saved to {args.output_dir}: "
-            f"levels {sae.matryoshka_widths}"
+            f"{distributed.world_size()} rank(s) ({args.latent_shards} latent shard(s) each "
+            f"replica) trained one SAE, saved to {args.output_dir}: levels "
+            f"{sae.matryoshka_widths}"
         )
 
 

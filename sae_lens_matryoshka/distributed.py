@@ -1,13 +1,15 @@
-"""Data-parallel training under ``torchrun``, with SAELens's own runner and trainer.
+"""Training under ``torchrun``, with SAELens's own runner: data parallel and latent sharding.
 
-Every rank builds the same runner, reads a disjoint shard of the token stream
-(or of a cached-activation dataset), and trains a replica of one SAE. What
-keeps the replicas one SAE:
+The ranks form a mesh (``mesh.Mesh``) of replicas x latent shards. Each
+replica reads a disjoint shard of the token stream (or of a cached-activation
+dataset); within a replica, ``latent_shards`` ranks read the same tokens and
+each holds a slice of the latents (``sharding``). With one shard per replica
+this is plain data parallelism. What keeps the ranks one SAE:
 
-- gradients are averaged across ranks as they are accumulated (a hook per
-  parameter), before SAELens clips them and Adam steps, so every rank takes the
-  same step; parameters and buffers are broadcast from rank 0 at the start;
-- **BatchTopK selects across the global batch**: the ``k * n_tokens * world_size``
+- gradients are averaged across replicas as they are accumulated (a hook per
+  parameter), before SAELens clips them and Adam steps, so every replica takes
+  the same step; parameters and buffers start as the first replica's;
+- **BatchTopK selects across the global batch**: the ``k * n_tokens * n_replicas``
   largest pre-activations of all ranks together, exactly what one process sees
   on the concatenated batch (ranks exchange only their local top candidates'
   values). Per-rank selection would let a rank with quiet tokens keep weak
@@ -19,11 +21,13 @@ keeps the replicas one SAE:
 - the prefix sampler and learning-rate and coefficient schedules advance
   identically on every rank from the same seed and step count.
 
-Rank 0 alone logs, writes checkpoints, saves the result and shows progress
-and warnings. Ranks meet within ``SAE_MATRYOSHKA_RENDEZVOUS_TIMEOUT`` seconds
-(default 120), naming any that never arrive; collectives time out after
-``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT`` seconds (default 600), so a rank that
-dies makes the others stop with :class:`CollectiveError` instead of hanging.
+Rank 0 alone logs, saves the result and shows progress and warnings; it
+writes the checkpoints (with the latents sharded, each shard of the first
+replica writes its own part). Ranks meet within
+``SAE_MATRYOSHKA_RENDEZVOUS_TIMEOUT`` seconds (default 120), naming any that
+never arrive; collectives time out after ``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT``
+seconds (default 600), so a rank that dies makes the others stop with
+:class:`CollectiveError` instead of hanging.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sae_lens import SAE
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig
@@ -130,12 +131,17 @@ def test_real_model_example_runs_offline_and_plots_levels(tmp_path: Path) -> Non
     assert len(result.stdout.strip().splitlines()) == 6
 
 
-def test_data_parallel_example_runs_under_torchrun(tmp_path: Path) -> None:
+@pytest.mark.parametrize("latent_shards", [1, 2])
+def test_distributed_example_runs_under_torchrun(tmp_path: Path, latent_shards: int) -> None:
     script = [str(EXAMPLES / "train_data_parallel.py"), "--output-dir", str(tmp_path / "dp")]
-    result = run_torchrun([*script, "--training-tokens", "10240"])
+    flags = ["--training-tokens", "10240", "--latent-shards", str(latent_shards)]
+    result = run_torchrun([*script, *flags])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 rank(s) trained one SAE" in result.stdout
-    assert isinstance(SAE.load_from_disk(tmp_path / "dp"), MatryoshkaSAE)
+    assert f"2 rank(s) ({latent_shards} latent shard(s) each replica) trained one SAE" in (
+        result.stdout
+    )
+    sae = SAE.load_from_disk(tmp_path / "dp")
+    assert isinstance(sae, MatryoshkaSAE) and sae.W_dec.shape == (512, 64)
 
 
 def test_default_outputs_are_git_ignored_and_removed_by_make_clean() -> None:
