@@ -27,7 +27,6 @@ import copy
 import json
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -145,9 +144,3 @@ def save_whole(sae: MatryoshkaTrainingSAE, mesh: Mesh, path: str | Path) -> Path
     save_file(state, folder / SAE_WEIGHTS_FILENAME)
     (folder / SAE_CFG_FILENAME).write_text(json.dumps(sae.cfg.get_inference_sae_cfg_dict()))
     return folder
-
-
-def is_sharded(sae: Any) -> bool:
-    """Whether ``sae`` is one shard of a latent-sharded dictionary."""
-    collectives = getattr(sae, "collectives", None)
-    return isinstance(collectives, MeshCollectives) and collectives.sharded
