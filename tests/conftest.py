@@ -169,6 +169,24 @@ def runner_cfg(tmp_path: Path) -> Callable[..., LanguageModelSAERunnerConfig[Any
     return build
 
 
+def step_input(
+    x: torch.Tensor,
+    dead: torch.Tensor | None = None,
+    *,
+    logging: bool = True,
+    step: int = 0,
+    **coefficients: float,
+) -> TrainStepInput:
+    """What SAELens's trainer hands a training step (and its aux-loss hook) for ``x``."""
+    return TrainStepInput(
+        sae_in=x,
+        coefficients=coefficients,
+        dead_neuron_mask=dead,
+        n_training_steps=step,
+        is_logging_step=logging,
+    )
+
+
 def step_output(
     sae: TrainingSAE,
     x: torch.Tensor,
@@ -180,13 +198,7 @@ def step_output(
 ) -> TrainStepOutput:
     """``sae.training_forward_pass`` on ``x`` as SAELens's trainer calls it (no backward)."""
     return sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=x,
-            coefficients=coefficients,
-            dead_neuron_mask=dead,
-            n_training_steps=step,
-            is_logging_step=logging,
-        )
+        step_input(x, dead, logging=logging, step=step, **coefficients)
     )
 
 

@@ -18,13 +18,13 @@ from sae_lens.saes.matryoshka_batchtopk_sae import (
     MatryoshkaBatchTopKTrainingSAE,
     MatryoshkaBatchTopKTrainingSAEConfig,
 )
-from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
-from .conftest import dense, step_output, train_step
+from .conftest import dense, step_input, step_output, train_step
 
 D_IN, D_SAE, K = 12, 48, 3
 
@@ -136,14 +136,12 @@ def test_calculate_aux_loss_hook_equals_training_forward_pass() -> None:
         ours, _ = _pair([6, 18, 48], use_matryoshka_aux_loss=use_matryoshka_aux_loss)
         x = torch.randn(40, D_IN)
         out = step_output(ours, x, DEAD_MASKS["some-dead"], logging=False)
-        step_input = TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=DEAD_MASKS["some-dead"],
-            n_training_steps=0,
-            is_logging_step=False,
-        )  # what SAELens hands its aux-loss hook
-        hook = ours.calculate_aux_loss(step_input, out.feature_acts, out.hidden_pre, out.sae_out)
+        hook = ours.calculate_aux_loss(
+            step_input(x, DEAD_MASKS["some-dead"], logging=False),
+            out.feature_acts,
+            out.hidden_pre,
+            out.sae_out,
+        )
         torch.testing.assert_close(
             hook["auxiliary_reconstruction_loss"], out.losses["auxiliary_reconstruction_loss"]
         )
