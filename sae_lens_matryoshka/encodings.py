@@ -194,7 +194,7 @@ class SparseEncoding(NamedTuple):
             self.weights, self.token, self.latent, W_dec, n_tokens, plan.bounds
         )
         levels = RunningLevels.apply(partials, b_dec, detach)
-        return levels.transpose(0, 1).unflatten(1, self.pre.batch_shape)
+        return levels.unflatten(1, self.pre.batch_shape)
 
     def dead_latent_reconstruction(
         self,

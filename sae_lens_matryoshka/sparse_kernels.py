@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -211,13 +212,44 @@ def decode_groups(
     return out.view(n_tokens, n_groups, -1)
 
 
-class RunningLevels(torch.autograd.Function):
-    """Every level from the groups' decodes: ``levels[:, l] = b_dec + sum over g <= l of partials[:, g]``.
+def _running_sums(
+    terms: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], start: torch.Tensor | None
+) -> torch.Tensor:
+    """``outputs[i] = start + terms[0] + ... + terms[i]``, row-wise adds; returns the last sum.
 
-    With ``detach``, level ``l`` is level ``l - 1`` detached plus its own group,
-    so its loss reaches only that group (and ``b_dec`` only through level 0).
-    Autograd would reverse the running sum's gradient with two flips and a
-    third copy; here it is one small matrix product.
+    Summed in at least float32, each output rounded once: in the outputs
+    themselves when they are that wide, else in a float32 running sum.
+    """
+    wide = torch.promote_types(terms[0].dtype, torch.float32)
+    if outputs[0].dtype == wide:
+        if start is None:
+            outputs[0].copy_(terms[0])
+        else:
+            torch.add(terms[0], start, out=outputs[0])
+        for i in range(1, len(terms)):
+            torch.add(outputs[i - 1], terms[i], out=outputs[i])
+        return outputs[-1]
+    running = terms[0].to(wide, copy=True)
+    if start is not None:
+        running += start
+    outputs[0].copy_(running)
+    for term, output in zip(terms[1:], outputs[1:], strict=True):
+        running += term
+        output.copy_(running)
+    return running
+
+
+class RunningLevels(torch.autograd.Function):
+    """Every level from the groups' decodes: ``levels[l] = b_dec + sum over g <= l of partials[:, g]``.
+
+    ``partials`` is ``[n_tokens, n_groups, d_in]`` (as the group decode
+    writes it); the levels come out level-major, ``[n_levels, n_tokens, d_in]``
+    and contiguous, so that every level's loss reads contiguous memory. With
+    ``detach``, level ``l`` is level ``l - 1`` detached plus its own group, so
+    its loss reaches only that group (and ``b_dec`` only through level 0).
+    Forward and backward are one running sum each, level by level, every step
+    a row-wise add: ``cumsum`` over a short middle dimension, a transpose copy
+    and autograd's reversed running sum cost several times more on CPU.
     """
 
     @staticmethod
@@ -225,13 +257,17 @@ class RunningLevels(torch.autograd.Function):
         ctx: Any, partials: torch.Tensor, b_dec: torch.Tensor, detach: bool
     ) -> torch.Tensor:
         ctx.detach = detach
-        return partials.cumsum(dim=1).add_(b_dec)
+        n_tokens, n_levels, d_in = partials.shape
+        levels = partials.new_empty(n_levels, n_tokens, d_in)
+        _running_sums(partials.unbind(1), levels.unbind(0), b_dec)
+        return levels
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         if ctx.detach:
-            return grad, grad[:, 0].sum(dim=0), None
-        # partial g reaches every level l >= g: a product with a triangle of ones
-        n_levels = grad.shape[1]
-        reach = torch.ones(n_levels, n_levels, dtype=grad.dtype, device=grad.device).triu()
-        return reach @ grad, grad.sum(dim=(0, 1)), None
+            return grad.transpose(0, 1), grad[0].sum(dim=0), None
+        # partial g reaches every level l >= g: the suffix sums of the levels' gradients
+        n_levels, n_tokens, d_in = grad.shape
+        reach = grad.new_empty(n_tokens, n_levels, d_in)
+        whole = _running_sums(grad.unbind(0)[::-1], reach.unbind(1)[::-1], None)
+        return reach, whole.sum(dim=0).to(grad.dtype), None

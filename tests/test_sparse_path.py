@@ -18,6 +18,7 @@ from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConf
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS
 from sae_lens_matryoshka.levels import decode_levels
 from sae_lens_matryoshka.sparse_kernels import (
+    RunningLevels,
     SparseEncoderValues,
     batch_topk_entries,
     decode_groups,
@@ -164,6 +165,31 @@ def test_sparse_encoder_gradients_equal_dense_autograd() -> None:
     got = torch.autograd.grad((_sparse_values(x, *inputs) * upstream).sum(), inputs)
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have, want)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_running_levels_are_the_cumulative_sum_with_its_gradients(detach: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    partials = torch.randn(7, 4, 5, dtype=torch.double, generator=generator).requires_grad_()
+    b_dec = torch.randn(5, dtype=torch.double, generator=generator).requires_grad_()
+    levels = RunningLevels.apply(partials, b_dec, detach)
+    torch.testing.assert_close(levels, partials.cumsum(dim=1).transpose(0, 1) + b_dec)
+    if not detach:
+        assert torch.autograd.gradcheck(
+            lambda p, b: RunningLevels.apply(p, b, False), (partials, b_dec)
+        )
+    else:  # a stop-gradient: each level's loss reaches only its own group (b_dec: level 0's)
+        upstream = torch.zeros(4, 7, 5, dtype=torch.double)
+        upstream[2] = 1.0
+        grad_partials, grad_b_dec = torch.autograd.grad(
+            RunningLevels.apply(partials, b_dec, detach), (partials, b_dec), upstream
+        )
+        assert grad_partials[:, 2].eq(1).all() and grad_partials[:, [0, 1, 3]].eq(0).all()
+        assert grad_b_dec.eq(0).all()
+    # low precision: summed in float32, each level rounded once
+    low = RunningLevels.apply(partials.detach().bfloat16(), b_dec.detach().bfloat16(), detach)
+    exact = partials.detach().bfloat16().double().cumsum(dim=1).transpose(0, 1)
+    torch.testing.assert_close(low, (exact + b_dec.detach().bfloat16().double()).bfloat16())
 
 
 def test_encoder_weight_gradient_is_the_dense_product() -> None:
