@@ -59,7 +59,16 @@ TRAINER_CLASSES = {
 
 
 def write_dictionary_learning(
-    folder: Path, dict_class: str, threshold: float = 0.3, group_sizes_in_ae: bool = True
+    folder: Path,
+    dict_class: str,
+    threshold: float = 0.3,
+    group_sizes_in_ae: bool = True,
+    *,
+    d_in: int = D_IN,
+    group_sizes: list[int] = GROUP_SIZES,
+    k: int = K,
+    lm_name: str = "someone/tiny-lm",
+    layer: int = 3,
 ) -> dict[str, torch.Tensor]:
     """A checkpoint as dictionary_learning 0.1.0's ``trainSAE`` saves one.
 
@@ -71,12 +80,13 @@ def write_dictionary_learning(
     ``k`` (int32) and ``threshold`` (a float32 scalar). ``config.json`` is
     ``{"trainer": trainer.config, "buffer": ActivationBuffer.config}``.
     """
+    d_sae = sum(group_sizes)
     generator = torch.Generator().manual_seed(3)
-    W_enc = torch.randn(D_IN, D_SAE, generator=generator) * 0.5
-    b_enc = torch.randn(D_SAE, generator=generator) * 0.1
-    W_dec = torch.randn(D_SAE, D_IN, generator=generator) * 0.5
-    b_dec = torch.randn(D_IN, generator=generator) * 0.1
-    buffers = {"k": torch.tensor(K, dtype=torch.int), "threshold": torch.tensor(threshold)}
+    W_enc = torch.randn(d_in, d_sae, generator=generator) * 0.5
+    b_enc = torch.randn(d_sae, generator=generator) * 0.1
+    W_dec = torch.randn(d_sae, d_in, generator=generator) * 0.5
+    b_dec = torch.randn(d_in, generator=generator) * 0.1
+    buffers = {"k": torch.tensor(k, dtype=torch.int), "threshold": torch.tensor(threshold)}
     trainer: dict[str, Any] = {
         "trainer_class": TRAINER_CLASSES.get(dict_class),
         "dict_class": dict_class,
@@ -88,23 +98,23 @@ def write_dictionary_learning(
         "threshold_beta": 0.999,
         "threshold_start_step": 10,
         "seed": 0,
-        "activation_dim": D_IN,
-        "dict_size": D_SAE,
-        "k": K,
+        "activation_dim": d_in,
+        "dict_size": d_sae,
+        "k": k,
         "device": "cpu",
-        "layer": 3,
-        "lm_name": "someone/tiny-lm",
+        "layer": layer,
+        "lm_name": lm_name,
         "wandb_name": dict_class,
         "submodule_name": None,
     }
     if dict_class == "MatryoshkaBatchTopKSAE":
         state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, **buffers}
         if group_sizes_in_ae:
-            state["group_sizes"] = torch.tensor(GROUP_SIZES)
+            state["group_sizes"] = torch.tensor(group_sizes)
         trainer |= {
-            "group_fractions": [size / D_SAE for size in GROUP_SIZES],
-            "group_weights": [1 / 3] * 3,
-            "group_sizes": GROUP_SIZES,
+            "group_fractions": [size / d_sae for size in group_sizes],
+            "group_weights": [1 / len(group_sizes)] * len(group_sizes),
+            "group_sizes": group_sizes,
         }
     else:
         state = {
@@ -117,7 +127,7 @@ def write_dictionary_learning(
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / "ae.pt")
     buffer = {
-        "d_submodule": D_IN,
+        "d_submodule": d_in,
         "io": "out",
         "n_ctxs": 64,
         "ctx_len": 16,

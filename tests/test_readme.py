@@ -64,7 +64,6 @@ import builtins
 import contextlib
 import copy
 import functools
-import json
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -106,6 +105,7 @@ from sae_lens_matryoshka.evals import LevelEvaluator, evaluate_levels
 
 from .conftest import CONTEXT, D_MODEL, VOCAB, build_token_dataset, quick_train
 from .test_hub import FakeHub
+from .test_imports import write_dictionary_learning
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -360,60 +360,8 @@ def _runner_cfg(
     return LanguageModelSAERunnerConfig(**(fields | overrides))
 
 
-def _write_dictionary_learning(
-    folder: Path, dict_class: str, d_in: int, group_sizes: list[int], k: int = 4
-) -> None:
-    """A checkpoint as dictionary_learning 0.1.0's ``trainSAE`` saves one (see tests/test_imports.py)."""
-    d_sae = sum(group_sizes)
-    generator = torch.Generator().manual_seed(3)
-    W_enc = torch.randn(d_in, d_sae, generator=generator) * 0.5
-    b_enc = torch.randn(d_sae, generator=generator) * 0.1
-    W_dec = torch.randn(d_sae, d_in, generator=generator) * 0.5
-    b_dec = torch.randn(d_in, generator=generator) * 0.1
-    buffers = {"k": torch.tensor(k, dtype=torch.int), "threshold": torch.tensor(0.3)}
-    trainer: dict[str, Any] = {
-        "trainer_class": {
-            "MatryoshkaBatchTopKSAE": "MatryoshkaBatchTopKTrainer",
-            "BatchTopKSAE": "BatchTopKTrainer",
-        }[dict_class],
-        "dict_class": dict_class,
-        "lr": 1e-3,
-        "steps": 100,
-        "auxk_alpha": 1 / 32,
-        "warmup_steps": 10,
-        "decay_start": None,
-        "threshold_beta": 0.999,
-        "threshold_start_step": 10,
-        "seed": 0,
-        "activation_dim": d_in,
-        "dict_size": d_sae,
-        "k": k,
-        "device": "cpu",
-        "layer": 12,
-        "lm_name": "google/gemma-2-2b",
-        "wandb_name": dict_class,
-        "submodule_name": None,
-    }
-    if dict_class == "MatryoshkaBatchTopKSAE":
-        state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, **buffers}
-        state["group_sizes"] = torch.tensor(group_sizes)
-        trainer |= {
-            "group_fractions": [size / d_sae for size in group_sizes],
-            "group_weights": [1 / len(group_sizes)] * len(group_sizes),
-            "group_sizes": group_sizes,
-        }
-    else:
-        state = {
-            "b_dec": b_dec,
-            **buffers,
-            "decoder.weight": W_dec.T.contiguous(),
-            "encoder.weight": W_enc.T.contiguous(),
-            "encoder.bias": b_enc,
-        }
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state, folder / "ae.pt")
-    buffer = {"d_submodule": d_in, "io": "out", "n_ctxs": 64, "ctx_len": 16, "device": "cpu"}
-    (folder / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": buffer}))
+#: what the README's stand-in dictionary_learning checkpoints record (a Gemma-2-2B run)
+README_TRAINER: dict[str, Any] = {"lm_name": "google/gemma-2-2b", "layer": 12, "k": 4}
 
 
 def _saelens_matryoshka_folder(folder: Path) -> Path:
@@ -515,8 +463,12 @@ class World:
         )
         # saebench_gemma-2-2b_width-2pow14_date-0107 -> this repo; trainer_0, levels as in the README
         saebench = staging / "saebench"
-        _write_dictionary_learning(
-            saebench, "MatryoshkaBatchTopKSAE", d_in=4, group_sizes=[512, 1024, 2048, 4096, 8704]
+        write_dictionary_learning(
+            saebench,
+            "MatryoshkaBatchTopKSAE",
+            d_in=4,
+            group_sizes=[512, 1024, 2048, 4096, 8704],
+            **README_TRAINER,
         )
         hub.publish(
             "canrager/saebench_gemma-2-2b_width-2pow14_date-0107",
@@ -641,11 +593,11 @@ STAND_INS: dict[str, Callable[[World], Any]] = {
 FILE_STAND_INS: dict[str, Callable[[World, Path], Any]] = {
     "matryoshka_tiny_stories": lambda world, path: shutil.copytree(world.trained_folder, path),
     "saelens_matryoshka_output": lambda world, path: _saelens_matryoshka_folder(path),
-    "trainer_0": lambda world, path: _write_dictionary_learning(
-        path, "MatryoshkaBatchTopKSAE", d_in=4, group_sizes=[4, 8, 12]
+    "trainer_0": lambda world, path: write_dictionary_learning(
+        path, "MatryoshkaBatchTopKSAE", d_in=4, group_sizes=[4, 8, 12], **README_TRAINER
     ),
-    "trainer_1": lambda world, path: _write_dictionary_learning(
-        path, "BatchTopKSAE", d_in=4, group_sizes=[16384]
+    "trainer_1": lambda world, path: write_dictionary_learning(
+        path, "BatchTopKSAE", d_in=4, group_sizes=[16384], **README_TRAINER
     ),
     "checkpoints/run/layers.6": lambda world, path: _sparsify_folder(path),
 }
