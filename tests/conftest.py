@@ -36,22 +36,25 @@ VOCAB = 64
 HOOK = "blocks.0.hook_resid_post"
 
 
+def tiny_model_cfg() -> HookedTransformerConfig:
+    """The tiny random model's config (a ``HookedSAETransformer`` can be built from it too)."""
+    return HookedTransformerConfig(
+        n_layers=1,
+        d_model=D_MODEL,
+        n_ctx=CONTEXT,
+        d_head=4,
+        n_heads=4,
+        d_mlp=32,
+        d_vocab=VOCAB,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
+
+
 def build_tiny_model() -> HookedTransformer:
     """The tiny random model; a function too, for processes the tests spawn (no fixtures there)."""
-    return HookedTransformer(
-        HookedTransformerConfig(
-            n_layers=1,
-            d_model=D_MODEL,
-            n_ctx=CONTEXT,
-            d_head=4,
-            n_heads=4,
-            d_mlp=32,
-            d_vocab=VOCAB,
-            act_fn="gelu",
-            normalization_type="LN",
-            seed=0,
-        )
-    )
+    return HookedTransformer(tiny_model_cfg())
 
 
 def build_token_dataset() -> Dataset:

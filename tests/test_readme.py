@@ -91,7 +91,7 @@ from sae_lens.saes.matryoshka_batchtopk_sae import (
     MatryoshkaBatchTopKTrainingSAE,
     MatryoshkaBatchTopKTrainingSAEConfig,
 )
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 import sae_lens_matryoshka
 from sae_lens_matryoshka import (
@@ -103,7 +103,7 @@ from sae_lens_matryoshka import (
 from sae_lens_matryoshka.config import ARCHITECTURE
 from sae_lens_matryoshka.evals import LevelEvaluator, evaluate_levels
 
-from .conftest import CONTEXT, D_MODEL, VOCAB, build_token_dataset, quick_train
+from .conftest import CONTEXT, D_MODEL, VOCAB, build_token_dataset, quick_train, tiny_model_cfg
 from .test_hub import FakeHub
 from .test_imports import write_dictionary_learning
 
@@ -314,21 +314,6 @@ def run_block(block: Block, world: World) -> dict[str, Any]:
 # ---------------------------------------------------------------- the stand-ins
 
 
-def _tiny_model_cfg() -> HookedTransformerConfig:
-    return HookedTransformerConfig(
-        n_layers=1,
-        d_model=D_MODEL,
-        n_ctx=CONTEXT,
-        d_head=4,
-        n_heads=4,
-        d_mlp=32,
-        d_vocab=VOCAB,
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=0,
-    )
-
-
 def _small_sae_cfg() -> MatryoshkaTrainingSAEConfig:
     return MatryoshkaTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4, matryoshka_widths=[8, 24, 64])
 
@@ -479,7 +464,7 @@ class World:
 
     @functools.cached_property
     def model(self) -> HookedSAETransformer:
-        return HookedSAETransformer(_tiny_model_cfg())
+        return HookedSAETransformer(tiny_model_cfg())
 
     def dataset(self) -> Dataset:
         """A fresh copy each time: SAELens's activation store sets the format of the one it gets."""
