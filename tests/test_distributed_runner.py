@@ -28,6 +28,7 @@ from sae_lens import (
     CacheActivationsRunnerConfig,
     LanguageModelSAERunnerConfig,
     LoggingConfig,
+    TrainingSAE,
 )
 from safetensors.torch import load_file
 
@@ -159,17 +160,34 @@ def _train_then_resume(folder: Path) -> bool:
         (path.parent for path in checkpoints.rglob("sae_weights.safetensors")),
         key=lambda path: int(path.name),
     )
+    resumed = _resume(cfg, checkpoint, folder / "out-resumed")
+    return _holds(resumed, checkpoint)
+
+
+def _resume(
+    cfg: LanguageModelSAERunnerConfig[Any], checkpoint: Path, output: Path, latent_shards: int = 1
+) -> TrainingSAE[Any]:
+    """``cfg``'s run resumed from ``checkpoint``, from a fresh SAE unlike the first."""
     resumed_cfg = dataclasses.replace(
         cfg,
         training_tokens=int(checkpoint.name),
         resume_from_checkpoint=str(checkpoint),
         checkpoint_path=None,
         n_checkpoints=0,
-        output_path=str(folder / "out-resumed"),
+        output_path=str(output),
     )
     model = build_tiny_model()  # (building it reseeds torch)
     torch.manual_seed(1234)  # a fresh SAE unlike the first: only the checkpoint can match it
-    sae = distributed.run(resumed_cfg, override_model=model, override_dataset=build_token_dataset())
+    return distributed.run(
+        resumed_cfg,
+        latent_shards=latent_shards,
+        override_model=model,
+        override_dataset=build_token_dataset(),
+    )
+
+
+def _holds(sae: TrainingSAE[Any], checkpoint: Path) -> bool:
+    """Whether ``sae`` holds exactly the weights saved in ``checkpoint``."""
     saved = load_file(checkpoint / "sae_weights.safetensors")
     state = sae.state_dict()
     return all(torch.equal(state[name].to(value.dtype), value) for name, value in saved.items())
@@ -194,27 +212,11 @@ def _sharded_train_then_resume(folder: Path) -> dict[str, Any]:
     checkpoint = latest_complete(next(checkpoints.iterdir()))
     assert checkpoint is not None
     part = checkpoint / f"shard-{dist.get_rank()}-of-2"
-    resumed_cfg = dataclasses.replace(
-        cfg,
-        training_tokens=int(checkpoint.name),
-        resume_from_checkpoint=str(checkpoint),
-        checkpoint_path=None,
-        n_checkpoints=0,
-        output_path=str(folder / "out-sharded-resumed"),
-    )
-    model = build_tiny_model()  # (building it reseeds torch)
-    torch.manual_seed(1234)  # a fresh SAE unlike the first: only the checkpoint can match it
-    resumed = distributed.run(
-        resumed_cfg, latent_shards=2, override_model=model, override_dataset=build_token_dataset()
-    )
-    saved = load_file(part / "sae_weights.safetensors")
-    state = resumed.state_dict()
+    resumed = _resume(cfg, checkpoint, folder / "out-sharded-resumed", latent_shards=2)
     return {
         "shard_rows": shard_rows,
         "checkpoint": str(checkpoint),
-        "resumed_its_part": all(
-            torch.equal(state[name].to(value.dtype), value) for name, value in saved.items()
-        ),
+        "resumed_its_part": _holds(resumed, part),
     }
 
 
