@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import types
+from datetime import timedelta
 
 # Tests never reach the Hub or wandb: fail fast instead of trying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from datasets import Dataset
 from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, TrainingSAE
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
@@ -218,6 +220,17 @@ def train_step(
     out = step_output(sae, x, dead, **coefficients)
     out.loss.backward()
     return out
+
+
+def join_gloo(rendezvous: Path, rank: int, world: int) -> None:
+    """Join a ``world``-rank gloo process group through the file ``rendezvous`` (30 s timeout)."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=30),
+    )
 
 
 def run_torchrun(arguments: list[str], timeout_s: float = 300) -> subprocess.CompletedProcess[str]:

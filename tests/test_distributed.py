@@ -14,7 +14,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,8 @@ from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConf
 from sae_lens_matryoshka.distributed import prepare_distributed
 from sae_lens_matryoshka.mesh import CollectiveError, Mesh
 from sae_lens_matryoshka.toy import short_run_trainer_config
+
+from .conftest import join_gloo
 
 D_IN, D_SAE, RANK_BATCH, STEPS, WORLD = 10, 48, 24, 25, 2
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -85,18 +86,8 @@ def _train(variant: str, data: Iterator[torch.Tensor], batch: int, parallel: boo
     return {name: tensor.clone() for name, tensor in sae.state_dict().items()}
 
 
-def _join(init_file: Path, rank: int) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=30),
-    )
-
-
 def _exactness_rank(rank: int, folder: Path) -> None:
-    _join(folder / "rendezvous", rank)
+    join_gloo(folder / "rendezvous", rank, WORLD)
     for variant in VARIANTS:
         state = _train(variant, _rank_batches(rank), RANK_BATCH, parallel=True)
         torch.save(state, folder / f"{variant}-rank{rank}.pt")
@@ -134,7 +125,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batches(tmp_path: Path)
 
 
 def _dying_rank(rank: int, folder: Path) -> None:
-    _join(folder / "rendezvous", rank)
+    join_gloo(folder / "rendezvous", rank, WORLD)
     start = time.monotonic()
     try:
         _train(

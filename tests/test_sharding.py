@@ -15,7 +15,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from sae_lens_matryoshka.sharding import (
 )
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
-from .conftest import step_output
+from .conftest import join_gloo, step_output
 
 D_IN, D_SAE, BATCH, STEPS = 10, 48, 24, 12
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -113,16 +112,6 @@ def _shard_of(variant: str, mesh: Mesh) -> MatryoshkaTrainingSAE:
     return sae
 
 
-def _join(folder: Path, rank: int, world: int) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{folder / 'rendezvous'}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=30),
-    )
-
-
 def _step_report(sae: MatryoshkaTrainingSAE, x: torch.Tensor) -> dict[str, Any]:
     out = step_output(sae, x, _dead_mask(), step=0)
     out.loss.backward()
@@ -140,7 +129,7 @@ def _step_report(sae: MatryoshkaTrainingSAE, x: torch.Tensor) -> dict[str, Any]:
 
 
 def _exactness_rank(rank: int, folder: Path, n_shards: int, world: int) -> None:
-    _join(folder, rank, world)
+    join_gloo(folder / "rendezvous", rank, world)
     mesh = Mesh.of_world(n_shards)
     for variant in VARIANTS:
         sae = _shard_of(variant, mesh)
@@ -236,7 +225,7 @@ def test_sharded_training_equals_one_process(
 
 
 def _dying_shard(rank: int, folder: Path, world: int) -> None:
-    _join(folder, rank, world)
+    join_gloo(folder / "rendezvous", rank, world)
     mesh = Mesh.of_world(2)
     sae = _shard_of("batchtopk-per-level-aux", mesh)
     cfg = short_run_trainer_config(STEPS, batch_size=BATCH, lr=3e-3, dead_feature_window=2)
