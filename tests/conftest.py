@@ -139,37 +139,42 @@ def token_dataset() -> Dataset:
     return build_token_dataset()
 
 
+def small_sae_cfg() -> MatryoshkaTrainingSAEConfig:
+    """A small Matryoshka SAE for the tiny model: 64 latents, levels 8 / 24 / 64, k=4."""
+    return MatryoshkaTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4, matryoshka_widths=[8, 24, 64])
+
+
+def tiny_runner_cfg(sae: Any = None, **overrides: Any) -> LanguageModelSAERunnerConfig[Any]:
+    """A runner config for the tiny model (40 steps of 64 tokens, nothing saved); keywords override."""
+    fields: dict[str, Any] = {
+        "sae": small_sae_cfg() if sae is None else sae,
+        "model_name": "tiny-random",
+        "hook_name": HOOK,
+        "dataset_path": "",
+        "is_dataset_tokenized": True,
+        "context_size": CONTEXT,
+        "training_tokens": 64 * 40,
+        "train_batch_size_tokens": 64,
+        "store_batch_size_prompts": 4,
+        "n_batches_in_buffer": 4,
+        "prepend_bos": False,
+        "lr": 3e-3,
+        "output_path": None,
+        "checkpoint_path": None,
+        "logger": LoggingConfig(log_to_wandb=False),
+        "device": "cpu",
+        "seed": 0,
+        "verbose": False,
+    }
+    return LanguageModelSAERunnerConfig(**(fields | overrides))
+
+
 @pytest.fixture
 def runner_cfg(tmp_path: Path) -> Callable[..., LanguageModelSAERunnerConfig[Any]]:
-    """Build a small runner config for the tiny model; keyword arguments override fields."""
+    """``tiny_runner_cfg``, saving to a temporary folder unless told otherwise."""
 
     def build(sae: Any = None, **overrides: Any) -> LanguageModelSAERunnerConfig[Any]:
-        if sae is None:
-            sae = MatryoshkaTrainingSAEConfig(
-                d_in=D_MODEL, d_sae=64, k=4, matryoshka_widths=[8, 24, 64]
-            )
-        fields: dict[str, Any] = {
-            "sae": sae,
-            "model_name": "tiny-random",
-            "hook_name": HOOK,
-            "dataset_path": "",
-            "is_dataset_tokenized": True,
-            "context_size": CONTEXT,
-            "training_tokens": 64 * 40,
-            "train_batch_size_tokens": 64,
-            "store_batch_size_prompts": 4,
-            "n_batches_in_buffer": 4,
-            "prepend_bos": False,
-            "lr": 3e-3,
-            "output_path": str(tmp_path / "output"),
-            "checkpoint_path": None,
-            "logger": LoggingConfig(log_to_wandb=False),
-            "device": "cpu",
-            "seed": 0,
-            "verbose": False,
-        }
-        fields.update(overrides)
-        return LanguageModelSAERunnerConfig(**fields)
+        return tiny_runner_cfg(sae, **({"output_path": str(tmp_path / "output")} | overrides))
 
     return build
 

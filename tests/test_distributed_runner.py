@@ -27,7 +27,6 @@ from sae_lens import (
     CacheActivationsRunner,
     CacheActivationsRunnerConfig,
     LanguageModelSAERunnerConfig,
-    LoggingConfig,
     TrainingSAE,
 )
 from safetensors.torch import load_file
@@ -35,7 +34,7 @@ from safetensors.torch import load_file
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig, distributed
 from sae_lens_matryoshka.checkpoints import latest_complete
 
-from .conftest import CONTEXT, D_MODEL, HOOK, build_tiny_model, build_token_dataset
+from .conftest import CONTEXT, D_MODEL, HOOK, build_tiny_model, build_token_dataset, tiny_runner_cfg
 
 
 def _write_cache(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,27 +57,13 @@ def _write_cache(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _runner_cfg(output: Path, cache: Path | None) -> LanguageModelSAERunnerConfig[Any]:
-    return LanguageModelSAERunnerConfig(
-        sae=MatryoshkaTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4, matryoshka_widths=[8, 64]),
-        model_name="tiny-random",
-        hook_name=HOOK,
-        dataset_path="",
-        is_dataset_tokenized=True,
-        context_size=CONTEXT,
+    return tiny_runner_cfg(
+        MatryoshkaTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4, matryoshka_widths=[8, 64]),
         training_tokens=32 * 30,
         train_batch_size_tokens=32,
-        store_batch_size_prompts=4,
-        n_batches_in_buffer=4,
-        prepend_bos=False,
         use_cached_activations=cache is not None,
         cached_activations_path=None if cache is None else str(cache),
-        lr=3e-3,
         output_path=str(output),
-        checkpoint_path=None,
-        logger=LoggingConfig(log_to_wandb=False),
-        device="cpu",
-        seed=0,
-        verbose=False,
     )
 
 

@@ -84,7 +84,6 @@ from sae_lens import (
     JumpReLUSAEConfig,
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
-    LoggingConfig,
 )
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.matryoshka_batchtopk_sae import (
@@ -103,7 +102,16 @@ from sae_lens_matryoshka import (
 from sae_lens_matryoshka.config import ARCHITECTURE
 from sae_lens_matryoshka.evals import LevelEvaluator, evaluate_levels
 
-from .conftest import CONTEXT, D_MODEL, VOCAB, build_token_dataset, quick_train, tiny_model_cfg
+from .conftest import (
+    CONTEXT,
+    D_MODEL,
+    VOCAB,
+    build_token_dataset,
+    quick_train,
+    small_sae_cfg,
+    tiny_model_cfg,
+    tiny_runner_cfg,
+)
 from .test_hub import FakeHub
 from .test_imports import write_dictionary_learning
 
@@ -314,35 +322,11 @@ def run_block(block: Block, world: World) -> dict[str, Any]:
 # ---------------------------------------------------------------- the stand-ins
 
 
-def _small_sae_cfg() -> MatryoshkaTrainingSAEConfig:
-    return MatryoshkaTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4, matryoshka_widths=[8, 24, 64])
-
-
 def _runner_cfg(
     sae: MatryoshkaTrainingSAEConfig, **overrides: Any
 ) -> LanguageModelSAERunnerConfig[Any]:
     """A runner config for the tiny model: 20 steps of 64 tokens."""
-    fields: dict[str, Any] = {
-        "sae": sae,
-        "model_name": "tiny-random",
-        "hook_name": HOOK,
-        "dataset_path": "",
-        "is_dataset_tokenized": True,
-        "context_size": CONTEXT,
-        "training_tokens": 64 * 20,
-        "train_batch_size_tokens": 64,
-        "store_batch_size_prompts": 4,
-        "n_batches_in_buffer": 4,
-        "prepend_bos": False,
-        "lr": 3e-3,
-        "logger": LoggingConfig(log_to_wandb=False),
-        "device": "cpu",
-        "checkpoint_path": None,
-        "output_path": None,
-        "seed": 0,
-        "verbose": False,
-    }
-    return LanguageModelSAERunnerConfig(**(fields | overrides))
+    return tiny_runner_cfg(sae, **({"training_tokens": 64 * 20} | overrides))
 
 
 #: what the README's stand-in dictionary_learning checkpoints record (a Gemma-2-2B run)
@@ -503,7 +487,7 @@ class World:
         return sae
 
     def activation_store(self) -> ActivationsStore:
-        cfg = _runner_cfg(_small_sae_cfg())
+        cfg = _runner_cfg(small_sae_cfg())
         return ActivationsStore.from_config(self.model, cfg, override_dataset=self.dataset())
 
     @functools.cached_property
@@ -521,7 +505,7 @@ class World:
 def _reader_runner_cfg(world: World) -> LanguageModelSAERunnerConfig[Any]:
     """The reader's training config: the cached tiny TinyStories model and a local text dataset."""
     return _runner_cfg(
-        _small_sae_cfg(),
+        small_sae_cfg(),
         model_name="tiny-stories-1L-21M",
         dataset_path=str(world.text_folder),
         is_dataset_tokenized=False,
@@ -561,7 +545,7 @@ STAND_INS: dict[str, Callable[[World], Any]] = {
     "model": lambda world: copy.deepcopy(world.model),  # the HookedSAETransformer it was trained on
     "activation_store": lambda world: world.activation_store(),
     "runner": lambda world: LanguageModelSAETrainingRunner(
-        _runner_cfg(_small_sae_cfg()),
+        _runner_cfg(small_sae_cfg()),
         override_model=copy.deepcopy(world.model),
         override_dataset=world.dataset(),
     ),
