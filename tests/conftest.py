@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import types
 from datetime import timedelta
 
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from datasets import Dataset
 from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, TrainingSAE
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
@@ -236,6 +238,19 @@ def join_gloo(rendezvous: Path, rank: int, world: int) -> None:
         world_size=world,
         timeout=timedelta(seconds=30),
     )
+
+
+def spawn_ranks(
+    target: Callable[..., None], args: tuple[Any, ...], world: int, timeout_s: float
+) -> None:
+    """Run ``target(rank, *args)`` on ``world`` processes; fail the test if they outlast ``timeout_s``."""
+    context = mp.spawn(target, args=args, nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish within {timeout_s} s")
 
 
 def run_torchrun(arguments: list[str], timeout_s: float = 300) -> subprocess.CompletedProcess[str]:

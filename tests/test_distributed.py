@@ -29,7 +29,7 @@ from sae_lens_matryoshka.distributed import prepare_distributed
 from sae_lens_matryoshka.mesh import CollectiveError, Mesh
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
-from .conftest import join_gloo
+from .conftest import join_gloo, spawn_ranks
 
 D_IN, D_SAE, RANK_BATCH, STEPS, WORLD = 10, 48, 24, 25, 2
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -99,18 +99,8 @@ def _exactness_rank(rank: int, folder: Path) -> None:
     dist.destroy_process_group()
 
 
-def _spawn(target: Any, folder: Path, timeout_s: float) -> None:
-    context = mp.spawn(target, args=(folder,), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the ranks did not finish within {timeout_s} s")
-
-
 def test_two_ranks_equal_one_process_on_the_concatenated_batches(tmp_path: Path) -> None:
-    _spawn(_exactness_rank, tmp_path, timeout_s=240)
+    spawn_ranks(_exactness_rank, (tmp_path,), WORLD, timeout_s=240)
     for variant in VARIANTS:
         single = _train(variant, _global_batches(), WORLD * RANK_BATCH, parallel=False)
         ranks = [torch.load(tmp_path / f"{variant}-rank{r}.pt") for r in range(WORLD)]

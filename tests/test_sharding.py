@@ -39,7 +39,7 @@ from sae_lens_matryoshka.sharding import (
 )
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
-from .conftest import join_gloo, step_output
+from .conftest import join_gloo, spawn_ranks, step_output
 
 D_IN, D_SAE, BATCH, STEPS = 10, 48, 24, 12
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -148,16 +148,6 @@ def _exactness_rank(rank: int, folder: Path, n_shards: int, world: int) -> None:
     dist.destroy_process_group()
 
 
-def _spawn(target: Any, args: tuple[Any, ...], world: int, timeout_s: float) -> None:
-    context = mp.spawn(target, args=args, nprocs=world, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the ranks did not finish within {timeout_s} s")
-
-
 def _single_step(variant: str, n_replicas: int) -> dict[str, Any]:
     sae = _whole(variant)
     return _step_report(sae, next(_batches(n_replicas)))
@@ -181,7 +171,7 @@ def test_sharded_training_equals_one_process(
     tmp_path: Path, n_shards: int, n_replicas: int
 ) -> None:
     world = n_shards * n_replicas
-    _spawn(_exactness_rank, (tmp_path, n_shards, world), world, timeout_s=240)
+    spawn_ranks(_exactness_rank, (tmp_path, n_shards, world), world, timeout_s=240)
     rows = D_SAE // n_shards
     for variant in VARIANTS:
         single = _single_step(variant, n_replicas)
