@@ -215,7 +215,8 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         all_levels = self._decode_step_levels(
             encoding, plan, evaluated if logs_other_levels else None, collectives
         )
-        levels = all_levels[: len(plan.widths)]
+        # a slice, even of everything, would give backward a zero-filled copy of the gradient
+        levels = all_levels[: len(plan.widths)] if logs_other_levels else all_levels
         mse = level_mse(levels, x)
         weighted = plan.weights * mse
         penalties = self.activation_fn.sparsity_loss(encoding, plan, step_input.coefficients)
@@ -238,7 +239,7 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         if logs_other_levels:
             logged_mse = level_mse(all_levels[len(plan.widths) :].detach(), x)
             metrics.update(level_metrics(x, logged_mse, evaluated.widths))
-        elif plan.widths == evaluated.widths:
+        elif step_input.is_logging_step and plan.widths == evaluated.widths:
             metrics.update(level_metrics(x, mse.detach(), plan.widths))
         return TrainStepOutput(
             sae_in=x,

@@ -192,13 +192,20 @@ def test_running_levels_are_the_cumulative_sum_with_its_gradients(detach: bool) 
     torch.testing.assert_close(low, (exact + b_dec.detach().bfloat16().double()).bfloat16())
 
 
-def test_encoder_weight_gradient_is_the_dense_product() -> None:
+def test_encoder_weight_gradient_is_the_dense_product(monkeypatch: pytest.MonkeyPatch) -> None:
     generator = torch.Generator().manual_seed(0)
     sae_in = torch.randn(6, 5, generator=generator)
     grad = torch.randn(len(TOKEN), generator=generator)
     G = torch.zeros(6, 9)
     G[TOKEN, LATENT] = grad
     torch.testing.assert_close(encoder_weight_grad(sae_in, TOKEN, LATENT, grad, 9), sae_in.T @ G)
+    # the product is written over uninitialised memory: whatever it held (NaN here) is ignored
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *a, **kw: new_empty(self, *a, **kw).fill_(torch.nan)
+    )
+    torch.testing.assert_close(encoder_weight_grad(sae_in, TOKEN, LATENT, grad, 9), sae_in.T @ G)
+    monkeypatch.undo()
     # bfloat16 inputs are multiplied in float32 (no bfloat16 sparse kernel on CPU)
     low = encoder_weight_grad(sae_in.bfloat16(), TOKEN, LATENT, grad.bfloat16(), 9)
     torch.testing.assert_close(low, sae_in.T @ G, rtol=2e-2, atol=2e-2)

@@ -289,6 +289,22 @@ def test_pareto_logs_the_evaluation_levels_on_logging_steps() -> None:
         assert out.metrics[f"level_{width}/mse"]() == pytest.approx(mse, rel=1e-5)
 
 
+@pytest.mark.parametrize("prefix_sampling", ["fixed", "pareto"])
+def test_level_metrics_are_built_on_logging_steps_only(prefix_sampling: str) -> None:
+    """SAELens reads ``metrics`` only when it logs; other steps skip building them."""
+    ours = _ours(
+        activation="batchtopk", k=4, prefix_sampling=prefix_sampling, matryoshka_widths=[12, 24, 48]
+    )
+    x = torch.randn(30, D_IN)
+    quiet = step_output(ours, x, logging=False)
+    logged = step_output(ours, x, logging=True)
+    level_names = {f"level_{w}/{m}" for w in (12, 24, 48) for m in ("mse", "explained_variance")}
+    assert level_names <= set(logged.metrics)
+    assert not level_names & set(quiet.metrics)
+    # the threshold the activation learns is reported on every step
+    assert "inference_threshold" in quiet.metrics
+
+
 @pytest.mark.parametrize("activation", ["batchtopk", "topk", "jumprelu", "relu"])
 def test_matryoshka_aux_loss_revives_dead_latents_of_every_activation(activation: str) -> None:
     k = 4 if activation in ("batchtopk", "topk") else None
