@@ -139,12 +139,12 @@ def encoder_weight_grad(
         (sae_in.shape[0], d_sae),
         check_invariants=False,
     )
-    # written into an uninitialised output (beta=0 ignores it, NaN included): a
-    # plain mm zero-fills its result and copies the product over it. A backward
-    # under autocast would cast the product back to bfloat16.
+    # written in place over an uninitialised output (beta=0 ignores it, NaN
+    # included): a plain mm zero-fills its result and copies the product over
+    # it. A backward under autocast would cast the product back to bfloat16.
     out = sae_in.new_empty(sae_in.shape[1], d_sae, dtype=dtype)
     with torch.autocast(sae_in.device.type, enabled=False):
-        return torch.addmm(out, sae_in.t().to(dtype), matrix, beta=0)
+        return out.addmm_(sae_in.t().to(dtype), matrix, beta=0)
 
 
 class SparseEncoderValues(torch.autograd.Function):
