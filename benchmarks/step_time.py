@@ -25,12 +25,23 @@ The end-to-end part times complete ``LanguageModelSAETrainingRunner`` runs
     python benchmarks/step_time.py --preset small   # d_in=64, d_sae=512, 256 tokens, k=8: per-step overhead
     python benchmarks/step_time.py --preset gemma   # Gemma-2-2B size: d_in=2304, d_sae=65536, 4096 tokens
     python benchmarks/step_time.py --json           # one JSON object, for machines
+    python benchmarks/step_time.py --keep-freed-memory   # CPU: no page faults (see below)
+
+On CPU with glibc's default allocator, every freed block above 32 MiB goes
+back to the operating system, so each step page-faults its large tensors
+(pre-activations, gradients, Adam's temporaries) back in: at the default size
+that is about a quarter of a step, and more for contenders that allocate more.
+``--keep-freed-memory`` has glibc keep freed memory for reuse (``mallopt``
+thresholds of 1 GiB, what ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` set), as a caching allocator does on a GPU, so
+that the contenders are compared on their computation alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
@@ -272,6 +283,15 @@ def end_to_end_tokens_per_second(args: argparse.Namespace) -> dict[str, float]:
     return result
 
 
+def keep_freed_memory() -> None:
+    """Have glibc keep freed blocks up to 1 GiB for reuse instead of unmapping them."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    for option in (m_mmap_threshold, m_trim_threshold):
+        if not libc.mallopt(option, 1 << 30):
+            raise OSError(f"glibc refused mallopt({option}, 1 GiB)")
+
+
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
@@ -292,6 +312,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--e2e-tokens", type=int, default=2048 * 40)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="CPU, Linux/glibc: keep freed memory for reuse, so steps do not page-fault",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--memory-probe", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -306,12 +331,15 @@ def main() -> None:
     if args.memory_probe:
         print(step_peak_mib(args.memory_probe, args))
         return
+    if args.keep_freed_memory:
+        keep_freed_memory()
     # sparsify announces its decoder on import; stdout is for the result
     with contextlib.redirect_stdout(sys.stderr):
         median = time_steps(args)
     result: dict[str, Any] = {
         "machine": machine(args.device),
         "torch": torch.__version__,
+        "allocator": "keeps freed memory" if args.keep_freed_memory else "default",
         "size": {
             "d_in": args.d_in,
             "d_sae": args.d_sae,
@@ -338,7 +366,10 @@ def main() -> None:
 
 
 def report(result: dict[str, Any]) -> None:
-    print(f"{result['machine']}, torch {result['torch']}, size {result['size']}")
+    print(
+        f"{result['machine']}, torch {result['torch']}, {result['allocator']} allocator, "
+        f"size {result['size']}"
+    )
     memory = result.get("step_peak_memory_mib", {})
     print(f"  {'':<32} {'ms/step':>9} {'step peak MiB':>14} {'ours / this':>12}")
     for name, seconds in result["median_step_seconds"].items():

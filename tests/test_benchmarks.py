@@ -14,14 +14,16 @@ BENCHMARK = BENCHMARKS / "step_time.py"
 
 def test_step_time_benchmark_reports_every_contender_as_json() -> None:
     size = ["--d-in", "16", "--d-sae", "128", "--batch", "64", "--k", "4", "--repeats", "1"]
+    options = ["--e2e-tokens", "4096", "--keep-freed-memory", "--json"]
     completed = subprocess.run(
-        [sys.executable, str(BENCHMARK), *size, "--e2e-tokens", "4096", "--json"],
+        [sys.executable, str(BENCHMARK), *size, *options],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
     result = json.loads(completed.stdout)  # stdout holds the JSON object and nothing else
+    assert result["allocator"] == "keeps freed memory"
     names = {
         "ours_matryoshka_5_levels",
         "ours_matryoshka_5_levels_dense",
