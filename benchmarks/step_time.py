@@ -30,7 +30,7 @@ The end-to-end part times complete ``LanguageModelSAETrainingRunner`` runs
 On CPU with glibc's default allocator, every freed block above 32 MiB goes
 back to the operating system, so each step page-faults its large tensors
 (pre-activations, gradients, Adam's temporaries) back in: at the default size
-that is about a quarter of a step, and more for contenders that allocate more.
+that is 10-25% of our step, and more for contenders that allocate more.
 ``--keep-freed-memory`` has glibc keep freed memory for reuse (``mallopt``
 thresholds of 1 GiB, what ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` set), as a caching allocator does on a GPU, so
