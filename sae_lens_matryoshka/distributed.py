@@ -11,8 +11,8 @@ this is plain data parallelism. What keeps the ranks one SAE:
   the same step; parameters and buffers start as the first replica's;
 - **BatchTopK selects across the global batch**: the ``k * n_tokens * n_replicas``
   largest pre-activations of all ranks together, exactly what one process sees
-  on the concatenated batch (ranks exchange only their local top candidates'
-  values). Per-rank selection would let a rank with quiet tokens keep weak
+  on the concatenated batch (ranks exchange only counts, to find the global
+  cut-off). Per-rank selection would let a rank with quiet tokens keep weak
   activations another rank's strong ones would have displaced;
 - a latent is dead only if it fired on no rank within the window (the AND of
   the ranks' dead masks), and the inference threshold tracks the smallest kept

@@ -12,10 +12,10 @@ over that grid, so that every rank computes exactly what one process would on
 the whole batch with the whole dictionary:
 
 - BatchTopK keeps the ``k * n_tokens * n_replicas`` largest pre-activations of
-  every rank together: each rank offers its own largest, all ranks exchange
-  those values (no indices) and keep their entries at or above the global
-  cut-off; TopK and the dead-latent selection do the same per token, within
-  the shard group;
+  every rank together: each rank ranks its own, the ranks find the global
+  cut-off among them by a bisection that exchanges only counts, and each keeps
+  its entries at or above it; TopK and the dead-latent selection exchange each
+  token's largest values within the shard group and cut per token;
 - each shard decodes its own latents' part of every level and one all-reduce
   over the shard group sums the parts (``b_dec`` is added by the first shard,
   so its gradient is counted once);
@@ -27,6 +27,7 @@ the whole batch with the whole dictionary:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -139,6 +140,44 @@ def _per_token_cut(values: torch.Tensor, n_keep: int, group: Any, what: str) -> 
     return every.topk(n_keep, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
 
 
+#: pivots per round of the global cut-off search: each round narrows the bracket
+#: of bit patterns 256-fold for one all-reduce of this many counts
+_PIVOTS = 255
+
+
+def _global_cutoff(values: torch.Tensor, n_keep: int, what: str) -> torch.Tensor:
+    """The ``n_keep``-th largest of every rank's positive ``values`` together; 0 if fewer.
+
+    Exact, and without exchanging the values: positive floats order like the
+    integers their bits spell, so a bisection over bit patterns finds the
+    cut-off. Each round every rank counts its values at or above ``_PIVOTS``
+    pivots spread over the bracket, one all-reduce sums the counts, and the
+    bracket narrows to the gap between the last pivot that ``n_keep`` values
+    reach and the next. A fixed number of rounds (4 for float32, 8 for
+    float64) pins the cut-off's bit pattern: no host synchronisation, and each
+    rank sends ``_PIVOTS`` counts a round however many ranks there are
+    (gathering every rank's candidates would cost each rank ``n_keep`` values
+    per rank of the world).
+    """
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+    n_bits = 8 * values.element_size() - 1  # the sign bit of a positive float is 0
+    keys = values.view(bits).to(torch.int64).sort().values
+    # invariant: at least n_keep values reach lo (or lo = 0), fewer than n_keep reach hi
+    lo = torch.zeros((), dtype=torch.int64, device=values.device)
+    infinity = torch.tensor(torch.inf, dtype=values.dtype, device=values.device)
+    hi = infinity.view(bits).to(torch.int64) + 1  # above every positive value's bits
+    steps = torch.arange(1, _PIVOTS + 1, device=values.device)
+    for _ in range(math.ceil(n_bits / math.log2(_PIVOTS + 1))):
+        stride = (hi - lo - 1) // (_PIVOTS + 1) + 1  # rounded up: gaps of at most stride
+        pivots = torch.minimum(lo + stride * steps, hi)
+        reaching = keys.numel() - torch.searchsorted(keys, pivots)
+        reached = _all_reduce(reaching, None, what) >= n_keep  # True, then False
+        n_reached = reached.sum()
+        lo = torch.where(n_reached > 0, pivots[(n_reached - 1).clamp(min=0)], lo)
+        hi = torch.where(n_reached < _PIVOTS, pivots[n_reached.clamp(max=_PIVOTS - 1)], hi)
+    return lo.to(bits).view(values.dtype)
+
+
 def _padded_top(values: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's ``min(n_keep, width)`` largest values and positions, values padded to ``n_keep``."""
     top = values.topk(min(n_keep, values.shape[-1]), dim=-1, sorted=False)
@@ -212,21 +251,15 @@ class MeshCollectives(Collectives):
 
         The global batch keeps its ``k * n_tokens * n_replicas`` largest
         positive values. No rank can contribute more than that, so each takes
-        its own top that many (at most all it has), the ranks exchange those
-        values, and each keeps its entries at or above the global cut-off.
-        Exact up to ties at the cut-off across ranks.
+        its own top that many (at most all it has), the ranks agree on the
+        global cut-off among those (:func:`_global_cutoff`), and each keeps
+        its entries at or above it. Exact up to ties at the cut-off across ranks.
         """
         n_tokens = hidden_pre.shape[0] * self.mesh.n_replicas
         n_keep = kept_entries(k, n_tokens, n_tokens * self.d_sae)
-        # every rank holds as many entries, so every rank offers as many values
-        offered = min(n_keep, hidden_pre.numel())
-        token, latent = batch_topk_entries(hidden_pre, offered)
+        token, latent = batch_topk_entries(hidden_pre, min(n_keep, hidden_pre.numel()))
         values = hidden_pre[token, latent]
-        local = values.new_full((offered,), -torch.inf)
-        local[: values.numel()] = values
-        every = torch.cat(_all_gather(local, None, "the global BatchTopK selection"))
-        cutoff = every.topk(n_keep, sorted=False).values.min()
-        keep = values >= cutoff
+        keep = values >= _global_cutoff(values, n_keep, "the global BatchTopK selection")
         return token[keep], latent[keep]
 
     @override

@@ -26,7 +26,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.distributed import prepare_distributed
-from sae_lens_matryoshka.mesh import CollectiveError, Mesh
+from sae_lens_matryoshka.mesh import CollectiveError, Mesh, _global_cutoff
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
 from .conftest import join_gloo, spawn_ranks
@@ -141,3 +141,39 @@ def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(tmp_path: Path) ->
     report = json.loads((tmp_path / "survivor.json").read_text())
     assert "rank 0 of 2" in report["message"] and "died or stalled" in report["message"]
     assert report["seconds"] < 90
+
+
+CUTOFF_WORLD = 3
+
+
+def _cutoff_cases() -> Iterator[tuple[list[torch.Tensor], int]]:
+    """Every rank's positive values (a rank may have none; ties across ranks), and an ``n_keep``."""
+    generator = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for trial in range(12):
+            shared = torch.rand(3, generator=generator) + 0.5  # values every rank holds
+            ranks = []
+            for rank in range(CUTOFF_WORLD):
+                n = int(torch.randint(1, 40, (1,), generator=generator))
+                scale = 10.0 ** float(torch.randint(-3, 4, (1,), generator=generator))
+                values = torch.cat([torch.rand(n, generator=generator) * scale, shared]).to(dtype)
+                ranks.append(values[values > 0] if trial % 4 != rank else values[:0])
+            total = sum(len(values) for values in ranks)
+            yield ranks, int(torch.randint(1, total + 5, (1,), generator=generator))
+
+
+def _cutoff_rank(rank: int, folder: Path) -> None:
+    join_gloo(folder / "rendezvous", rank, CUTOFF_WORLD)
+    try:
+        for ranks, n_keep in _cutoff_cases():
+            union = torch.cat(ranks).sort(descending=True).values
+            expected = union[n_keep - 1] if n_keep <= len(union) else union.new_zeros(())
+            cutoff = _global_cutoff(ranks[rank], n_keep, "the test's cut-off")
+            assert cutoff.dtype == expected.dtype and cutoff == expected, (n_keep, cutoff, expected)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_global_cutoff_is_the_exact_kth_largest_of_every_ranks_values(tmp_path: Path) -> None:
+    """The bisection over bit patterns (counts only) finds what gathering every value would."""
+    spawn_ranks(_cutoff_rank, (tmp_path,), CUTOFF_WORLD, timeout_s=120)
