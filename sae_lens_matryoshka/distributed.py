@@ -53,8 +53,6 @@ from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, TrainingSAE
 from sae_lens.constants import RUNNER_CFG_FILENAME
-from sae_lens.training import sae_trainer
-from tqdm.auto import tqdm
 
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.mesh import (
@@ -64,6 +62,7 @@ from sae_lens_matryoshka.mesh import (
     MeshCollectives,
     collective,
 )
+from sae_lens_matryoshka.progress import hidden_trainer_bar
 from sae_lens_matryoshka.sharding import (
     SHARDED_DIMENSIONS,
     check_shardable,
@@ -92,16 +91,14 @@ def quiet_other_ranks() -> Iterator[None]:
         yield
         return
     sae_lens_logger = logging.getLogger("sae_lens")
-    level, bar = sae_lens_logger.level, sae_trainer.tqdm
+    level = sae_lens_logger.level
     sae_lens_logger.setLevel(logging.ERROR)
-    sae_trainer.tqdm = partial(tqdm, disable=True)  # the trainer's bar
     try:
-        with warnings.catch_warnings():
+        with hidden_trainer_bar(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         sae_lens_logger.setLevel(level)
-        sae_trainer.tqdm = bar
 
 
 def _env_int(name: str, default: int | None, minimum: int) -> int:

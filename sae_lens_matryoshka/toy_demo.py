@@ -38,9 +38,11 @@ from typing import Any, Literal
 import torch
 from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig, TrainingSAE
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from tqdm.auto import tqdm
 
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.evals import feature_recovery, hierarchy_absorption
+from sae_lens_matryoshka.progress import hidden_trainer_bar
 from sae_lens_matryoshka.toy import ToyHierarchy, single_thread
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
@@ -142,23 +144,28 @@ def run_toy_demo(
 
     runs = []
     trained: list[tuple[ToyHierarchy, dict[str, SAE[Any]]]] = []
-    for run_seed in range(seed, seed + seeds):
-        toy = ToyHierarchy.nabeshima(run_seed)
-        saes = {}
-        for name, sae in _build_saes(toy, levels, activation, sparsity, run_seed).items():
-            toy.train(
-                sae,
-                steps,
-                batch_size=BATCH_SIZE,
-                lr=lr,
-                stream=TRAIN_STREAM,
-                lr_warm_up_steps=int(steps * LR_WARM_UP),
-            )
-            folder = output_dir / "saes" / f"seed_{run_seed}" / name
-            sae.save_inference_model(folder)
-            saes[name] = SAE.load_from_disk(folder)
-        runs.append({"seed": run_seed, **score(saes, toy, levels)})
-        trained.append((toy, saes))
+    # one bar over every training instead of SAELens's bar for each
+    progress = tqdm(total=2 * seeds, desc="Training the toy SAEs", unit="SAE")
+    with progress, hidden_trainer_bar():
+        for run_seed in range(seed, seed + seeds):
+            toy = ToyHierarchy.nabeshima(run_seed)
+            saes = {}
+            for name, sae in _build_saes(toy, levels, activation, sparsity, run_seed).items():
+                progress.set_postfix_str(f"seed {run_seed}, {name}")
+                toy.train(
+                    sae,
+                    steps,
+                    batch_size=BATCH_SIZE,
+                    lr=lr,
+                    stream=TRAIN_STREAM,
+                    lr_warm_up_steps=int(steps * LR_WARM_UP),
+                )
+                folder = output_dir / "saes" / f"seed_{run_seed}" / name
+                sae.save_inference_model(folder)
+                saes[name] = SAE.load_from_disk(folder)
+                progress.update()
+            runs.append({"seed": run_seed, **score(saes, toy, levels)})
+            trained.append((toy, saes))
 
     metrics: dict[str, Any] = {
         "config": {

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from sae_lens import SAE
+from sae_lens.training import sae_trainer
+from tqdm.auto import tqdm
 
 from sae_lens_matryoshka.cli import main
 from sae_lens_matryoshka.evals import hierarchy_absorption
@@ -48,6 +50,17 @@ def short_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, st
     with contextlib.redirect_stdout(printed):
         metrics = run_toy_demo(output_dir=output, seed=5, seeds=2, steps=60)
     return output, metrics, printed.getvalue()
+
+
+def test_demo_shows_one_progress_bar_over_its_trainings(tmp_path: Path) -> None:
+    """Not SAELens's bar for each of its trainings; SAELens's own runs keep theirs."""
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(shown):
+        run_toy_demo(output_dir=tmp_path, seed=5, seeds=1, steps=10)
+    assert "Training the toy SAEs" in shown.getvalue()
+    assert "2/2" in shown.getvalue()
+    assert "Training SAE" not in shown.getvalue()
+    assert sae_trainer.tqdm is tqdm  # restored afterwards
 
 
 def test_demo_writes_metrics_figures_and_saved_saes(short_demo: tuple[Path, dict, str]) -> None:
