@@ -145,7 +145,7 @@ def _per_token_cut(values: torch.Tensor, n_keep: int, group: Any, what: str) -> 
 _PIVOTS = 255
 
 
-def _global_cutoff(values: torch.Tensor, n_keep: int, what: str) -> torch.Tensor:
+def global_cutoff(values: torch.Tensor, n_keep: int, what: str) -> torch.Tensor:
     """The ``n_keep``-th largest of every rank's positive ``values`` together; 0 if fewer.
 
     Exact, and without exchanging the values: positive floats order like the
@@ -252,14 +252,14 @@ class MeshCollectives(Collectives):
         The global batch keeps its ``k * n_tokens * n_replicas`` largest
         positive values. No rank can contribute more than that, so each takes
         its own top that many (at most all it has), the ranks agree on the
-        global cut-off among those (:func:`_global_cutoff`), and each keeps
+        global cut-off among those (:func:`global_cutoff`), and each keeps
         its entries at or above it. Exact up to ties at the cut-off across ranks.
         """
         n_tokens = hidden_pre.shape[0] * self.mesh.n_replicas
         n_keep = kept_entries(k, n_tokens, n_tokens * self.d_sae)
         token, latent = batch_topk_entries(hidden_pre, min(n_keep, hidden_pre.numel()))
         values = hidden_pre[token, latent]
-        keep = values >= _global_cutoff(values, n_keep, "the global BatchTopK selection")
+        keep = values >= global_cutoff(values, n_keep, "the global BatchTopK selection")
         return token[keep], latent[keep]
 
     @override

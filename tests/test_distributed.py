@@ -26,7 +26,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.distributed import prepare_distributed
-from sae_lens_matryoshka.mesh import CollectiveError, Mesh, _global_cutoff
+from sae_lens_matryoshka.mesh import CollectiveError, Mesh, global_cutoff
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
 from .conftest import join_gloo, spawn_ranks
@@ -168,7 +168,7 @@ def _cutoff_rank(rank: int, folder: Path) -> None:
         for ranks, n_keep in _cutoff_cases():
             union = torch.cat(ranks).sort(descending=True).values
             expected = union[n_keep - 1] if n_keep <= len(union) else union.new_zeros(())
-            cutoff = _global_cutoff(ranks[rank], n_keep, "the test's cut-off")
+            cutoff = global_cutoff(ranks[rank], n_keep, "the test's cut-off")
             assert cutoff.dtype == expected.dtype and cutoff == expected, (n_keep, cutoff, expected)
     finally:
         dist.destroy_process_group()
