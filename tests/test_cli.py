@@ -77,6 +77,24 @@ def test_bad_flags_give_the_config_error() -> None:
         )
 
 
+def _store_flags(training_tokens: int) -> list[str]:
+    """The activation store both CLI runs share: short prompts, batches of 64 tokens."""
+    return [
+        "--context_size",
+        str(CONTEXT),
+        "--prepend_bos",
+        "false",
+        "--training_tokens",
+        str(training_tokens),
+        "--train_batch_size_tokens",
+        "64",
+        "--store_batch_size_prompts",
+        "4",
+        "--n_batches_in_buffer",
+        "4",
+    ]
+
+
 def _train_flags(data_dir: Path, output: Path, checkpoints: Path) -> list[str]:
     return [
         *SAE_FLAGS,
@@ -90,18 +108,7 @@ def _train_flags(data_dir: Path, output: Path, checkpoints: Path) -> list[str]:
         "true",
         "--streaming",
         "false",
-        "--context_size",
-        str(CONTEXT),
-        "--prepend_bos",
-        "false",
-        "--training_tokens",
-        "1280",
-        "--train_batch_size_tokens",
-        "64",
-        "--store_batch_size_prompts",
-        "4",
-        "--n_batches_in_buffer",
-        "4",
+        *_store_flags(training_tokens=1280),
         "--output_path",
         str(output),
         "--checkpoint_path",
@@ -202,18 +209,8 @@ def _offline_flags(model: Path, tokens: Path, output: Path) -> list[str]:
         str(tokens),
         "--is_dataset_tokenized",
         "true",
-        "--context_size",
-        str(CONTEXT),
-        "--prepend_bos",
-        "false",
-        "--training_tokens",
-        str(64 * 21),  # 21 steps: not a multiple of the 100 steps SAELens's bar advances by
-        "--train_batch_size_tokens",
-        "64",
-        "--store_batch_size_prompts",
-        "4",
-        "--n_batches_in_buffer",
-        "4",
+        # 21 steps: not a multiple of the 100 steps SAELens's bar advances by
+        *_store_flags(training_tokens=64 * 21),
         "--n_eval_batches",
         "2",
         "--output_path",
