@@ -7,6 +7,7 @@ import io
 import json
 import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -42,29 +43,34 @@ def test_order_latents_sorts_within_each_level_by_best_feature() -> None:
     assert order_latents(cosines, [6], feature_order=[0, 1, 2]).tolist() == [1, 5, 3, 0, 4, 2]
 
 
+class ShortDemo(NamedTuple):
+    output: Path
+    metrics: dict
+    #: what the demo printed (stdout) and what its progress bar showed (stderr)
+    printed: str
+    shown: str
+
+
 @pytest.fixture(scope="module")
-def short_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+def short_demo(tmp_path_factory: pytest.TempPathFactory) -> ShortDemo:
     """Two seeds of a 60-step demo (too short to learn the hierarchy): the files and their structure."""
     output = tmp_path_factory.mktemp("demo")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    printed, shown = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(shown):
         metrics = run_toy_demo(output_dir=output, seed=5, seeds=2, steps=60)
-    return output, metrics, printed.getvalue()
+    return ShortDemo(output, metrics, printed.getvalue(), shown.getvalue())
 
 
-def test_demo_shows_one_progress_bar_over_its_trainings(tmp_path: Path) -> None:
+def test_demo_shows_one_progress_bar_over_its_trainings(short_demo: ShortDemo) -> None:
     """Not SAELens's bar for each of its trainings; SAELens's own runs keep theirs."""
-    shown = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(shown):
-        run_toy_demo(output_dir=tmp_path, seed=5, seeds=1, steps=10)
-    assert "Training the toy SAEs" in shown.getvalue()
-    assert "2/2" in shown.getvalue()
-    assert "Training SAE" not in shown.getvalue()
+    assert "Training the toy SAEs" in short_demo.shown
+    assert "4/4" in short_demo.shown
+    assert "Training SAE" not in short_demo.shown
     assert sae_trainer.tqdm is tqdm  # restored afterwards
 
 
-def test_demo_writes_metrics_figures_and_saved_saes(short_demo: tuple[Path, dict, str]) -> None:
-    output, metrics, printed = short_demo
+def test_demo_writes_metrics_figures_and_saved_saes(short_demo: ShortDemo) -> None:
+    output, metrics, printed, _ = short_demo
     assert {p.name for p in output.iterdir()} == {
         "metrics.json",
         "decoder_cosines.png",
@@ -106,9 +112,9 @@ def test_demo_writes_metrics_figures_and_saved_saes(short_demo: tuple[Path, dict
     assert "wrote" in printed
 
 
-def test_demo_scores_the_saes_as_saved(short_demo: tuple[Path, dict, str]) -> None:
+def test_demo_scores_the_saes_as_saved(short_demo: ShortDemo) -> None:
     """The numbers are those of the folders on disk, loaded back, on the toy's own samples."""
-    output, metrics, _ = short_demo
+    output, metrics, _, _ = short_demo
     features, x = ToyHierarchy.nabeshima(5).sample(EVAL_SAMPLES)  # what the demo scored on
     toy = ToyHierarchy.nabeshima(5)
     run = metrics["runs"][0]
