@@ -32,8 +32,9 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypedDict
 
 import torch
 from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig, TrainingSAE
@@ -70,10 +71,49 @@ SUMMARY_METRICS = (
     "explained_variance",
     "l0",
 )
-PLAIN_NAMES: dict[Activation, str] = {
-    "relu": "SAELens standard (ReLU + L1)",
-    "batchtopk": "SAELens batchtopk",
-}
+
+
+class SparsityFields(TypedDict, total=False):
+    """The sparsity fields of the Matryoshka SAE's config: ``l1_coefficient`` or ``k``."""
+
+    l1_coefficient: float
+    k: float
+
+
+@dataclass(frozen=True)
+class L1Sparsity:
+    """ReLU SAEs with an L1 penalty (Nabeshima's set-up), against SAELens's ``standard``."""
+
+    l1_coefficient: float
+    activation: ClassVar[Activation] = "relu"
+    plain_name: ClassVar[str] = "SAELens standard (ReLU + L1)"
+
+    def fields(self) -> SparsityFields:
+        return {"l1_coefficient": self.l1_coefficient}
+
+    def plain(self, d_in: int, width: int) -> TrainingSAE[Any]:
+        return StandardTrainingSAE(
+            StandardTrainingSAEConfig(d_in=d_in, d_sae=width, l1_coefficient=self.l1_coefficient)
+        )
+
+
+@dataclass(frozen=True)
+class BatchTopKSparsity:
+    """BatchTopK SAEs keeping ``k`` latents per token on average, against SAELens's ``batchtopk``."""
+
+    k: float
+    activation: ClassVar[Activation] = "batchtopk"
+    plain_name: ClassVar[str] = "SAELens batchtopk"
+
+    def fields(self) -> SparsityFields:
+        return {"k": self.k}
+
+    def plain(self, d_in: int, width: int) -> TrainingSAE[Any]:
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=self.k))
+
+
+#: how both SAEs of the demo are made sparse, chosen once from ``activation``
+Sparsity = L1Sparsity | BatchTopKSparsity
 
 
 def demo_settings(
@@ -82,8 +122,8 @@ def demo_settings(
     activation: Activation,
     l1: float | None,
     l0: float | None,
-) -> tuple[list[int], dict[str, float]]:
-    """The Matryoshka SAE's levels and both SAEs' sparsity fields, or a ValueError naming the mistake.
+) -> tuple[list[int], Sparsity]:
+    """The Matryoshka SAE's levels and both SAEs' sparsity, or a ValueError naming the mistake.
 
     The levels are the parents' worth of latents, then all ``width`` (default:
     twice the true features). ReLU SAEs take ``l1_coefficient`` (default 0.1),
@@ -101,8 +141,8 @@ def demo_settings(
             f"activation {activation!r} with l1={l1}, l0={l0}."
         )
     if activation == "relu":
-        return [toy.n_parents, width], {"l1_coefficient": l1 or DEFAULT_L1}
-    return [toy.n_parents, width], {"k": l0 or toy.expected_l0}
+        return [toy.n_parents, width], L1Sparsity(l1 or DEFAULT_L1)
+    return [toy.n_parents, width], BatchTopKSparsity(l0 or toy.expected_l0)
 
 
 @single_thread()
@@ -150,7 +190,7 @@ def run_toy_demo(
         for run_seed in range(seed, seed + seeds):
             toy = ToyHierarchy.nabeshima(run_seed)
             saes = {}
-            for name, sae in _build_saes(toy, levels, activation, sparsity, run_seed).items():
+            for name, sae in _build_saes(toy, levels, sparsity, run_seed).items():
                 progress.set_postfix_str(f"seed {run_seed}, {name}")
                 toy.train(
                     sae,
@@ -183,15 +223,15 @@ def run_toy_demo(
             "lr_warm_up_steps": int(steps * LR_WARM_UP),
             "width": levels[-1],
             "matryoshka_widths": levels,
-            "activation": activation,
-            "plain": PLAIN_NAMES[activation],
-            **sparsity,
+            "activation": sparsity.activation,
+            "plain": sparsity.plain_name,
+            **sparsity.fields(),
         },
         "summary": summarise(runs),
         "runs": runs,
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    titles = sae_titles(levels, activation)
+    titles = sae_titles(levels, sparsity)
     plot_decoder_cosines(*trained[0], levels, titles, output_dir / "decoder_cosines.png")
     plot_parent_firing(runs, reference, titles, output_dir / "parent_child_activations.png")
     print(format_table(metrics))
@@ -200,32 +240,23 @@ def run_toy_demo(
 
 
 def _build_saes(
-    toy: ToyHierarchy,
-    levels: list[int],
-    activation: Activation,
-    sparsity: dict[str, float],
-    seed: int,
+    toy: ToyHierarchy, levels: list[int], sparsity: Sparsity, seed: int
 ) -> dict[str, TrainingSAE[Any]]:
     """The Matryoshka SAE and the plain SAE of the same width and sparsity, each seeded with ``seed``."""
-    d_in, width = toy.directions.shape[1], levels[-1]
+    d_in = toy.directions.shape[1]
     torch.manual_seed(seed)
     matryoshka = MatryoshkaTrainingSAE(
         MatryoshkaTrainingSAEConfig(
             d_in=d_in,
-            d_sae=width,
+            d_sae=levels[-1],
             matryoshka_widths=levels,
-            activation=activation,
+            activation=sparsity.activation,
             use_matryoshka_aux_loss=True,
-            **sparsity,  # type: ignore[arg-type]
+            **sparsity.fields(),
         )
     )
     torch.manual_seed(seed)
-    plain: TrainingSAE[Any]
-    if activation == "relu":
-        plain = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=width, **sparsity))
-    else:
-        plain = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=width, **sparsity))
-    return {"matryoshka": matryoshka, "plain": plain}
+    return {"matryoshka": matryoshka, "plain": sparsity.plain(d_in, levels[-1])}
 
 
 @torch.no_grad()
@@ -361,11 +392,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def sae_titles(levels: Sequence[int], activation: Activation) -> dict[str, str]:
+def sae_titles(levels: Sequence[int], sparsity: Sparsity) -> dict[str, str]:
     """What each SAE is called on the figures."""
     return {
         "matryoshka": f"Matryoshka SAE, levels {' / '.join(map(str, levels))}",
-        "plain": PLAIN_NAMES[activation],
+        "plain": sparsity.plain_name,
     }
 
 
