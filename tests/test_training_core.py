@@ -28,7 +28,7 @@ from sae_lens_matryoshka.activations import (
 )
 from sae_lens_matryoshka.collectives import Collectives
 
-from .conftest import step_output, train_step
+from .conftest import step_input, step_output, train_step
 
 D_IN, D_SAE = 10, 64
 K_FIELDS = {"batchtopk": {"k": 4}, "topk": {"k": 4}, "jumprelu": {}, "relu": {}}
@@ -219,3 +219,43 @@ def test_a_sparse_step_reads_back_only_what_it_needs(
         out = step_output(sae, x, dead, logging=False, step=1)
     assert len(reads) == expected, reads
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
+@pytest.mark.parametrize("activation", ["batchtopk", "topk", "jumprelu", "relu"])
+def test_a_compiled_step_equals_the_eager_step(activation: str) -> None:
+    """SAELens's ``compile_sae`` wraps ``training_forward_pass`` in ``torch.compile``.
+
+    The compiled step (``aot_eager``: Dynamo's and AOT autograd's tracing of
+    the step, our autograd functions and in-place threshold updates included,
+    without a C++ compiler) gives the eager step's losses, gradients and
+    activation state over several steps: the first, a logging one, one with
+    dead latents.
+    """
+    eager = _sae(activation)
+    traced = _sae(activation)
+    compiled_step = torch.compile(traced.training_forward_pass, backend="aot_eager")
+    dead = torch.arange(D_SAE) % 3 == 0
+    for step, (mask, logging) in enumerate([(None, False), (dead, True), (dead, False)]):
+        x = torch.randn(32, D_IN)
+        inputs = step_input(x, mask, logging=logging, step=step, l1=1.0, l0=1.0)
+        for sae in (eager, traced):
+            sae.zero_grad()
+        expected = eager.training_forward_pass(inputs)
+        got = compiled_step(inputs)
+        expected.loss.backward()
+        got.loss.backward()
+        assert got.losses.keys() == expected.losses.keys()
+        for name, value in expected.losses.items():
+            torch.testing.assert_close(got.losses[name], value, msg=f"{activation} {name}")
+        for (name, param), compiled_param in zip(
+            eager.named_parameters(), traced.parameters(), strict=True
+        ):
+            assert param.grad is not None and compiled_param.grad is not None, name
+            torch.testing.assert_close(compiled_param.grad, param.grad, msg=f"{activation} {name}")
+        for (name, state), compiled_state in zip(
+            eager.activation_fn.state_dict().items(),
+            traced.activation_fn.state_dict().values(),
+            strict=True,
+        ):
+            torch.testing.assert_close(compiled_state, state, msg=f"{activation} {name}")
