@@ -72,6 +72,15 @@ class Collectives:
         """A sum over the whole batch (``partial`` is this process's part of it)."""
         return partial
 
+    def mean(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole batch's mean of ``rows [n, d]`` (this process's) and its number of rows.
+
+        One :meth:`sum` of the rows' sum and count together.
+        """
+        count = rows.new_tensor([float(rows.shape[0])])
+        totals = self.sum(torch.cat([rows.sum(dim=0), count]))
+        return totals[:-1] / totals[-1], totals[-1]
+
     def decoder_bias(self, b_dec: torch.Tensor) -> torch.Tensor:
         """What this process adds as ``b_dec`` to its part of the reconstruction."""
         return b_dec

@@ -63,8 +63,7 @@ class VarianceNormalizedAuxLoss(ScaledAuxLoss):
         del n_dead  # not scaled by how many are dead
         residual = residual.float().reshape(-1, residual.shape[-1])
         error = (residual - recon.float().reshape_as(residual)).pow(2).sum(dim=-1).mean()
-        n_tokens = collectives.sum(residual.new_tensor(float(residual.shape[0])))
-        mean = collectives.sum(residual.sum(dim=0)) / n_tokens
+        mean, n_tokens = collectives.mean(residual)
         variance = collectives.sum((residual - mean).pow(2).sum()) / n_tokens
         return (error / variance).nan_to_num(0.0, posinf=0.0)
 

@@ -39,8 +39,7 @@ def geometric_median(points: torch.Tensor, collectives: Collectives) -> torch.Te
     over every rank, so each rank gets the median of the whole batch.
     """
     points = points.to(torch.promote_types(points.dtype, torch.float32))
-    count = collectives.sum(points.new_tensor(float(points.shape[0])))
-    guess = collectives.sum(points.sum(dim=0)) / count
+    guess, _ = collectives.mean(points)
     for _ in range(_MEDIAN_ITERATIONS):
         # a point exactly at the guess would get an infinite weight
         weights = 1 / (points - guess).norm(dim=-1).clamp(min=torch.finfo(points.dtype).tiny)
