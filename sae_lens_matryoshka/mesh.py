@@ -196,6 +196,19 @@ def _kept_token_major(
     return token[keep], positions[keep]
 
 
+def _per_token_top(
+    values: torch.Tensor, n_keep: int, group: Any, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token, position)`` of this rank's share of each token's ``n_keep`` largest over the group.
+
+    Each rank offers its own largest per token, the group agrees on each
+    token's cut among them, and each keeps its values at or above it, token-major.
+    """
+    padded, positions = _padded_top(values, n_keep)
+    cut = _per_token_cut(padded, n_keep, group, what)
+    return _kept_token_major(padded[:, : positions.shape[-1]], positions, cut)
+
+
 class _SumOverShards(torch.autograd.Function):
     """The sum of every shard's ``partial``; its gradient is the sum's, on every shard."""
 
@@ -266,9 +279,7 @@ class MeshCollectives(Collectives):
     def topk(self, hidden_pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.sharded:
             return super().topk(hidden_pre, k)
-        values, positions = _padded_top(hidden_pre, k)
-        cut = _per_token_cut(values, k, self.mesh.shard_group, "the global TopK selection")
-        return _kept_token_major(values[:, : positions.shape[-1]], positions, cut)
+        return _per_token_top(hidden_pre, k, self.mesh.shard_group, "the global TopK selection")
 
     @override
     def dead_topk(
@@ -276,10 +287,8 @@ class MeshCollectives(Collectives):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.sharded:
             return super().dead_topk(dead_hidden, n_pick)
-        values, positions = _padded_top(dead_hidden, n_pick)
         what = "selecting dead latents for the auxiliary loss"
-        cut = _per_token_cut(values, n_pick, self.mesh.shard_group, what)
-        return _kept_token_major(values[:, : positions.shape[-1]], positions, cut)
+        return _per_token_top(dead_hidden, n_pick, self.mesh.shard_group, what)
 
     @override
     def dead_everywhere(self, dead: torch.Tensor) -> torch.Tensor:
