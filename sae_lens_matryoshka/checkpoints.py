@@ -84,18 +84,17 @@ def check_part(folder: str | Path, part: dict[str, Any] | None) -> None:
     saved = json.loads(record.read_text()) if record.is_file() else None
     if saved == part:
         return
-    if saved is None:
-        held = "the whole dictionary (it was not sharded)"
-    else:
-        held = f"shard {saved['shard']} of {saved['n_shards']} (latents {saved['latents']})"
-    if part is None:
-        trained = "the whole dictionary"
-    else:
-        trained = f"shard {part['shard']} of {part['n_shards']} (latents {part['latents']})"
+    held = _describe_part(saved) + (" (it was not sharded)" if saved is None else "")
     raise ValueError(
-        f"{folder} holds {held}, but this process trains {trained}: resume with the "
-        "checkpoint's number of latent shards."
+        f"{folder} holds {held}, but this process trains {_describe_part(part)}: resume with "
+        "the checkpoint's number of latent shards."
     )
+
+
+def _describe_part(part: dict[str, Any] | None) -> str:
+    if part is None:
+        return "the whole dictionary"
+    return f"shard {part['shard']} of {part['n_shards']} (latents {part['latents']})"
 
 
 def is_checkpoint(folder: str | Path) -> bool:
