@@ -16,12 +16,12 @@ from sae_lens_matryoshka.interop import (
     from_saelens,
     from_saelens_release,
     from_sparsify,
-    to_inference,
     to_portable,
 )
+from sae_lens_matryoshka.loaders import load_sae, to_inference
 from sae_lens_matryoshka.recipes import paper_recipe
 from sae_lens_matryoshka.registration import register
-from sae_lens_matryoshka.safe_loading import SAEFileError, check_sae_folder, load_sae
+from sae_lens_matryoshka.safe_loading import SAEFileError, check_sae_folder
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 __version__ = "0.1.0"

@@ -99,10 +99,19 @@ def _describe_part(part: dict[str, Any] | None) -> str:
 
 def is_checkpoint(folder: str | Path) -> bool:
     """Whether ``folder`` is (or was being written as) a training checkpoint, not a saved SAE."""
+    return written_by_plugin(folder) or (Path(folder) / "trainer_state.pt").exists()
+
+
+def written_by_plugin(folder: str | Path) -> bool:
+    """Whether ``folder`` is a checkpoint this plugin wrote or was writing.
+
+    Only this module makes staging folders, completion markers and
+    latent-shard parts, so they mark a Matryoshka checkpoint even when its
+    ``cfg.json`` is missing or damaged.
+    """
     folder = Path(folder).resolve()
     staged = any(_STAGING.search(part) for part in folder.parts)
-    marked = (folder / MARKER).exists() or (folder / "trainer_state.pt").exists()
-    return staged or marked or bool(_parts(folder))
+    return staged or (folder / MARKER).exists() or bool(_parts(folder))
 
 
 def latest_complete(checkpoints: str | Path) -> Path | None:

@@ -448,12 +448,11 @@ class MatryoshkaSAEConfig(_MatryoshkaArchitecture, SAEConfig):
             evaluation levels.
         activation: ``"jumprelu"`` (a latent fires above its ``threshold``; the
             saved form of batchtopk and jumprelu training), ``"topk"`` (each
-            token's ``k`` largest) or ``"relu"``. ``"batchtopk"``, found in
-            training checkpoints, is read as ``"jumprelu"``.
+            token's ``k`` largest) or ``"relu"``.
         k: active latents per token, for ``"topk"`` only.
         rescale_acts_by_decoder_norm: measure activations as if decoder rows had
-            unit norm. Saved SAEs have the norms folded in and leave this False;
-            it is True when a training checkpoint is loaded as an inference SAE.
+            unit norm. Saved SAEs have the norms folded in and leave this False
+            (a training checkpoint is folded as it is loaded, see ``loaders``).
     """
 
     matryoshka_widths: list[int] = field(default_factory=list)
@@ -465,11 +464,6 @@ class MatryoshkaSAEConfig(_MatryoshkaArchitecture, SAEConfig):
         name = type(self).__name__
         _check_dimensions(self)
         _check_booleans(self)
-        if self.activation == "batchtopk":
-            # a batchtopk training checkpoint read for inference: its learned
-            # threshold becomes every latent's JumpReLU threshold (see MatryoshkaSAE)
-            self.activation = "jumprelu"
-            self.k = None
         _check_choice(f"{name}.activation", self.activation, tuple(INFERENCE_ACTIVATIONS))
         self.matryoshka_widths = validate_widths(
             self.matryoshka_widths,

@@ -48,21 +48,13 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        """Check the weights against the config, and read training checkpoints.
+        """Check the weights against the config.
 
-        A training checkpoint carries the prefix sampler's state (dropped) and,
-        for batchtopk, the learned threshold as one number (spread to every
-        latent, as saving does).
+        Training checkpoints never reach this: every loader turns them into
+        the inference form first (see ``loaders``).
         """
         super().process_state_dict_for_loading(state_dict)
         check_finite_weights(state_dict)
-        state_dict.pop("prefix_rng_state", None)
-        if "topk_threshold" in state_dict:
-            # a batchtopk checkpoint: its calibrated threshold (older ones have
-            # only the EMA) becomes every latent's, as saving does
-            ema = state_dict.pop("topk_threshold")
-            threshold = state_dict.pop("last_cutoff", ema).clamp(min=0.0)
-            state_dict["threshold"] = threshold.expand(self.cfg.d_sae).clone()
         if "threshold" in state_dict and bool((state_dict["threshold"] < 0).any()):
             raise ValueError(
                 f"{SAE_WEIGHTS_FILENAME}: {int((state_dict['threshold'] < 0).sum())} JumpReLU "

@@ -2,7 +2,6 @@
 
 Out:
 
-- ``to_inference``: the ``MatryoshkaSAE`` a training SAE will be saved as.
 - ``export_portable``: a folder in a plain SAELens architecture (``jumprelu``,
   ``topk`` or ``standard``) that loads without this plugin and computes the
   same outputs; the levels are kept in its metadata.
@@ -53,8 +52,9 @@ from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file
 
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig
-from sae_lens_matryoshka.inference_sae import MatryoshkaSAE, derived_sae
+from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
 from sae_lens_matryoshka.levels import validate_widths
+from sae_lens_matryoshka.loaders import to_inference
 from sae_lens_matryoshka.safe_loading import SAEFileError, read_safetensors_header
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
@@ -64,15 +64,6 @@ _PORTABLE: dict[str, tuple[type[SAE[Any]], type[SAEConfig]]] = {
     "topk": (TopKSAE, TopKSAEConfig),
     "relu": (StandardSAE, StandardSAEConfig),
 }
-
-
-def to_inference(sae: MatryoshkaTrainingSAE) -> MatryoshkaSAE:
-    """The ``MatryoshkaSAE`` that ``sae.save_inference_model`` would write, in memory."""
-    state = {name: tensor.detach().clone() for name, tensor in sae.state_dict().items()}
-    sae.process_state_dict_for_saving_inference(state)
-    inference = derived_sae(MatryoshkaSAEConfig.from_dict(sae.cfg.get_inference_sae_cfg_dict()))
-    inference.load_state_dict(state)
-    return inference
 
 
 def _as_inference(sae: MatryoshkaSAE | MatryoshkaTrainingSAE) -> MatryoshkaSAE:

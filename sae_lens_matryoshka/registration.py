@@ -12,7 +12,7 @@ from typing import Any
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-from sae_lens_matryoshka import checkpoints, progress
+from sae_lens_matryoshka import checkpoints, loaders, progress
 from sae_lens_matryoshka.config import (
     ARCHITECTURE,
     MatryoshkaSAEConfig,
@@ -48,9 +48,12 @@ def register() -> None:
     """Register the Matryoshka training and inference classes with SAELens.
 
     Also makes SAELens's trainer write Matryoshka checkpoints atomically (see
-    ``checkpoints``) and count every step on its progress bar (see ``progress``).
+    ``checkpoints``), SAELens's loaders check Matryoshka folders and read
+    checkpoints as the SAE their run would save (see ``loaders``), and its
+    progress bar count every step (see ``progress``).
     """
     checkpoints.install()
+    loaders.install()
     progress.install()
     _register(SAE_TRAINING_CLASS_REGISTRY, (MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig))
     _register(SAE_CLASS_REGISTRY, (MatryoshkaSAE, MatryoshkaSAEConfig))

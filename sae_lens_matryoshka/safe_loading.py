@@ -6,8 +6,9 @@ download surfaces as a Rust deserialisation error, an unknown architecture as
 a bare ``KeyError``, and a malformed ``metadata`` as a ``TypeError``.
 :func:`check_sae_folder` inspects the files first, reading only JSON (the
 config, and the safetensors header, parsed by hand), and raises
-:class:`SAEFileError` naming the file and what is wrong; :func:`load_sae` checks
-and then loads through SAELens. Nothing here can execute code from the files.
+:class:`SAEFileError` naming the file and what is wrong. ``SAE.load_from_disk``
+runs it on every Matryoshka folder, and ``load_sae`` on any folder (see
+``loaders``). Nothing here can execute code from the files.
 Config values and weight shapes are then checked by the Matryoshka classes
 themselves, whichever loader is used.
 """
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens import SAE
 from sae_lens.constants import DTYPE_MAP, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 from sae_lens.registry import SAE_CLASS_REGISTRY
@@ -213,12 +213,6 @@ def check_sae_folder(path: str | Path) -> dict[str, Any]:
     if (folder / SPARSITY_FILENAME).exists():
         read_safetensors_header(folder / SPARSITY_FILENAME)
     return cfg
-
-
-def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) -> SAE[Any]:
-    """``SAE.load_from_disk`` after :func:`check_sae_folder`: damaged files fail with a clear error."""
-    check_sae_folder(path)
-    return SAE.load_from_disk(path, device=device, dtype=dtype)
 
 
 def check_finite_weights(state_dict: dict[str, torch.Tensor]) -> None:

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from sae_lens import TrainingSAE
 from sae_lens.constants import SAE_CFG_FILENAME
-from sae_lens.loading.pretrained_sae_loaders import PretrainedSaeDiskLoader
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
 from torch import nn
 from typing_extensions import override
@@ -40,7 +39,7 @@ from sae_lens_matryoshka.levels import LevelPlan, decode_levels, training_levels
 from sae_lens_matryoshka.losses import AUX_LOSSES, aux_k, level_metrics, level_mse
 from sae_lens_matryoshka.parametrization import B_DEC_INITS, decoder_norm
 from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts, check_activations
-from sae_lens_matryoshka.safe_loading import check_finite_weights, keep_threshold_precision
+from sae_lens_matryoshka.safe_loading import check_finite_weights
 
 
 class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSAEConfig]):
@@ -372,24 +371,6 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
             super().fold_W_dec_norm()
             return
         self.activation_fn.fold_decoder_norms(self.fold_and_get_W_dec_norm)
-
-    @override
-    @classmethod
-    def load_from_disk(
-        cls,
-        path: str | Path,
-        device: str = "cpu",
-        dtype: str | None = None,
-        converter: PretrainedSaeDiskLoader = keep_threshold_precision,
-        fold_W_dec_norm: bool = False,
-    ) -> MatryoshkaTrainingSAE:
-        """SAELens's ``load_from_disk``, keeping the thresholds' saved precision (for resuming).
-
-        A training checkpoint must be complete (see ``checkpoints``).
-        """
-        if checkpoints.is_checkpoint(path):
-            checkpoints.check_complete(path)
-        return super().load_from_disk(path, device, dtype, converter, fold_W_dec_norm)
 
     @override
     def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:

@@ -211,12 +211,16 @@ def test_every_variant_saves_and_loads_with_equal_outputs(
 def test_training_checkpoints_load_as_inference_saes(
     activation: str, prefix_sampling: str, tmp_path: Path
 ) -> None:
-    """Unfolded checkpoints keep rescale_acts_by_decoder_norm, so inference honours it."""
+    """Unfolded checkpoints are folded as they load: the SAE their run would have saved."""
     trained = _trained_sae(True, activation=activation, prefix_sampling=prefix_sampling)
-    trained.save_model(tmp_path)
-    loaded = SAE.load_from_disk(tmp_path)
+    trained.save_model(tmp_path / "checkpoint")
+    trained.save_inference_model(tmp_path / "saved")
+    loaded = SAE.load_from_disk(tmp_path / "checkpoint")
     assert isinstance(loaded, MatryoshkaSAE)
-    assert loaded.cfg.rescale_acts_by_decoder_norm
+    assert not loaded.cfg.rescale_acts_by_decoder_norm
+    saved = SAE.load_from_disk(tmp_path / "saved")
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
     x = torch.randn(20, 10)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), trained.eval()(x), rtol=1e-5, atol=1e-5)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_lens_matryoshka import (
     MatryoshkaSAE,
+    MatryoshkaSAEConfig,
     MatryoshkaTrainingSAE,
     MatryoshkaTrainingSAEConfig,
     SAEFileError,
@@ -111,11 +112,11 @@ def test_portable_round_trip_keeps_the_levels(tmp_path: Path) -> None:
     torch.testing.assert_close(back(x), sae(x))
 
 
-def test_checkpoint_loaded_rescaled_sae_exports_folded(tmp_path: Path) -> None:
+def test_rescaled_inference_sae_exports_folded(tmp_path: Path) -> None:
     trained = _ours("relu")
-    trained.save_model(tmp_path / "ckpt")
-    unfolded = SAE.load_from_disk(tmp_path / "ckpt")
-    assert unfolded.cfg.rescale_acts_by_decoder_norm
+    cfg_dict = {**trained.cfg.get_inference_sae_cfg_dict(), "rescale_acts_by_decoder_norm": True}
+    unfolded = MatryoshkaSAE(MatryoshkaSAEConfig.from_dict(cfg_dict))
+    unfolded.load_state_dict(trained.state_dict())  # unfolded weights, measured in unit norms
     portable = SAE.load_from_disk(export_portable(unfolded, tmp_path / "portable"))
     assert isinstance(portable, StandardSAE)
     x = torch.randn(6, 8)
