@@ -261,7 +261,8 @@ class SampledLevels(FixedLevels):
         generator.set_state(self.prefix_rng_state)
         widths = sample_prefix_widths(self._probabilities, self.n_prefixes, generator)
         self.prefix_rng_state.copy_(generator.get_state())
-        # the one host-to-device copy of a sampled-prefix step: this step's widths
+        # the sampled-prefix step's two host-to-device copies (no host reads):
+        # this step's group bounds and level weights
         return LevelPlan.build(widths, None, device)
 
     @override
