@@ -15,8 +15,9 @@ neither SAE class ever asks which activation it has:
 - how it folds decoder norms and input scaling, and what it saves for inference.
 
 Training activations are named by ``MatryoshkaTrainingSAEConfig.activation``,
-inference activations by ``MatryoshkaSAEConfig.activation``; each training
-activation names the inference activation its saved SAE uses.
+inference activations by ``MatryoshkaSAEConfig.activation``; which inference
+activation each training activation saves as, and which are k-sparse, is
+``config.TRAINING_ACTIVATIONS``.
 """
 
 from __future__ import annotations
@@ -51,10 +52,6 @@ def _required_k(cfg: MatryoshkaTrainingSAEConfig | MatryoshkaSAEConfig) -> float
 class TrainingActivation(nn.Module):
     """The activation of a ``MatryoshkaTrainingSAE``; by default stateless and unpenalised."""
 
-    #: ``MatryoshkaSAEConfig.activation`` of the saved SAE
-    inference_activation: ClassVar[str]
-    #: at most ``k`` latents active per token, so a training step can run sparsely
-    k_sparse: ClassVar[bool] = False
     #: tensors kept in their own precision whatever the SAE's dtype (``.to`` moves
     #: them to a device only; loading keeps the saved precision)
     precise_state: ClassVar[tuple[str, ...]] = ()
@@ -135,8 +132,6 @@ class TrainingActivation(nn.Module):
 class KSparseActivation(TrainingActivation):
     """An activation that keeps ``k`` latents per token (on average for BatchTopK): TopK, BatchTopK."""
 
-    k_sparse: ClassVar[bool] = True
-
     def __init__(self, k: float) -> None:
         super().__init__()
         self.k = k
@@ -177,7 +172,6 @@ class BatchTopK(KSparseActivation):
     inference threshold, exactly as the saved SAE will.
     """
 
-    inference_activation: ClassVar[str] = "jumprelu"
     precise_state: ClassVar[tuple[str, ...]] = ("topk_threshold", "last_cutoff")
     #: EMA of the cut-off, float64; negative until its first step
     topk_threshold: torch.Tensor
@@ -292,7 +286,6 @@ class BatchTopK(KSparseActivation):
 class TopK(KSparseActivation):
     """Each token's ``k`` largest pre-activations, then ReLU; the same at inference."""
 
-    inference_activation: ClassVar[str] = "topk"
 
     @override
     @classmethod
@@ -315,7 +308,6 @@ class JumpReLU(TrainingActivation):
     round away in bfloat16.
     """
 
-    inference_activation: ClassVar[str] = "jumprelu"
     precise_state: ClassVar[tuple[str, ...]] = ("threshold",)
     threshold: nn.Parameter
 
@@ -388,7 +380,6 @@ class ReLU(TrainingActivation):
     measured in unit-norm decoder units).
     """
 
-    inference_activation: ClassVar[str] = "relu"
 
     def __init__(self, l1: TrainCoefficientConfig) -> None:
         super().__init__()
@@ -417,8 +408,8 @@ class ReLU(TrainingActivation):
         return {"l1_loss": (coefficients["l1"] * per_token).mean()}
 
 
-#: ``MatryoshkaTrainingSAEConfig.activation`` -> its class
-TRAINING_ACTIVATIONS: dict[str, type[TrainingActivation]] = {
+#: ``MatryoshkaTrainingSAEConfig.activation`` -> its class (``config.TRAINING_ACTIVATIONS``: its kind)
+TRAINING_ACTIVATION_CLASSES: dict[str, type[TrainingActivation]] = {
     "batchtopk": BatchTopK,
     "topk": TopK,
     "jumprelu": JumpReLU,
@@ -428,7 +419,7 @@ TRAINING_ACTIVATIONS: dict[str, type[TrainingActivation]] = {
 
 def training_activation(cfg: MatryoshkaTrainingSAEConfig) -> TrainingActivation:
     """The activation ``cfg`` names."""
-    return TRAINING_ACTIVATIONS[cfg.activation].from_config(cfg)
+    return TRAINING_ACTIVATION_CLASSES[cfg.activation].from_config(cfg)
 
 
 # -------------------------------------------------------------------------- inference
@@ -510,8 +501,8 @@ class InferenceTopK(InferenceActivation):
         cfg_dict["k"] = min(self.k, width)
 
 
-#: ``MatryoshkaSAEConfig.activation`` -> its class
-INFERENCE_ACTIVATIONS: dict[str, type[InferenceActivation]] = {
+#: ``MatryoshkaSAEConfig.activation`` (``config.INFERENCE_ACTIVATIONS``) -> its class
+INFERENCE_ACTIVATION_CLASSES: dict[str, type[InferenceActivation]] = {
     "jumprelu": InferenceJumpReLU,
     "topk": InferenceTopK,
     "relu": InferenceActivation,
@@ -520,7 +511,7 @@ INFERENCE_ACTIVATIONS: dict[str, type[InferenceActivation]] = {
 
 def inference_activation(cfg: MatryoshkaSAEConfig) -> InferenceActivation:
     """The activation ``cfg`` names."""
-    return INFERENCE_ACTIVATIONS[cfg.activation](cfg)
+    return INFERENCE_ACTIVATION_CLASSES[cfg.activation](cfg)
 
 
 @torch.no_grad()

@@ -12,16 +12,34 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 from sae_lens import SAEConfig, TrainingSAEConfig
 from typing_extensions import override
 
-from sae_lens_matryoshka.activations import INFERENCE_ACTIVATIONS, TRAINING_ACTIVATIONS
-from sae_lens_matryoshka.levels import default_eval_widths, validate_widths
-
 ARCHITECTURE = "matryoshka"
+
+
+class ActivationKind(NamedTuple):
+    """What a configuration needs to know of a training activation (its code: ``activations``)."""
+
+    #: at most ``k`` latents active per token: it needs ``k`` and can train on the sparse path
+    k_sparse: bool
+    #: ``MatryoshkaSAEConfig.activation`` of the SAE it saves as
+    saved_as: str
+
+
+#: ``MatryoshkaTrainingSAEConfig.activation`` -> what kind of activation it is
+TRAINING_ACTIVATIONS: dict[str, ActivationKind] = {
+    "batchtopk": ActivationKind(k_sparse=True, saved_as="jumprelu"),
+    "topk": ActivationKind(k_sparse=True, saved_as="topk"),
+    "jumprelu": ActivationKind(k_sparse=False, saved_as="jumprelu"),
+    "relu": ActivationKind(k_sparse=False, saved_as="relu"),
+}
+#: ``MatryoshkaSAEConfig.activation``: the activations a saved SAE infers with
+INFERENCE_ACTIVATIONS = ("jumprelu", "topk", "relu")
 
 
 def trains_matryoshka(trainer: Any) -> bool:
@@ -34,7 +52,7 @@ def trains_matryoshka(trainer: Any) -> bool:
 
 
 #: activations that fix the number of active latents (and need ``k``)
-K_ACTIVATIONS = tuple(name for name, cls in TRAINING_ACTIVATIONS.items() if cls.k_sparse)
+K_ACTIVATIONS = tuple(name for name, kind in TRAINING_ACTIVATIONS.items() if kind.k_sparse)
 
 #: SAELens activation normalisations whose output is rescaled per token; the
 #: dead-latent aux loss compares a normalised reconstruction against a raw
@@ -89,6 +107,68 @@ def _check_number(owner: str, value: Any, minimum: float, inclusive: bool = True
 def _check_int(owner: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{owner} must be an integer >= {minimum}, got {value!r}.")
+
+
+def validate_widths(
+    widths: Sequence[int], d_sae: int, owner: str, append_d_sae: bool = True
+) -> list[int]:
+    """Check Matryoshka prefix widths and return them as a fresh list.
+
+    Widths must be positive integers, strictly increasing, and end at ``d_sae``.
+    If the last width is below ``d_sae`` and ``append_d_sae`` is set, ``d_sae``
+    is appended with a warning (as SAELens's ``matryoshka_batchtopk`` does), so
+    that the full dictionary is always trained as the last level.
+
+    Args:
+        widths: the prefix widths as given by the user or a config file.
+        d_sae: the dictionary size.
+        owner: what the widths belong to, named in error messages
+            (e.g. ``"MatryoshkaTrainingSAEConfig.matryoshka_widths"``).
+        append_d_sae: append ``d_sae`` when missing instead of failing.
+    """
+    widths = list(widths)
+    if not widths:
+        example = sorted({max(d_sae // 8, 1), max(d_sae // 4, 1), d_sae})
+        raise ValueError(
+            f"{owner} is empty: give the nested prefix widths, e.g. {example} for d_sae={d_sae}."
+        )
+    for position, width in enumerate(widths):
+        if isinstance(width, bool) or not isinstance(width, int):
+            raise ValueError(
+                f"{owner}[{position}] must be an integer, got {width!r} ({type(width).__name__})."
+            )
+        if width <= 0:
+            raise ValueError(
+                f"{owner} must contain only positive widths, got {width} at "
+                f"position {position} in {widths}."
+            )
+        if width > d_sae:
+            raise ValueError(
+                f"{owner} has width {width} at position {position}, larger than "
+                f"d_sae={d_sae}: a level cannot have more latents than the dictionary."
+            )
+    for position in range(1, len(widths)):
+        if widths[position] <= widths[position - 1]:
+            raise ValueError(
+                f"{owner} must be strictly increasing, got {widths}: "
+                f"{widths[position - 1]} at position {position - 1} is followed "
+                f"by {widths[position]}."
+            )
+    if widths[-1] != d_sae:
+        if not append_d_sae:
+            raise ValueError(f"{owner} must end at d_sae={d_sae}, got {widths}.")
+        warnings.warn(
+            f"{owner} {widths} does not end at d_sae={d_sae}; a final level of "
+            f"width {d_sae} is appended so the whole dictionary is trained.",
+            stacklevel=4,
+        )
+        widths.append(d_sae)
+    return widths
+
+
+def default_eval_widths(d_sae: int) -> list[int]:
+    """Levels kept for evaluation when prefixes are sampled: ``d_sae / 32, / 16, ..., / 2, d_sae``."""
+    return sorted({d_sae >> shift for shift in range(5, 0, -1) if d_sae >> shift >= 1} | {d_sae})
 
 
 def check_field_names(owner: type, config_dict: dict[str, Any]) -> None:
@@ -408,7 +488,7 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
     @property
     def inference_activation(self) -> str:
         """The activation the saved inference SAE uses."""
-        return TRAINING_ACTIVATIONS[self.activation].inference_activation
+        return TRAINING_ACTIVATIONS[self.activation].saved_as
 
     @override
     def get_inference_config_class(self) -> type[SAEConfig]:
@@ -464,7 +544,15 @@ class MatryoshkaSAEConfig(_MatryoshkaArchitecture, SAEConfig):
         name = type(self).__name__
         _check_dimensions(self)
         _check_booleans(self)
-        _check_choice(f"{name}.activation", self.activation, tuple(INFERENCE_ACTIVATIONS))
+        if self.activation not in INFERENCE_ACTIVATIONS and self.activation in TRAINING_ACTIVATIONS:
+            raise ValueError(
+                f"{name}.activation={self.activation!r} is a training activation (saved as "
+                f"{TRAINING_ACTIVATIONS[self.activation].saved_as!r}): this is a training "
+                "checkpoint's config. Load the checkpoint with SAE.load_from_disk, "
+                "SAE.from_pretrained or load_sae, which read it as the SAE its run saves, or "
+                "with MatryoshkaTrainingSAE.load_from_disk to resume."
+            )
+        _check_choice(f"{name}.activation", self.activation, INFERENCE_ACTIVATIONS)
         self.matryoshka_widths = validate_widths(
             self.matryoshka_widths,
             self.d_sae,

@@ -51,9 +51,8 @@ from sae_lens import (
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file
 
-from sae_lens_matryoshka.config import MatryoshkaSAEConfig
+from sae_lens_matryoshka.config import MatryoshkaSAEConfig, validate_widths
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
-from sae_lens_matryoshka.levels import validate_widths
 from sae_lens_matryoshka.loaders import to_inference
 from sae_lens_matryoshka.safe_loading import SAEFileError, read_safetensors_header
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE

@@ -1,4 +1,4 @@
-"""Matryoshka levels: validating prefix widths, choosing each step's levels, decoding them at once.
+"""Matryoshka levels: choosing each step's levels, decoding them at once.
 
 A Matryoshka SAE with widths ``m_1 < m_2 < ... < m_L = d_sae`` reconstructs the
 input once per level, level ``l`` using only latents ``< m_l``. Latents between
@@ -10,7 +10,6 @@ decode, instead of decoding the whole prefix again per level.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -22,72 +21,10 @@ if TYPE_CHECKING:
     from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 
 
-def validate_widths(
-    widths: Sequence[int], d_sae: int, owner: str, append_d_sae: bool = True
-) -> list[int]:
-    """Check Matryoshka prefix widths and return them as a fresh list.
-
-    Widths must be positive integers, strictly increasing, and end at ``d_sae``.
-    If the last width is below ``d_sae`` and ``append_d_sae`` is set, ``d_sae``
-    is appended with a warning (as SAELens's ``matryoshka_batchtopk`` does), so
-    that the full dictionary is always trained as the last level.
-
-    Args:
-        widths: the prefix widths as given by the user or a config file.
-        d_sae: the dictionary size.
-        owner: what the widths belong to, named in error messages
-            (e.g. ``"MatryoshkaTrainingSAEConfig.matryoshka_widths"``).
-        append_d_sae: append ``d_sae`` when missing instead of failing.
-    """
-    widths = list(widths)
-    if not widths:
-        example = sorted({max(d_sae // 8, 1), max(d_sae // 4, 1), d_sae})
-        raise ValueError(
-            f"{owner} is empty: give the nested prefix widths, e.g. {example} for d_sae={d_sae}."
-        )
-    for position, width in enumerate(widths):
-        if isinstance(width, bool) or not isinstance(width, int):
-            raise ValueError(
-                f"{owner}[{position}] must be an integer, got {width!r} ({type(width).__name__})."
-            )
-        if width <= 0:
-            raise ValueError(
-                f"{owner} must contain only positive widths, got {width} at "
-                f"position {position} in {widths}."
-            )
-        if width > d_sae:
-            raise ValueError(
-                f"{owner} has width {width} at position {position}, larger than "
-                f"d_sae={d_sae}: a level cannot have more latents than the dictionary."
-            )
-    for position in range(1, len(widths)):
-        if widths[position] <= widths[position - 1]:
-            raise ValueError(
-                f"{owner} must be strictly increasing, got {widths}: "
-                f"{widths[position - 1]} at position {position - 1} is followed "
-                f"by {widths[position]}."
-            )
-    if widths[-1] != d_sae:
-        if not append_d_sae:
-            raise ValueError(f"{owner} must end at d_sae={d_sae}, got {widths}.")
-        warnings.warn(
-            f"{owner} {widths} does not end at d_sae={d_sae}; a final level of "
-            f"width {d_sae} is appended so the whole dictionary is trained.",
-            stacklevel=4,
-        )
-        widths.append(d_sae)
-    return widths
-
-
 def group_bounds(widths: Sequence[int]) -> list[tuple[int, int]]:
     """The latent range ``[start, end)`` each level adds to the previous one."""
     starts = [0, *widths[:-1]]
     return list(zip(starts, widths, strict=True))
-
-
-def default_eval_widths(d_sae: int) -> list[int]:
-    """Levels kept for evaluation when prefixes are sampled: ``d_sae / 32, / 16, ..., / 2, d_sae``."""
-    return sorted({d_sae >> shift for shift in range(5, 0, -1) if d_sae >> shift >= 1} | {d_sae})
 
 
 def pareto_prefix_probabilities(d_sae: int, power: float) -> torch.Tensor:

@@ -223,12 +223,15 @@ def test_each_activation_maps_to_its_inference_config(
     assert inference.metadata.training_architecture_details["activation"] == activation
 
 
-def test_inference_config_reads_a_batchtopk_checkpoint_as_jumprelu() -> None:
-    cfg = MatryoshkaSAEConfig(
-        d_in=8, d_sae=64, matryoshka_widths=[8, 64], activation="batchtopk", k=4
-    )  # type: ignore[arg-type]
-    assert cfg.activation == "jumprelu"
-    assert cfg.k is None
+def test_inference_config_refuses_a_checkpoint_config_naming_the_loaders() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"activation='batchtopk' is a training activation.*"
+        r"SAE\.load_from_disk",
+    ):
+        MatryoshkaSAEConfig(
+            d_in=8, d_sae=64, matryoshka_widths=[8, 64], activation="batchtopk", k=4
+        )  # type: ignore[arg-type]
 
 
 def test_suggested_widths_are_valid_for_tiny_dictionaries() -> None:

@@ -18,15 +18,22 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka import (
+    MatryoshkaSAE,
+    MatryoshkaTrainingSAE,
+    MatryoshkaTrainingSAEConfig,
+    to_inference,
+)
 from sae_lens_matryoshka.activations import (
-    TRAINING_ACTIVATIONS,
+    INFERENCE_ACTIVATION_CLASSES,
+    TRAINING_ACTIVATION_CLASSES,
     BatchTopK,
     JumpReLU,
     ReLU,
     TopK,
 )
 from sae_lens_matryoshka.collectives import Collectives
+from sae_lens_matryoshka.config import INFERENCE_ACTIVATIONS, TRAINING_ACTIVATIONS
 
 from .conftest import step_input, step_output, train_step
 
@@ -60,8 +67,12 @@ def test_each_activation_is_one_module_whose_state_keeps_saelens_names(
     activation: str, kind: type, state: set[str]
 ) -> None:
     sae = _sae(activation)
-    assert type(sae.activation_fn) is kind is TRAINING_ACTIVATIONS[activation]
-    assert sae.cfg.inference_activation == kind.inference_activation
+    assert type(sae.activation_fn) is kind is TRAINING_ACTIVATION_CLASSES[activation]
+    # the config's table of activation kinds names what the saved SAE computes with
+    assert TRAINING_ACTIVATION_CLASSES.keys() == TRAINING_ACTIVATIONS.keys()
+    assert set(INFERENCE_ACTIVATION_CLASSES) == set(INFERENCE_ACTIVATIONS)
+    saved_as = INFERENCE_ACTIVATION_CLASSES[TRAINING_ACTIVATIONS[activation].saved_as]
+    assert type(to_inference(sae).activation_fn) is saved_as
     names = set(sae.state_dict())
     assert names == {"W_enc", "b_enc", "W_dec", "b_dec"} | state
     # the optimizer sees the thresholds a JumpReLU learns
