@@ -77,8 +77,9 @@ def check_complete(folder: str | Path) -> None:
 def check_part(folder: str | Path, part: dict[str, Any] | None) -> None:
     """Refuse a checkpoint folder that holds another part of the dictionary than ``part``.
 
-    ``part`` is what this process trains (``None``: the whole dictionary);
-    each part of a latent-sharded checkpoint records its own.
+    ``part`` is what this process trains (its SAE's
+    ``latent_part.checkpoint_record()``; ``None``: the whole dictionary); each
+    part of a latent-sharded checkpoint records its own.
     """
     record = Path(folder) / PART_FILE
     saved = json.loads(record.read_text()) if record.is_file() else None
@@ -224,7 +225,7 @@ def install() -> None:
         if base is None or not trains_matryoshka(self):
             save(self, checkpoint_name, base_path, wandb_aliases)
             return
-        part = self.sae.collectives.checkpoint_part()
+        part = self.sae.latent_part.checkpoint_record()
         if part is not None:  # one shard's part, beside the other shards' parts
             base, checkpoint_name = Path(base) / checkpoint_name, part["name"]
         staging = Path(base) / f".{checkpoint_name}.incomplete-{uuid.uuid4().hex[:8]}"

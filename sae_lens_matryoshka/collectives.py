@@ -12,29 +12,19 @@ reconstruction is the sum of every shard's part.
 The SAE is given one :class:`Collectives` object and calls these operations
 without knowing how many processes there are: :data:`SINGLE_PROCESS` computes
 them locally, ``mesh.MeshCollectives`` over a grid of data-parallel replicas x
-latent shards.
+latent shards. Which of the dictionary's latents a process holds is its SAE's
+(``latent_part.LatentPart``), not a property of these operations.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from sae_lens_matryoshka.levels import LevelPlan
 from sae_lens_matryoshka.sparse_kernels import batch_topk_entries, topk_entries
 
 
 class Collectives:
     """The batch-global operations of a training step, in a single process with every latent."""
-
-    def latent_range(self, d_sae: int) -> tuple[int, int]:
-        """The latents this process holds, ``[start, stop)`` of the dictionary's ``d_sae``."""
-        return 0, d_sae
-
-    def local_plan(self, plan: LevelPlan) -> LevelPlan:
-        """``plan`` with its group bounds in this process's latent numbering."""
-        return plan
 
     def batch_topk(self, hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(token, latent)`` entries BatchTopK keeps: the ``k * n_tokens`` largest positive ones.
@@ -92,10 +82,6 @@ class Collectives:
     def whole_feature_acts(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """The activations of the whole dictionary (no graph), from this process's latents'."""
         return feature_acts
-
-    def checkpoint_part(self) -> dict[str, Any] | None:
-        """Which part of the dictionary this process's checkpoints hold (``None``: all of it)."""
-        return None
 
 
 def kept_entries(k: float, n_tokens: int, n_entries: int) -> int:

@@ -380,7 +380,8 @@ def rank_config(
     # set after construction: the config appends a fresh run id to a checkpoint path
     rank_cfg.checkpoint_path = cfg.checkpoint_path if checkpoints else None
     if sharded and cfg.resume_from_checkpoint is not None:
-        rank_cfg.resume_from_checkpoint = str(Path(cfg.resume_from_checkpoint) / mesh.part_name())
+        part = mesh.part(cfg.sae.d_sae)
+        rank_cfg.resume_from_checkpoint = str(Path(cfg.resume_from_checkpoint) / part.name)
     return rank_cfg
 
 

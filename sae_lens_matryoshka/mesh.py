@@ -36,7 +36,7 @@ import torch.distributed as dist
 from typing_extensions import override
 
 from sae_lens_matryoshka.collectives import Collectives, kept_entries
-from sae_lens_matryoshka.levels import LevelPlan
+from sae_lens_matryoshka.latent_part import LatentPart
 from sae_lens_matryoshka.sparse_kernels import batch_topk_entries
 
 TIMEOUT_ENV = "SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT"
@@ -107,13 +107,13 @@ class Mesh(NamedTuple):
         size = d_sae // self.n_shards
         return self.shard * size, (self.shard + 1) * size
 
+    def part(self, d_sae: int) -> LatentPart:
+        """The part of a ``d_sae``-latent dictionary this rank holds (all of it if unsharded)."""
+        return LatentPart(*self.latent_range(d_sae), self.shard, self.n_shards)
+
     def first_rank_of(self, group: Any) -> int:
         """The global rank of ``group``'s first member (its replica 0 or shard 0)."""
         return int(dist.get_global_rank(group, 0))
-
-    def part_name(self) -> str:
-        """The folder of this rank's part of a sharded checkpoint: ``shard-<s>-of-<n>``."""
-        return f"shard-{self.shard}-of-{self.n_shards}"
 
 
 def _all_gather(tensor: torch.Tensor, group: Any, what: str) -> list[torch.Tensor]:
@@ -154,10 +154,12 @@ def global_cutoff(values: torch.Tensor, n_keep: int, what: str) -> torch.Tensor:
     pivots spread over the bracket, one all-reduce sums the counts, and the
     bracket narrows to the gap between the last pivot that ``n_keep`` values
     reach and the next. A fixed number of rounds (4 for float32, 8 for
-    float64) pins the cut-off's bit pattern: no host synchronisation, and each
-    rank sends ``_PIVOTS`` counts a round however many ranks there are
-    (gathering every rank's candidates would cost each rank ``n_keep`` values
-    per rank of the world).
+    float64) pins the cut-off's bit pattern, and each rank sends ``_PIVOTS``
+    counts a round however many ranks there are (gathering every rank's
+    candidates would cost each rank ``n_keep`` values per rank of the world).
+    Each round reads two numbers back to the host: indexing ``pivots`` with
+    the 0-d ``n_reached`` (for the new ``lo`` and ``hi``) is an ``.item()``,
+    so 8 host synchronisations for float32 and 16 for float64.
     """
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
     n_bits = 8 * values.element_size() - 1  # the sign bit of a positive float is 0
@@ -229,34 +231,13 @@ class MeshCollectives(Collectives):
 
     def __init__(self, mesh: Mesh, d_sae: int) -> None:
         self.mesh = mesh
-        self.start, self.stop = mesh.latent_range(d_sae)
+        #: where this rank's latents start in the whole dictionary's numbering
+        self.start = mesh.latent_range(d_sae)[0]
         self.d_sae = d_sae
 
     @property
     def sharded(self) -> bool:
         return self.mesh.n_shards > 1
-
-    @override
-    def checkpoint_part(self) -> dict[str, Any] | None:
-        if not self.sharded:
-            return None
-        return {
-            "name": self.mesh.part_name(),
-            "shard": self.mesh.shard,
-            "n_shards": self.mesh.n_shards,
-            "latents": [self.start, self.stop],
-        }
-
-    @override
-    def latent_range(self, d_sae: int) -> tuple[int, int]:
-        return self.start, self.stop
-
-    @override
-    def local_plan(self, plan: LevelPlan) -> LevelPlan:
-        if not self.sharded:
-            return plan
-        bounds = (plan.bounds - self.start).clamp(0, self.stop - self.start)
-        return LevelPlan(plan.widths, bounds, plan.weights)
 
     @override
     def batch_topk(self, hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,8 +305,10 @@ class MeshCollectives(Collectives):
         """Every shard's active entries as one ``[*batch, d_sae]`` sparse tensor (no graph).
 
         What SAELens's trainer counts (firing, dead latents, L0) then covers the
-        whole dictionary. Costs one small host read (how many entries each
-        shard has) per step.
+        whole dictionary. Costs host synchronisations every step: reading each
+        shard's entry count (``n_shards`` scalars, after one all-gather), which
+        sizes the padded exchange, and ``coalesce`` (its number of distinct
+        entries).
         """
         if not self.sharded:
             return feature_acts

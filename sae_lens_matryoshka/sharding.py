@@ -9,10 +9,11 @@ per rank falls with the shard count. ``b_dec`` and the scalar state
 the whole dictionary; this module builds the shard, checks what can be
 sharded, and gathers the whole SAE back for saving.
 
-- :func:`sharded_training_sae` builds this rank's shard without ever
-  allocating the whole dictionary: the SAE is built on the meta device, then
-  its slice is initialised as SAELens initialises the whole (rows drawn shard
-  after shard from the same random stream, so shards never repeat each other).
+- :func:`sharded_training_sae` builds this rank's shard, with
+  ``MatryoshkaTrainingSAE.build_shard``, without ever allocating the whole
+  dictionary: the SAE is built on the meta device, then its slice is
+  initialised as SAELens initialises the whole (rows drawn shard after shard
+  from the same random stream, so shards never repeat each other).
 - :func:`gather_state` collects the whole state dict, slice by slice, into the
   CPU memory of the first rank, which :func:`save_whole` writes as the
   standard SAELens folder (``SAE.load_from_disk`` / ``SAE.from_pretrained``).
@@ -23,7 +24,6 @@ sharded, and gathers the whole SAE back for saving.
 
 from __future__ import annotations
 
-import copy
 import json
 from functools import partial
 from pathlib import Path
@@ -32,10 +32,8 @@ import torch
 import torch.distributed as dist
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from safetensors.torch import save_file
-from torch import nn
 
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.levels import training_levels
 from sae_lens_matryoshka.mesh import Mesh, MeshCollectives, collective
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
@@ -61,42 +59,14 @@ def check_shardable(cfg: MatryoshkaTrainingSAEConfig, n_shards: int) -> None:
 
 
 def sharded_training_sae(cfg: MatryoshkaTrainingSAEConfig, mesh: Mesh) -> MatryoshkaTrainingSAE:
-    """This rank's shard of a new training SAE, on ``cfg.device``, and its collectives.
+    """This rank's shard of a new training SAE, on ``cfg.device``, stepping over ``mesh``.
 
-    The whole dictionary is never allocated: the SAE is built on the meta
-    device, then its latents' parameters are made and initialised as
-    SAELens's ``initialize_weights`` would (Kaiming-uniform decoder rows, rows
-    scaled to ``decoder_init_norm``, ``W_enc = W_dec.T``, zero biases). The
-    rows come from the global random stream one shard's block at a time, so
-    every rank draws the same sequence and keeps its own block.
+    Its part of the dictionary and its collectives are the mesh's; see
+    ``MatryoshkaTrainingSAE.build_shard`` for how it is made and initialised.
     """
     check_shardable(cfg, mesh.n_shards)
-    start, stop = mesh.latent_range(cfg.d_sae)
-    on_meta = copy.copy(cfg)
-    on_meta.device = "meta"
-    sae = MatryoshkaTrainingSAE(on_meta)
-    device, dtype = torch.device(cfg.device), sae.dtype
-    rows = stop - start
-    for shard in range(mesh.n_shards):
-        block = nn.init.kaiming_uniform_(torch.empty(rows, cfg.d_in, device=device, dtype=dtype))
-        if shard == mesh.shard:
-            W_dec = block
-    if cfg.decoder_init_norm is not None:
-        W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True) * cfg.decoder_init_norm
-    sae.W_dec = nn.Parameter(W_dec)
-    sae.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
-    sae.b_enc = nn.Parameter(torch.zeros(rows, device=device, dtype=dtype))
-    sae.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
-    sae.cfg, sae.device = cfg, device
-    # rebuilt on the real device: the activation's and the levels' state
-    sae.activation_fn = sae.get_activation_fn()
-    sae.levels = training_levels(cfg)
-    sae.decoder_norm.initialize(sae.W_dec, sae.W_enc)
-    sae.collectives = MeshCollectives(mesh, cfg.d_sae)
-    left_on_meta = [name for name, tensor in sae.state_dict().items() if tensor.is_meta]
-    if left_on_meta:  # a tensor this function does not know how to make
-        raise RuntimeError(f"the shard's {left_on_meta} were never materialised.")
-    return sae
+    collectives = MeshCollectives(mesh, cfg.d_sae)
+    return MatryoshkaTrainingSAE.build_shard(cfg, mesh.part(cfg.d_sae), collectives)
 
 
 def gather_state(sae: MatryoshkaTrainingSAE, mesh: Mesh) -> dict[str, torch.Tensor] | None:

@@ -10,7 +10,8 @@ What varies is held by objects chosen once, when the SAE is built: the
 activation (``activation_fn``, see ``activations``), the levels each step
 trains (``levels``: fixed widths or sampled prefixes), the encoding a step
 works from (dense or sparse, see ``encodings``), the batch-global operations
-(``collectives``: one process, or data parallel), the dead-latent loss
+(``collectives``: one process, or a mesh of ranks), the part of the dictionary
+it holds (``latent_part``: all of it, or one shard), the dead-latent loss
 (``aux_loss``, see ``losses``), and how ``b_dec`` starts and decoder rows are
 held (``b_dec_init``, ``decoder_norm``, see ``parametrization``). This class
 only composes them.
@@ -18,6 +19,7 @@ only composes them.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -35,6 +37,7 @@ from sae_lens_matryoshka.activations import TrainingActivation, training_activat
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
+from sae_lens_matryoshka.latent_part import LatentPart
 from sae_lens_matryoshka.levels import LevelPlan, decode_levels, training_levels
 from sae_lens_matryoshka.losses import AUX_LOSSES, aux_k, level_metrics, level_mse
 from sae_lens_matryoshka.parametrization import B_DEC_INITS, decoder_norm
@@ -63,13 +66,58 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
     def __init__(self, cfg: MatryoshkaTrainingSAEConfig, use_error_term: bool = False) -> None:
         super().__init__(cfg, use_error_term)
         self.levels = training_levels(cfg)
-        #: the batch-global operations of a training step (data parallel replaces them)
+        #: the batch-global operations of a training step (a distributed run replaces them)
         self.collectives: Collectives = SINGLE_PROCESS
+        #: the latents this SAE holds: the whole dictionary, unless built by :meth:`build_shard`
+        self.latent_part = LatentPart.whole(cfg.d_sae)
         self.aux_loss = AUX_LOSSES[cfg.aux_loss_form]
         self.b_dec_init = B_DEC_INITS[cfg.b_dec_init]()
         self.decoder_norm = decoder_norm(cfg.normalize_decoder)
         self.decoder_norm.initialize(self.W_dec, self.W_enc)
         self.save_children_flat(["activation_fn", "levels"])
+
+    @classmethod
+    def build_shard(
+        cls, cfg: MatryoshkaTrainingSAEConfig, part: LatentPart, collectives: Collectives
+    ) -> MatryoshkaTrainingSAE:
+        """A new SAE holding only ``part`` of ``cfg``'s dictionary, its steps using ``collectives``.
+
+        How a latent-sharded run builds each rank's SAE (``sharding.sharded_training_sae``
+        gives a mesh's part and collectives). The whole dictionary is never
+        allocated: the SAE is built on the meta device, then its part's
+        parameters are made on ``cfg.device`` and initialised as SAELens's
+        ``initialize_weights`` initialises the whole (Kaiming-uniform decoder
+        rows, rows scaled to ``decoder_init_norm``, ``W_enc = W_dec.T``, zero
+        biases). The rows come from the global random stream one shard's block
+        at a time, so every shard draws the same sequence and keeps its own
+        block, and no two shards start alike.
+        """
+        on_meta = copy.copy(cfg)
+        on_meta.device = "meta"
+        sae = cls(on_meta)
+        device, dtype = torch.device(cfg.device), sae.dtype
+        rows = part.stop - part.start
+        for shard in range(part.n_shards):
+            empty = torch.empty(rows, cfg.d_in, device=device, dtype=dtype)
+            block = nn.init.kaiming_uniform_(empty)
+            if shard == part.shard:
+                W_dec = block
+        if cfg.decoder_init_norm is not None:
+            W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True) * cfg.decoder_init_norm
+        sae.W_dec = nn.Parameter(W_dec)
+        sae.W_enc = nn.Parameter(W_dec.T.clone().contiguous())
+        sae.b_enc = nn.Parameter(torch.zeros(rows, device=device, dtype=dtype))
+        sae.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
+        sae.cfg, sae.device = cfg, device
+        # rebuilt on the real device: the activation's and the levels' state
+        sae.activation_fn = sae.get_activation_fn()
+        sae.levels = training_levels(cfg)
+        sae.decoder_norm.initialize(sae.W_dec, sae.W_enc)
+        sae.collectives, sae.latent_part = collectives, part
+        left_on_meta = [name for name, tensor in sae.state_dict().items() if tensor.is_meta]
+        if left_on_meta:  # a tensor this method does not know how to make
+            raise RuntimeError(f"the shard's {left_on_meta} were never materialised.")
+        return sae
 
     @override
     def get_activation_fn(self) -> TrainingActivation:
@@ -183,11 +231,11 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         """
         b_dec = collectives.decoder_bias(self.b_dec)
         detach = self.cfg.detach_between_levels
-        levels = encoding.decode_levels(self.W_dec, b_dec, collectives.local_plan(plan), detach)
+        local = self.latent_part.local_plan  # bounds in this SAE's own latent numbering
+        levels = encoding.decode_levels(self.W_dec, b_dec, local(plan), detach)
         if logged is not None:
             with torch.no_grad():
-                local = collectives.local_plan(logged)
-                extra = encoding.decode_levels(self.W_dec, b_dec, local, False)
+                extra = encoding.decode_levels(self.W_dec, b_dec, local(logged), False)
             levels = torch.cat([levels, extra])
         levels = collectives.whole_reconstruction(levels)
         # the activation normalisation's inverse can run only once per input
@@ -287,12 +335,12 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
             parts = list(zip(groups, levels, strict=True))
         else:
             parts = [(dead_latents, levels[-1])]
-        start, stop = collectives.latent_range(self.cfg.d_sae)
         total = zero
         for latents, level in parts:
             if latents.numel() == 0:  # of the whole dictionary: the same on every shard
                 continue
-            held = latents[(latents >= start) & (latents < stop)] - start
+            # this SAE's own (all of them in one process; a shard's by a mask: a host read)
+            held = self.latent_part.held_latents(latents)
             residual = (step_input.sae_in - level).detach()
             n_pick = min(aux_k(self.cfg.d_in), latents.numel())
             part = encoding.dead_latent_reconstruction(
@@ -377,7 +425,7 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         """What resuming loads: refused if the checkpoint is incomplete, trained another SAE,
         or holds another part of a latent-sharded dictionary."""
         checkpoints.check_complete(checkpoint_path)
-        checkpoints.check_part(checkpoint_path, self.collectives.checkpoint_part())
+        checkpoints.check_part(checkpoint_path, self.latent_part.checkpoint_record())
         saved = json.loads((Path(checkpoint_path) / SAE_CFG_FILENAME).read_text())
         differences = [
             f"{name}: checkpoint {saved.get(name)!r}, this run {getattr(self.cfg, name)!r}"
