@@ -329,7 +329,8 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         if dead_latents.numel() == 0:
             return zero
         if self.cfg.use_matryoshka_aux_loss:
-            # right after the synchronisation above, so it waits for nothing
+            # a host read too (where each level's group of dead latents ends), right
+            # after the one above, so the device has only a searchsorted to finish first
             cuts = torch.searchsorted(dead_latents, plan.bounds).tolist()
             groups = dead_latents.tensor_split(cuts)
             parts = list(zip(groups, levels, strict=True))
