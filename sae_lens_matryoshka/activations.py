@@ -215,7 +215,7 @@ class BatchTopK(KSparseActivation):
         return torch.where(chosen >= 0, chosen, last).clamp(min=0.0)
 
     @property
-    def inference_threshold(self) -> torch.Tensor:
+    def jumprelu_threshold(self) -> torch.Tensor:
         """The JumpReLU threshold the saved SAE will use."""
         return self._threshold(self.topk_threshold, self.last_cutoff)
 
@@ -229,7 +229,7 @@ class BatchTopK(KSparseActivation):
     def step_forward(self, hidden_pre: torch.Tensor, collectives: Collectives) -> torch.Tensor:
         if self.training:
             return super().step_forward(hidden_pre, collectives)
-        return jumprelu(hidden_pre, self.inference_threshold.to(hidden_pre.dtype))
+        return jumprelu(hidden_pre, self.jumprelu_threshold.to(hidden_pre.dtype))
 
     @override
     @torch.no_grad()
@@ -247,7 +247,7 @@ class BatchTopK(KSparseActivation):
             learned = torch.where(ema < 0, cutoff, ema.lerp(cutoff, self.threshold_lr))
             ema.copy_(torch.where(kept_any, learned, ema))
         last.copy_(torch.where(kept_any, cutoff, last))
-        return {"topk_threshold": ema, "inference_threshold": self.inference_threshold}
+        return {"topk_threshold": ema, "jumprelu_threshold": self.jumprelu_threshold}
 
     @override
     @torch.no_grad()

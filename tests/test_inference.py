@@ -89,7 +89,7 @@ def test_threshold_is_the_last_cutoff_and_its_ema_is_logged() -> None:
     sae = _trained_sae(rescale=True, steps=0)
     activation = sae.activation_fn
     assert activation.topk_threshold.item() == activation.last_cutoff.item() == -1.0
-    assert activation.inference_threshold.item() == 0.0
+    assert activation.jumprelu_threshold.item() == 0.0
     first = step_output(sae, torch.randn(64, 10)).feature_acts.to_dense()
     first_cutoff = first[first > 0].min().double()
     torch.testing.assert_close(activation.topk_threshold, first_cutoff)
@@ -98,11 +98,11 @@ def test_threshold_is_the_last_cutoff_and_its_ema_is_logged() -> None:
     second = out.feature_acts.to_dense()
     second_cutoff = second[second > 0].min().double()
     torch.testing.assert_close(activation.last_cutoff, second_cutoff)
-    torch.testing.assert_close(activation.inference_threshold, second_cutoff)
+    torch.testing.assert_close(activation.jumprelu_threshold, second_cutoff)
     torch.testing.assert_close(
         activation.topk_threshold, 0.99 * first_cutoff + 0.01 * second_cutoff
     )
-    torch.testing.assert_close(out.metrics["inference_threshold"], second_cutoff)
+    torch.testing.assert_close(out.metrics["jumprelu_threshold"], second_cutoff)
     # at its own cut-off, the batch fires exactly k = 3 latents per token
     assert int((second >= second_cutoff).sum()) == 3 * 64
 

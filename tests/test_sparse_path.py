@@ -378,7 +378,7 @@ def test_bfloat16_autocast_step_stays_close_to_the_dense_path() -> None:
         ), name
 
 
-def test_eval_mode_uses_the_inference_threshold_not_the_sparse_selection() -> None:
+def test_eval_mode_uses_the_jumprelu_threshold_not_the_sparse_selection() -> None:
     sae = _sae("sparse")
     sae.activation_fn.last_cutoff.fill_(0.5)
     sae.eval()

@@ -302,7 +302,7 @@ def test_level_metrics_are_built_on_logging_steps_only(prefix_sampling: str) -> 
     assert level_names <= set(logged.metrics)
     assert not level_names & set(quiet.metrics)
     # the threshold the activation learns is reported on every step
-    assert "inference_threshold" in quiet.metrics
+    assert "jumprelu_threshold" in quiet.metrics
 
 
 @pytest.mark.parametrize("activation", ["batchtopk", "topk", "jumprelu", "relu"])
