@@ -1,9 +1,27 @@
-"""Registering ``"matryoshka"`` with SAELens's architecture registries.
+"""Registering ``"matryoshka"`` with SAELens, and every SAELens routine the plugin wraps.
 
 SAELens looks architectures up by name when it builds an SAE from a runner
 config, a ``cfg.json`` or the command line. Registration happens on
 ``import sae_lens_matryoshka`` and must be idempotent: a second import, an
 ``importlib.reload`` or a notebook re-running cells must not fail.
+
+Besides its two registry entries, the plugin wraps these SAELens routines
+(each wrapper calls SAELens's own code, and acts on Matryoshka SAEs only):
+
+==========================================  ===============  =========================================
+SAELens routine                             wrapped in       why
+==========================================  ===============  =========================================
+``SAETrainer.save_checkpoint``              ``checkpoints``  a checkpoint is written aside, marked
+                                                             complete and renamed into place, so a
+                                                             killed run never leaves a torn one
+``SAETrainer.load_trainer_state``           ``checkpoints``  resuming refuses an incomplete checkpoint
+``SAE.load_from_disk``                      ``loaders``      the plugin's file checks on every
+                                                             Matryoshka folder; a checkpoint is read
+                                                             as the SAE its run saves
+``NAMED_PRETRAINED_SAE_LOADERS["sae_lens"]``  ``loaders``    ``SAE.from_pretrained`` reads a Hub
+                                                             checkpoint as the SAE its run saves
+``SAETrainer._update_pbar``                 ``progress``     the progress bar ends at 100%
+==========================================  ===============  =========================================
 """
 
 from __future__ import annotations
