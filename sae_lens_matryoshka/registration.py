@@ -8,20 +8,16 @@ config, a ``cfg.json`` or the command line. Registration happens on
 Besides its two registry entries, the plugin wraps these SAELens routines
 (each wrapper calls SAELens's own code, and acts on Matryoshka SAEs only):
 
-==========================================  ===============  =========================================
-SAELens routine                             wrapped in       why
-==========================================  ===============  =========================================
-``SAETrainer.save_checkpoint``              ``checkpoints``  a checkpoint is written aside, marked
-                                                             complete and renamed into place, so a
-                                                             killed run never leaves a torn one
-``SAETrainer.load_trainer_state``           ``checkpoints``  resuming refuses an incomplete checkpoint
-``SAE.load_from_disk``                      ``loaders``      the plugin's file checks on every
-                                                             Matryoshka folder; a checkpoint is read
-                                                             as the SAE its run saves
-``NAMED_PRETRAINED_SAE_LOADERS["sae_lens"]``  ``loaders``    ``SAE.from_pretrained`` reads a Hub
-                                                             checkpoint as the SAE its run saves
-``SAETrainer._update_pbar``                 ``progress``     the progress bar ends at 100%
-==========================================  ===============  =========================================
+- ``SAETrainer.save_checkpoint`` (``checkpoints``): a checkpoint is written
+  aside, marked complete and renamed into place, so a killed run never
+  leaves a torn one.
+- ``SAETrainer.load_trainer_state`` (``checkpoints``): resuming refuses an
+  incomplete checkpoint.
+- ``SAE.load_from_disk`` (``loaders``): the plugin's file checks on every
+  Matryoshka folder, and a checkpoint read as the SAE its run saves.
+- ``NAMED_PRETRAINED_SAE_LOADERS["sae_lens"]`` (``loaders``):
+  ``SAE.from_pretrained`` reads a checkpoint on the Hub the same way.
+- ``SAETrainer._update_pbar`` (``progress``): the progress bar ends at 100%.
 """
 
 from __future__ import annotations
