@@ -403,7 +403,7 @@ class ReLU(TrainingActivation):
         self, encoding: Encoding, plan: LevelPlan, coefficients: dict[str, float]
     ) -> dict[str, torch.Tensor]:
         dense = dense_only(encoding)
-        magnitude = dense.acts if dense.rescaled else dense.acts * dense.decoder_norms
+        magnitude = dense.decoder.l1_magnitude(dense.acts, dense.decoder_norms)
         per_token = (magnitude.abs() * plan.latent_multiplicity()).sum(dim=-1)
         return {"l1_loss": (coefficients["l1"] * per_token).mean()}
 

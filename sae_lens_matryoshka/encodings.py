@@ -17,6 +17,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from sae_lens_matryoshka.collectives import Collectives
+from sae_lens_matryoshka.decoder import FreeDecoder, RawValues
 from sae_lens_matryoshka.levels import LevelPlan, decode_levels
 from sae_lens_matryoshka.sparse_kernels import (
     RunningLevels,
@@ -76,8 +77,8 @@ class DenseEncoding(NamedTuple):
     acts: torch.Tensor
     #: ``||W_dec_j||``, with graph
     decoder_norms: torch.Tensor
-    #: whether activations are measured in unit-norm decoder units (``rescale_acts_by_decoder_norm``)
-    rescaled: bool
+    #: the SAE's decoder: in what units ``acts`` multiply its rows
+    decoder: FreeDecoder
 
     @property
     def feature_acts(self) -> torch.Tensor:
@@ -89,7 +90,7 @@ class DenseEncoding(NamedTuple):
 
     def decoding_acts(self, acts: torch.Tensor, latents: slice | torch.Tensor) -> torch.Tensor:
         """``acts`` of ``latents`` as they multiply their decoder rows."""
-        return acts * (1 / self.decoder_norms[latents]) if self.rescaled else acts
+        return self.decoder.decoding_acts(acts, lambda: self.decoder_norms[latents])
 
     def decode_levels(
         self, W_dec: torch.Tensor, b_dec: torch.Tensor, plan: LevelPlan, detach: bool
@@ -134,17 +135,16 @@ class PreActivations(NamedTuple):
     shift: torch.Tensor | None
     W_enc: torch.Tensor
     b_enc: torch.Tensor
-    #: ``1 / ||W_dec_j||`` (no graph) when activations are in unit-norm decoder units
-    unit_scale: torch.Tensor | None
+    #: the values of entries of ``hidden_pre`` (and their latents) -> the raw pre-activations
+    #: ``h`` (divided by the no-graph norms when activations are in unit-norm decoder units)
+    raw_values: RawValues
     #: the leading dimensions of the step's input (``[n_tokens]`` flattens them)
     batch_shape: torch.Size
 
     def decoding_values(self, token: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """The raw pre-activations ``h`` at the entries: what multiplies ``W_dec`` rows, with a graph."""
         with torch.no_grad():
-            values = self.hidden_pre[token, latent]
-            if self.unit_scale is not None:
-                values = values * self.unit_scale[latent]
+            values = self.raw_values(self.hidden_pre[token, latent], latent)
         attached: torch.Tensor = SparseEncoderValues.apply(
             values, self.sae_in, self.shift, self.W_enc, self.b_enc, token, latent
         )

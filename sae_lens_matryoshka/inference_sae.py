@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from sae_lens_matryoshka.activations import InferenceActivation, inference_activation
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig
+from sae_lens_matryoshka.decoder import folded_decoder, inference_decoder
 from sae_lens_matryoshka.levels import decode_levels
 from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts
 from sae_lens_matryoshka.safe_loading import check_finite_weights
@@ -40,6 +41,8 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
 
     def __init__(self, cfg: MatryoshkaSAEConfig, use_error_term: bool = False) -> None:
         super().__init__(cfg, use_error_term)
+        #: in what units activations multiply decoder rows (see ``decoder``)
+        self.decoder = inference_decoder(cfg)
         self.save_children_flat(["activation_fn"])
 
     @override
@@ -113,17 +116,16 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
         sae_in = self.process_sae_in(x)
         hidden_pre = sae_in @ self.W_enc[:, :columns] + self.b_enc[:columns]
         hidden_pre = self.hook_sae_acts_pre(hidden_pre)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * self.W_dec[:columns].norm(dim=-1)
+        hidden_pre = self.decoder.scale_pre_activations(
+            hidden_pre, lambda: self.W_dec[:columns].norm(dim=-1)
+        )
         acts = self.activation_fn(hidden_pre)[..., :width]
         return self.hook_sae_acts_post(acts)
 
     def _unit_acts(self, feature_acts: torch.Tensor, width: int) -> torch.Tensor:
         self.check_latents(feature_acts, self.cfg.d_sae, width)
         feature_acts = feature_acts[..., :width]
-        if self.cfg.rescale_acts_by_decoder_norm:
-            return feature_acts / self.W_dec[:width].norm(dim=-1)
-        return feature_acts
+        return self.decoder.decoding_acts(feature_acts, lambda: self.W_dec[:width].norm(dim=-1))
 
     @override
     def decode(self, feature_acts: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -179,12 +181,13 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
     @override
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
-        if self.cfg.rescale_acts_by_decoder_norm:
-            # the activations already are in unit-norm units: folding changes nothing they see
-            self.fold_and_get_W_dec_norm()
-            self.cfg.rescale_acts_by_decoder_norm = False
-            return
-        self.activation_fn.fold_decoder_norms(self.fold_and_get_W_dec_norm)
+        """Fold the decoder norms into the encoder, keeping outputs; rows end at unit norm.
+
+        The config then leaves ``rescale_acts_by_decoder_norm`` off, as saved
+        SAEs do, and the decoder is chosen again from it.
+        """
+        self.decoder.fold_W_dec_norm(self.fold_and_get_W_dec_norm, self.activation_fn)
+        self.decoder = folded_decoder(self.cfg)
 
 
 def derived_sae(cfg: MatryoshkaSAEConfig) -> MatryoshkaSAE:

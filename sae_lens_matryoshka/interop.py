@@ -77,10 +77,9 @@ def to_portable(sae: MatryoshkaSAE | MatryoshkaTrainingSAE) -> SAE[Any]:
     """
     sae = _as_inference(sae)
     activation = sae.cfg.activation
-    if sae.cfg.rescale_acts_by_decoder_norm and activation != "topk":
-        sae = copy.deepcopy(sae)
-        sae.fold_W_dec_norm()
     sae_class, cfg_class = _PORTABLE[activation]
+    # SAELens's TopK can measure in unit-norm decoder units too; the others get the norms folded
+    sae, decoder_fields = sae.decoder.saelens_form(sae, cfg_class)
     cfg = cfg_class(
         d_in=sae.cfg.d_in,
         d_sae=sae.cfg.d_sae,
@@ -90,11 +89,8 @@ def to_portable(sae: MatryoshkaSAE | MatryoshkaTrainingSAE) -> SAE[Any]:
         normalize_activations=sae.cfg.normalize_activations,
         reshape_activations=sae.cfg.reshape_activations,
         metadata=copy.deepcopy(sae.cfg.metadata),
-        **(
-            {"k": sae.cfg.k, "rescale_acts_by_decoder_norm": sae.cfg.rescale_acts_by_decoder_norm}
-            if activation == "topk"
-            else {}
-        ),
+        **decoder_fields,
+        **({"k": sae.cfg.k} if activation == "topk" else {}),
     )
     cfg.metadata.matryoshka_widths = list(sae.matryoshka_widths)
     portable = sae_class(cfg)

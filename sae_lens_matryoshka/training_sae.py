@@ -12,9 +12,10 @@ trains (``levels``: fixed widths or sampled prefixes), the encoding a step
 works from (dense or sparse, see ``encodings``), the batch-global operations
 (``collectives``: one process, or a mesh of ranks), the part of the dictionary
 it holds (``latent_part``: all of it, or one shard), the dead-latent loss
-(``aux_loss``, see ``losses``), and how ``b_dec`` starts and decoder rows are
-held (``b_dec_init``, ``decoder_norm``, see ``parametrization``). This class
-only composes them.
+(``aux_loss``, see ``losses``), how ``b_dec`` starts (``b_dec_init``, see
+``parametrization``), and the decoder: how its rows are held and in what units
+activations multiply them (``decoder``, see ``decoder``). This class only
+composes them.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from sae_lens_matryoshka import checkpoints
 from sae_lens_matryoshka.activations import TrainingActivation, training_activation
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka.decoder import training_decoder
 from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
 from sae_lens_matryoshka.latent_part import LatentPart
 from sae_lens_matryoshka.levels import LevelPlan, decode_levels, training_levels
 from sae_lens_matryoshka.losses import AUX_LOSSES, aux_k, level_metrics, level_mse
-from sae_lens_matryoshka.parametrization import B_DEC_INITS, decoder_norm
+from sae_lens_matryoshka.parametrization import B_DEC_INITS
 from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts, check_activations
 from sae_lens_matryoshka.safe_loading import check_finite_weights
 
@@ -72,8 +74,8 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         self.latent_part = LatentPart.whole(cfg.d_sae)
         self.aux_loss = AUX_LOSSES[cfg.aux_loss_form]
         self.b_dec_init = B_DEC_INITS[cfg.b_dec_init]()
-        self.decoder_norm = decoder_norm(cfg.normalize_decoder)
-        self.decoder_norm.initialize(self.W_dec, self.W_enc)
+        self.decoder = training_decoder(cfg)
+        self.decoder.initialize(self.W_dec, self.W_enc)
         self.save_children_flat(["activation_fn", "levels"])
 
     @classmethod
@@ -112,7 +114,7 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         # rebuilt on the real device: the activation's and the levels' state
         sae.activation_fn = sae.get_activation_fn()
         sae.levels = training_levels(cfg)
-        sae.decoder_norm.initialize(sae.W_dec, sae.W_enc)
+        sae.decoder.initialize(sae.W_dec, sae.W_enc)
         sae.collectives, sae.latent_part = collectives, part
         left_on_meta = [name for name, tensor in sae.state_dict().items() if tensor.is_meta]
         if left_on_meta:  # a tensor this method does not know how to make
@@ -133,10 +135,9 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         sae_in = self.process_sae_in(x)
         norms = self.W_dec.norm(dim=-1)
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * norms
+        hidden_pre = self.decoder.scale_pre_activations(hidden_pre, lambda: norms)
         acts = self.hook_sae_acts_post(self.activation_fn.step_forward(hidden_pre, collectives))
-        return DenseEncoding(hidden_pre, acts, norms, self.cfg.rescale_acts_by_decoder_norm)
+        return DenseEncoding(hidden_pre, acts, norms, self.decoder)
 
     def _encode_sparse(self, x: torch.Tensor, collectives: Collectives) -> SparseEncoding:
         """Encode densely without a graph, select, then re-attach only the active entries.
@@ -157,15 +158,11 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
             sae_in = sae_in.reshape(-1, self.cfg.d_in)
             # one n_tokens x d_sae buffer: the bias and the norms are applied in place
             hidden_pre = torch.addmm(self.b_enc, sae_in, self.W_enc)
-            unit_scale = None
-            if self.cfg.rescale_acts_by_decoder_norm:
-                norms = self.W_dec.norm(dim=-1)
-                hidden_pre.mul_(norms)
-                unit_scale = 1 / norms
+            raw_values = self.decoder.scale_pre_activations_(hidden_pre, self.W_dec)
         self.hook_sae_acts_pre(hidden_pre.view(*batch_shape, -1))
         shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
         pre = PreActivations(
-            hidden_pre, sae_in, shift, self.W_enc, self.b_enc, unit_scale, batch_shape
+            hidden_pre, sae_in, shift, self.W_enc, self.b_enc, raw_values, batch_shape
         )
         token, latent = self.activation_fn.select(hidden_pre, collectives)
         encoding = SparseEncoding.select(pre, token, latent)
@@ -183,13 +180,11 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         return encoding.acts, encoding.hidden_pre
 
     def _decoding_acts(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        """Activations as they multiply decoder rows (divided by the norms if rescaled)."""
+        """Activations as they multiply decoder rows (see ``decoder``)."""
         self.check_latents(feature_acts)
         if feature_acts.is_sparse:
             feature_acts = feature_acts.to_dense()
-        if self.cfg.rescale_acts_by_decoder_norm:
-            return feature_acts * (1 / self.W_dec.norm(dim=-1))
-        return feature_acts
+        return self.decoder.decoding_acts(feature_acts, lambda: self.W_dec.norm(dim=-1))
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -251,7 +246,7 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         x = step_input.sae_in
         check_activations(x, self.cfg.d_in, heads_flattened=self.hook_z_reshaping_mode)
         if self.training:
-            self.decoder_norm.before_step(self.W_dec)
+            self.decoder.before_step(self.W_dec)
             if step_input.n_training_steps == 0:
                 self.b_dec_init.first_step(self.b_dec, x, collectives)
         self.activation_fn.prepare_step()
@@ -362,7 +357,7 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         """SAELens's aux-loss hook (fixed widths); ``training_forward_pass`` computes the same."""
         acts = feature_acts.to_dense() if feature_acts.is_sparse else feature_acts
         norms = self.W_dec.norm(dim=-1)
-        encoding = DenseEncoding(hidden_pre, acts, norms, self.cfg.rescale_acts_by_decoder_norm)
+        encoding = DenseEncoding(hidden_pre, acts, norms, self.decoder)
         levels = self.decode_levels(acts) if self.cfg.use_matryoshka_aux_loss else sae_out[None]
         plan = self.levels.evaluated(self.W_dec.device)
         aux = self._aux_loss(step_input, encoding, levels, plan, SINGLE_PROCESS)
@@ -409,17 +404,12 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         super().fold_activation_norm_scaling_factor(scaling_factor)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            # activations are measured in units of ||W_dec||, which just shrank
-            self.activation_fn.fold_scaling_factor(scaling_factor)
+        self.decoder.fold_scaling_factor(self.activation_fn, scaling_factor)
 
     @override
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
-        if self.cfg.rescale_acts_by_decoder_norm:
-            super().fold_W_dec_norm()
-            return
-        self.activation_fn.fold_decoder_norms(self.fold_and_get_W_dec_norm)
+        self.decoder.fold_W_dec_norm(self.fold_and_get_W_dec_norm, self.activation_fn)
 
     @override
     def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:
@@ -451,20 +441,16 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         """Turn training weights into the inference ``MatryoshkaSAE``'s.
 
-        Unit-norm decoder rows get their last renormalisation; decoder norms
-        are folded into the encoder, so inference needs no rescaling
-        (thresholds are in the folded units already); and the activation
-        converts its state (a batchtopk SAE's learned threshold becomes a
-        per-latent JumpReLU threshold).
+        The decoder gives its rows their saved form: unit-norm rows get their
+        last renormalisation, and activations measured in unit-norm decoder
+        units have the norms folded into the encoder, so inference needs no
+        rescaling (thresholds are in the folded units already). Then the
+        activation converts its state (a batchtopk SAE's learned threshold
+        becomes a per-latent JumpReLU threshold).
         """
         super().process_state_dict_for_saving_inference(state_dict)
         state_dict.pop("prefix_rng_state", None)
-        self.decoder_norm.for_inference(state_dict)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            norms = state_dict["W_dec"].norm(dim=-1)
-            state_dict["W_enc"] = state_dict["W_enc"] * norms
-            state_dict["b_enc"] = state_dict["b_enc"] * norms
-            state_dict["W_dec"] = state_dict["W_dec"] / norms.unsqueeze(1)
+        self.decoder.for_inference(state_dict)
         self.activation_fn.to_inference(state_dict)
 
 

@@ -122,7 +122,7 @@ def test_three_updates_equal_the_reference_trainers(
         if step == 0:
             median = trainer.geometric_median(x)
             assert not torch.allclose(median, torch.zeros(D_IN))
-    ours.decoder_norm.before_step(ours.W_dec)  # the renormalisation after its last update
+    ours.decoder.before_step(ours.W_dec)  # the renormalisation after its last update
 
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(
