@@ -1,4 +1,4 @@
-"""The activations of the Matryoshka SAE: one object per activation, chosen once.
+"""The activations of the training ``MatryoshkaTrainingSAE``: one object per activation, chosen once.
 
 One activation is shared by every level: it selects the active latents once,
 and each level decodes the part of that selection inside its prefix. As in
@@ -9,15 +9,14 @@ neither SAE class ever asks which activation it has:
 - its selection: dense (``forward``) and, for the k-sparse ones, the
   ``(token, latent)`` entries the sparse training path works from (``select``);
 - its sparsity penalty and that penalty's coefficient;
-- its state (BatchTopK's inference threshold, JumpReLU's thresholds), kept in
+- its state (BatchTopK's threshold statistics, JumpReLU's thresholds), kept in
   the precision it needs whatever the SAE's dtype (the SAEs save it under
   SAELens's names, ``threshold`` rather than ``activation_fn.threshold``);
 - how it folds decoder norms and input scaling, and what it saves for inference.
 
-Training activations are named by ``MatryoshkaTrainingSAEConfig.activation``,
-inference activations by ``MatryoshkaSAEConfig.activation``; which inference
-activation each training activation saves as, and which are k-sparse, is
-``config.TRAINING_ACTIVATIONS``.
+They are named by ``MatryoshkaTrainingSAEConfig.activation``; which inference
+activation (``inference_activations``) each saves as, and which are k-sparse,
+is ``config.TRAINING_ACTIVATIONS``.
 """
 
 from __future__ import annotations
@@ -28,25 +27,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from sae_lens.saes.sae import TrainCoefficientConfig
-from sae_lens.util import str_to_dtype
 from torch import nn
 from typing_extensions import Self, override
 
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.encodings import Encoding, dense_only
+from sae_lens_matryoshka.inference_activations import required_k, scale_with_folded_norms
+from sae_lens_matryoshka.kernels.jumprelu import JumpReLUSTE, StepSTE, jumprelu
 from sae_lens_matryoshka.levels import LevelPlan
 
 if TYPE_CHECKING:
-    from sae_lens_matryoshka.config import MatryoshkaSAEConfig, MatryoshkaTrainingSAEConfig
-
-
-def _required_k(cfg: MatryoshkaTrainingSAEConfig | MatryoshkaSAEConfig) -> float:
-    if cfg.k is None:  # the configs refuse this; here for the type checker
-        raise ValueError(f"activation={cfg.activation!r} needs k.")
-    return cfg.k
-
-
-# --------------------------------------------------------------------------- training
+    from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 
 
 class TrainingActivation(nn.Module):
@@ -199,7 +190,7 @@ class BatchTopK(KSparseActivation):
     @classmethod
     def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> Self:
         return cls(
-            _required_k(cfg),
+            required_k(cfg),
             cfg.topk_threshold_lr,
             torch.device(cfg.device),
             cfg.topk_threshold_start_step,
@@ -286,11 +277,10 @@ class BatchTopK(KSparseActivation):
 class TopK(KSparseActivation):
     """Each token's ``k`` largest pre-activations, then ReLU; the same at inference."""
 
-
     @override
     @classmethod
     def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> Self:
-        return cls(int(_required_k(cfg)))
+        return cls(int(required_k(cfg)))
 
     @override
     def select(
@@ -380,7 +370,6 @@ class ReLU(TrainingActivation):
     measured in unit-norm decoder units).
     """
 
-
     def __init__(self, l1: TrainCoefficientConfig) -> None:
         super().__init__()
         self.l1 = l1
@@ -420,182 +409,3 @@ TRAINING_ACTIVATION_CLASSES: dict[str, type[TrainingActivation]] = {
 def training_activation(cfg: MatryoshkaTrainingSAEConfig) -> TrainingActivation:
     """The activation ``cfg`` names."""
     return TRAINING_ACTIVATION_CLASSES[cfg.activation].from_config(cfg)
-
-
-# -------------------------------------------------------------------------- inference
-
-
-class InferenceActivation(nn.Module):
-    """The activation of a ``MatryoshkaSAE``, built from its config: ReLU unless a subclass says otherwise.
-
-    ``forward`` gets the pre-activations of the first ``width`` latents (all
-    of them when ``selects_among_all_latents``).
-    """
-
-    #: whether every latent's pre-activation is needed to activate any of them
-    selects_among_all_latents: ClassVar[bool] = False
-
-    def __init__(self, cfg: MatryoshkaSAEConfig) -> None:
-        del cfg  # ReLU has no settings
-        super().__init__()
-
-    @override
-    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
-        return hidden_pre.relu()
-
-    def fold_decoder_norms(self, fold: Callable[[], torch.Tensor]) -> None:
-        """Fold decoder norms into the encoder (``fold`` does it and returns the norms)."""
-        fold()
-
-    def truncated_config(self, cfg_dict: dict[str, Any], width: int) -> None:
-        """Adjust the config of an SAE truncated to its first ``width`` latents."""
-
-
-class InferenceJumpReLU(InferenceActivation):
-    """ReLU that also zeroes every latent at or below its ``threshold`` (in the SAE's dtype)."""
-
-    threshold: nn.Parameter
-
-    def __init__(self, cfg: MatryoshkaSAEConfig) -> None:
-        super().__init__(cfg)
-        dtype = str_to_dtype(cfg.dtype)
-        self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=cfg.device))
-
-    @override
-    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
-        threshold = self.threshold[: hidden_pre.shape[-1]].to(hidden_pre.dtype)
-        return jumprelu(hidden_pre, threshold)
-
-    @override
-    def fold_decoder_norms(self, fold: Callable[[], torch.Tensor]) -> None:
-        scale_with_folded_norms(self.threshold, fold)
-
-
-class InferenceTopK(InferenceActivation):
-    """Each token's ``k`` largest pre-activations over all latents, then ReLU."""
-
-    selects_among_all_latents: ClassVar[bool] = True
-
-    def __init__(self, cfg: MatryoshkaSAEConfig) -> None:
-        super().__init__(cfg)
-        self.k = int(_required_k(cfg))
-
-    @override
-    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
-        return topk(hidden_pre, self.k)
-
-    @override
-    def fold_decoder_norms(self, fold: Callable[[], torch.Tensor]) -> None:
-        raise NotImplementedError(
-            "Folding W_dec norms changes which latents top-k keeps; this SAE was "
-            "not saved with rescale_acts_by_decoder_norm."
-        )
-
-    @override
-    def truncated_config(self, cfg_dict: dict[str, Any], width: int) -> None:
-        warnings.warn(
-            "truncating a topk SAE: the truncated SAE selects its k latents among the "
-            f"first {width} only, so a token can use latents the full SAE left inactive.",
-            stacklevel=3,
-        )
-        cfg_dict["k"] = min(self.k, width)
-
-
-#: ``MatryoshkaSAEConfig.activation`` (``config.INFERENCE_ACTIVATIONS``) -> its class
-INFERENCE_ACTIVATION_CLASSES: dict[str, type[InferenceActivation]] = {
-    "jumprelu": InferenceJumpReLU,
-    "topk": InferenceTopK,
-    "relu": InferenceActivation,
-}
-
-
-def inference_activation(cfg: MatryoshkaSAEConfig) -> InferenceActivation:
-    """The activation ``cfg`` names."""
-    return INFERENCE_ACTIVATION_CLASSES[cfg.activation](cfg)
-
-
-@torch.no_grad()
-def scale_with_folded_norms(threshold: nn.Parameter, fold: Callable[[], torch.Tensor]) -> None:
-    """Fold decoder norms (``fold`` does it and returns them) and scale ``threshold`` with them.
-
-    Thresholds are in the units of the pre-activation, which scales with the norm.
-    """
-    threshold.data = threshold.data * fold().to(threshold.dtype)
-
-
-# ------------------------------------------------------------------- functions and STEs
-
-
-def topk(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep each token's ``k`` largest pre-activations (then ReLU)."""
-    top = hidden_pre.topk(k, dim=-1, sorted=False)
-    return torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values.relu())
-
-
-def jumprelu(hidden_pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """ReLU that also zeroes every latent at or below its threshold (no gradient to it)."""
-    return hidden_pre.relu() * (hidden_pre > threshold).to(hidden_pre.dtype)
-
-
-def _remember(ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> None:
-    ctx.save_for_backward(x, threshold)
-    ctx.bandwidth = bandwidth
-
-
-def _kernel(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x``, ``threshold`` and ``rect((x - threshold) / bandwidth) * grad / bandwidth``.
-
-    The rectangle kernel estimates the derivative of the jump at the
-    threshold (Rajamanoharan et al. 2024); both estimators below scale it.
-    """
-    x, threshold = ctx.saved_tensors
-    scaled = (x - threshold) / ctx.bandwidth
-    rectangle = ((scaled > -0.5) & (scaled < 0.5)).to(x.dtype)
-    return x, threshold, rectangle * grad / ctx.bandwidth
-
-
-def _sum_to_latents(grad: torch.Tensor) -> torch.Tensor:
-    return grad.reshape(-1, grad.shape[-1]).sum(dim=0)
-
-
-class JumpReLUSTE(torch.autograd.Function):
-    """JumpReLU whose threshold learns through a straight-through estimator.
-
-    Forward: ``x * (x > threshold)``. Backward: the input gets the gradient
-    where the latent fired; the threshold gets
-    ``-(threshold / bandwidth) * rect((x - threshold) / bandwidth) * grad``,
-    a kernel estimate of the jump's effect.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float
-    ) -> torch.Tensor:
-        _remember(ctx, x, threshold, bandwidth)
-        return x * (x > threshold).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        x, threshold, kernel = _kernel(ctx, grad)
-        threshold_grad = _sum_to_latents(-threshold * kernel).to(threshold.dtype)
-        return (x > threshold).to(grad.dtype) * grad, threshold_grad, None
-
-
-class StepSTE(torch.autograd.Function):
-    """Heaviside step ``x > threshold`` (the L0 of a JumpReLU) with a threshold STE.
-
-    Backward: the threshold gets ``-(1 / bandwidth) * rect((x - threshold) / bandwidth) * grad``;
-    the input gets none, as in DeepMind's JumpReLU training.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float
-    ) -> torch.Tensor:
-        _remember(ctx, x, threshold, bandwidth)
-        return (x > threshold).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
-        _, threshold, kernel = _kernel(ctx, grad)
-        return None, _sum_to_latents(-kernel).to(threshold.dtype), None

@@ -1,6 +1,6 @@
 """Command line: ``sae-lens-matryoshka train ...`` and ``sae-lens-matryoshka toy`` (also ``python -m sae_lens_matryoshka``).
 
-``toy`` runs the paper's toy experiment offline (see ``toy_demo``).
+``toy`` runs the paper's toy experiment offline (see ``toy.demo``).
 
 ``train`` is SAELens's runner command line with the plugin registered: it
 accepts every ``LanguageModelSAERunnerConfig`` flag and, through
@@ -44,12 +44,13 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAEConfig
 
 import sae_lens_matryoshka  # noqa: F401  (registers the architecture)
-from sae_lens_matryoshka import distributed, toy_demo
+from sae_lens_matryoshka import distributed
 from sae_lens_matryoshka.config import ARCHITECTURE
 from sae_lens_matryoshka.evals import evaluate_levels
 from sae_lens_matryoshka.hub import OFFLINE_HINT, hub_errors_in_one_line
 from sae_lens_matryoshka.local_sources import local_overrides, overrides_named_by_config
 from sae_lens_matryoshka.toy import ToyHierarchy
+from sae_lens_matryoshka.toy import demo as toy_demo
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 TRAIN_PROG = "sae-lens-matryoshka train"

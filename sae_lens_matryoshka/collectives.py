@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from sae_lens_matryoshka.sparse_kernels import batch_topk_entries, topk_entries
+from sae_lens_matryoshka.kernels.selection import batch_topk_entries, topk_entries
 
 
 class Collectives:

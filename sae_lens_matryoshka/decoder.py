@@ -46,8 +46,9 @@ from torch import nn
 if TYPE_CHECKING:
     from sae_lens import SAEConfig
 
-    from sae_lens_matryoshka.activations import InferenceActivation, TrainingActivation
+    from sae_lens_matryoshka.activations import TrainingActivation
     from sae_lens_matryoshka.config import MatryoshkaSAEConfig, MatryoshkaTrainingSAEConfig
+    from sae_lens_matryoshka.inference_activations import InferenceActivation
     from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
 
 #: the decoder rows' norms ``||W_dec_j||``, computed only by a decoder that uses them

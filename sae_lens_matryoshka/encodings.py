@@ -18,12 +18,9 @@ import torch
 
 from sae_lens_matryoshka.collectives import Collectives
 from sae_lens_matryoshka.decoder import FreeDecoder, RawValues
-from sae_lens_matryoshka.levels import LevelPlan, decode_levels
-from sae_lens_matryoshka.sparse_kernels import (
-    RunningLevels,
-    SparseEncoderValues,
-    decode_groups,
-)
+from sae_lens_matryoshka.kernels.encoder_backward import SparseEncoderValues
+from sae_lens_matryoshka.kernels.level_decode import RunningLevels, decode_groups, decode_levels
+from sae_lens_matryoshka.levels import LevelPlan
 
 
 class Encoding(Protocol):

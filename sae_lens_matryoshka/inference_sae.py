@@ -17,10 +17,10 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from torch import nn
 from typing_extensions import override
 
-from sae_lens_matryoshka.activations import InferenceActivation, inference_activation
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig
 from sae_lens_matryoshka.decoder import folded_decoder, inference_decoder
-from sae_lens_matryoshka.levels import decode_levels
+from sae_lens_matryoshka.inference_activations import InferenceActivation, inference_activation
+from sae_lens_matryoshka.kernels.level_decode import decode_levels
 from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts
 from sae_lens_matryoshka.safe_loading import check_finite_weights
 

@@ -21,12 +21,6 @@ if TYPE_CHECKING:
     from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 
 
-def group_bounds(widths: Sequence[int]) -> list[tuple[int, int]]:
-    """The latent range ``[start, end)`` each level adds to the previous one."""
-    starts = [0, *widths[:-1]]
-    return list(zip(starts, widths, strict=True))
-
-
 def pareto_prefix_probabilities(d_sae: int, power: float) -> torch.Tensor:
     """``P(l)`` proportional to ``l**power - (l - 1)**power`` for prefix lengths ``1 .. d_sae - 1``.
 
@@ -83,34 +77,6 @@ class LevelPlan(NamedTuple):
         latents = torch.arange(self.widths[-1], device=self.bounds.device)
         group = torch.bucketize(latents, self.bounds, right=True)
         return self.weights.flip(0).cumsum(0).flip(0)[group]
-
-
-def decode_levels(
-    feature_acts: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    widths: Sequence[int],
-    detach_between_levels: bool = False,
-) -> torch.Tensor:
-    """Every level's reconstruction in one pass, shape ``[n_levels, *batch, d_in]``.
-
-    Entry ``l`` is ``feature_acts[..., :widths[l]] @ W_dec[:widths[l]] + b_dec``.
-    Each group of latents is multiplied with its decoder rows once and the
-    levels are the running sum over groups, so the cost is one full decode.
-
-    With ``detach_between_levels``, level ``l`` adds its own group to a detached
-    copy of level ``l - 1``: its loss then reaches only the latents (and
-    decoder rows) that level ``l - 1`` lacked.
-    """
-    sizes = [end - start for start, end in group_bounds(widths)]
-    # split (not slicing) so that backward concatenates the groups' gradients
-    # once instead of scattering each into a zero-filled full-width tensor
-    groups = zip(feature_acts.split(sizes, dim=-1), W_dec.split(sizes, dim=0), strict=True)
-    partials = torch.stack([acts @ rows for acts, rows in groups])
-    levels = partials.cumsum(dim=0) + b_dec
-    if detach_between_levels:
-        levels = torch.cat([levels[:1], levels[:-1].detach() + partials[1:]])
-    return levels
 
 
 class FixedLevels(nn.Module):

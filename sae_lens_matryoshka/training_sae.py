@@ -39,8 +39,9 @@ from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.decoder import training_decoder
 from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
+from sae_lens_matryoshka.kernels.level_decode import decode_levels
 from sae_lens_matryoshka.latent_part import LatentPart
-from sae_lens_matryoshka.levels import LevelPlan, decode_levels, training_levels
+from sae_lens_matryoshka.levels import LevelPlan, training_levels
 from sae_lens_matryoshka.losses import AUX_LOSSES, aux_k, level_metrics, level_mse
 from sae_lens_matryoshka.parametrization import B_DEC_INITS
 from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts, check_activations

@@ -26,7 +26,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.distributed import prepare_distributed
-from sae_lens_matryoshka.mesh import CollectiveError, Mesh, global_cutoff
+from sae_lens_matryoshka.distributed.mesh import CollectiveError, Mesh, global_cutoff
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
 from .conftest import join_gloo, spawn_ranks

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig, distributed
 from sae_lens_matryoshka.checkpoints import latest_complete
+from sae_lens_matryoshka.distributed import launch
 
 from .conftest import CONTEXT, D_MODEL, HOOK, build_tiny_model, build_token_dataset, tiny_runner_cfg
 
@@ -103,7 +104,7 @@ def _rank(rank: int, folder: Path, port: int) -> None:
         cache = folder / "cache" if source == "cache" else None
         cfg = _runner_cfg(folder / f"out-{source}", cache)
         captured: dict[str, Any] = {}
-        original = distributed.shard_activation_source
+        original = launch.shard_activation_source
 
         def spy(
             runner: Any,
@@ -117,11 +118,11 @@ def _rank(rank: int, folder: Path, port: int) -> None:
             rows = store.cached_activation_dataset or store.dataset
             keep["first_rows"] = [row[column] for row in rows][:4]
 
-        distributed.shard_activation_source = spy  # type: ignore[assignment]
+        launch.shard_activation_source = spy  # type: ignore[assignment]
         sae = distributed.run(
             cfg, override_model=build_tiny_model(), override_dataset=build_token_dataset()
         )
-        distributed.shard_activation_source = original
+        launch.shard_activation_source = original
         report[source] = {
             "first_rows": [torch.as_tensor(r).tolist() for r in captured["first_rows"]],
             "W_dec": sae.W_dec.detach().flatten().tolist(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_lens_matryoshka.levels import decode_levels, group_bounds
+from sae_lens_matryoshka.kernels.level_decode import decode_levels, group_bounds
 
 
 @pytest.mark.parametrize("widths", [[3, 10, 32], [1, 32], [32], [5, 6, 7, 31, 32]])

@@ -16,15 +16,9 @@ import torch
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS
-from sae_lens_matryoshka.levels import decode_levels
-from sae_lens_matryoshka.sparse_kernels import (
-    RunningLevels,
-    SparseEncoderValues,
-    batch_topk_entries,
-    decode_groups,
-    encoder_weight_grad,
-    topk_entries,
-)
+from sae_lens_matryoshka.kernels.encoder_backward import SparseEncoderValues, encoder_weight_grad
+from sae_lens_matryoshka.kernels.level_decode import RunningLevels, decode_groups, decode_levels
+from sae_lens_matryoshka.kernels.selection import batch_topk_entries, topk_entries
 
 from .conftest import step_output, train_step
 

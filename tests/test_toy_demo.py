@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from sae_lens_matryoshka.cli import main
 from sae_lens_matryoshka.evals import hierarchy_absorption
 from sae_lens_matryoshka.toy import ToyHierarchy
-from sae_lens_matryoshka.toy_demo import EVAL_SAMPLES, SUMMARY_METRICS, order_latents, run_toy_demo
+from sae_lens_matryoshka.toy.demo import EVAL_SAMPLES, SUMMARY_METRICS, order_latents, run_toy_demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

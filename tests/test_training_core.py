@@ -27,7 +27,6 @@ from sae_lens_matryoshka import (
     to_inference,
 )
 from sae_lens_matryoshka.activations import (
-    INFERENCE_ACTIVATION_CLASSES,
     TRAINING_ACTIVATION_CLASSES,
     BatchTopK,
     JumpReLU,
@@ -36,6 +35,7 @@ from sae_lens_matryoshka.activations import (
 )
 from sae_lens_matryoshka.collectives import Collectives
 from sae_lens_matryoshka.config import INFERENCE_ACTIVATIONS, TRAINING_ACTIVATIONS
+from sae_lens_matryoshka.inference_activations import INFERENCE_ACTIVATION_CLASSES
 
 from .conftest import small_sae_cfg, step_input, step_output, train_step
 

@@ -144,7 +144,7 @@ def test_weighted_nested_loss_matches_a_dense_reference(activation: str) -> None
             for w, width in zip(weights, WIDTHS, strict=True)
         )
     if activation == "jumprelu":
-        from sae_lens_matryoshka.activations import StepSTE
+        from sae_lens_matryoshka.kernels.jumprelu import StepSTE
 
         threshold = ours.activation_fn.threshold
         fired = StepSTE.apply(hidden_pre, threshold, ours.cfg.jumprelu_bandwidth)

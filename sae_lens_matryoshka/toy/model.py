@@ -10,7 +10,7 @@ firing whenever a child fires.
 The data come from SAELens's ``sae_lens.synthetic`` (``HierarchyNode``,
 ``ActivationGenerator``, ``FeatureDictionary``), so the ground truth can also be
 fed to SAELens's own synthetic evals. ``ToyHierarchy.nabeshima`` is the set-up
-of Noa Nabeshima's Matryoshka toy, which the toy experiment (``toy_demo``) uses.
+of Noa Nabeshima's Matryoshka toy, which the toy experiment (``toy.demo``) uses.
 """
 
 from __future__ import annotations

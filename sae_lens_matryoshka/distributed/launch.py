@@ -55,20 +55,20 @@ from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunne
 from sae_lens.constants import RUNNER_CFG_FILENAME
 
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.mesh import (
+from sae_lens_matryoshka.distributed.mesh import (
     TIMEOUT_ENV,
     CollectiveError,
     Mesh,
     MeshCollectives,
     collective,
 )
-from sae_lens_matryoshka.progress import hidden_trainer_bar
-from sae_lens_matryoshka.sharding import (
+from sae_lens_matryoshka.distributed.sharding import (
     SHARDED_DIMENSIONS,
     check_shardable,
     save_whole,
     sharded_training_sae,
 )
+from sae_lens_matryoshka.progress import hidden_trainer_bar
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 DEFAULT_TIMEOUT_S = 600.0

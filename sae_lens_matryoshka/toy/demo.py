@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.evals import feature_recovery, hierarchy_absorption
 from sae_lens_matryoshka.progress import hidden_trainer_bar
-from sae_lens_matryoshka.toy import ToyHierarchy, single_thread
+from sae_lens_matryoshka.toy.model import ToyHierarchy, single_thread
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 Activation = Literal["relu", "batchtopk"]

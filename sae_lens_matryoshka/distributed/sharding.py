@@ -34,7 +34,7 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from safetensors.torch import save_file
 
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.mesh import Mesh, MeshCollectives, collective
+from sae_lens_matryoshka.distributed.mesh import Mesh, MeshCollectives, collective
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 #: the tensors split across shards, and the dimension that runs over latents

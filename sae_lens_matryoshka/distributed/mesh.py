@@ -36,8 +36,8 @@ import torch.distributed as dist
 from typing_extensions import override
 
 from sae_lens_matryoshka.collectives import Collectives, kept_entries
+from sae_lens_matryoshka.kernels.selection import batch_topk_entries
 from sae_lens_matryoshka.latent_part import LatentPart
-from sae_lens_matryoshka.sparse_kernels import batch_topk_entries
 
 TIMEOUT_ENV = "SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT"
 

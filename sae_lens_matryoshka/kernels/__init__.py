@@ -1,0 +1,27 @@
+"""Pure tensor functions of the training step: selection, the sparse encoder backward, level decodes.
+
+Nothing here knows an SAE, a config or a process group. With ``batchtopk``
+and ``topk`` at most ``k`` of ``d_sae`` latents are active per token. Only the
+encoder's forward matmul must be dense (every pre-activation competes in the
+selection); everything after it is computed from the active ``(token,
+latent)`` entries. Every sparse function here keeps the entries
+**token-major**, as the selections produce them: tokens non-decreasing and,
+within a token, latents increasing. That order is what makes the rest cheap:
+a token's entries are contiguous (a CSR row) and a token's entries of one
+Matryoshka group follow each other, so the bags need no sort and the sparse
+product takes the entries as they are.
+
+- ``selection``: the entries a dense top-k would keep (BatchTopK, TopK),
+  filtering with a threshold estimated from a sample so that the full
+  ``n_tokens x d_sae`` ranking never runs; and the dense TopK;
+- ``encoder_backward``: selected pre-activations with an encoder backward that
+  touches only the selected latents (the ``W_enc`` gradient is one
+  sparse-dense product with the token-major CSR gradient matrix);
+- ``level_decode``: every Matryoshka level at once, densely (one cumulative
+  decode) or from the entries (one ``embedding_bag`` over (token, group)
+  bags, then a running sum over groups);
+- ``jumprelu``: the JumpReLU and its straight-through estimators.
+
+The dense path (``training_path="dense"``) computes the same loss and gradients
+with dense matmuls; the tests hold the two equal.
+"""
