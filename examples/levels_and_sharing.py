@@ -26,7 +26,7 @@ from sae_lens_matryoshka import (
     to_inference,
     upload_to_huggingface,
 )
-from sae_lens_matryoshka.hub import hub_errors_in_one_line, model_card
+from sae_lens_matryoshka.io.hub import hub_errors_in_one_line, model_card
 from sae_lens_matryoshka.toy import ToyHierarchy
 
 

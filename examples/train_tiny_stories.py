@@ -26,7 +26,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 import sae_lens_matryoshka  # noqa: F401  (registers the "matryoshka" architecture)
 from sae_lens_matryoshka import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.evals import evaluate_levels, plot_level_metrics
-from sae_lens_matryoshka.hub import OFFLINE_HINT, hub_errors_in_one_line
+from sae_lens_matryoshka.io.hub import OFFLINE_HINT, hub_errors_in_one_line
 
 
 def build_config(

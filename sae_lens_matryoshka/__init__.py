@@ -8,9 +8,9 @@ runner configs given as dicts or JSON, the command line and
 
 from sae_lens_matryoshka import distributed
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig, MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.hub import upload_to_huggingface
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
-from sae_lens_matryoshka.interop import (
+from sae_lens_matryoshka.io.hub import upload_to_huggingface
+from sae_lens_matryoshka.io.interop import (
     export_portable,
     from_dictionary_learning,
     from_saelens,
@@ -18,10 +18,10 @@ from sae_lens_matryoshka.interop import (
     from_sparsify,
     to_portable,
 )
-from sae_lens_matryoshka.loaders import load_sae, to_inference
+from sae_lens_matryoshka.io.loaders import load_sae, to_inference
+from sae_lens_matryoshka.io.safe_loading import SAEFileError, check_sae_folder
 from sae_lens_matryoshka.recipes import paper_recipe
 from sae_lens_matryoshka.registration import register
-from sae_lens_matryoshka.safe_loading import SAEFileError, check_sae_folder
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 __version__ = "0.1.0"

@@ -47,8 +47,8 @@ import sae_lens_matryoshka  # noqa: F401  (registers the architecture)
 from sae_lens_matryoshka import distributed
 from sae_lens_matryoshka.config import ARCHITECTURE
 from sae_lens_matryoshka.evals import evaluate_levels
-from sae_lens_matryoshka.hub import OFFLINE_HINT, hub_errors_in_one_line
-from sae_lens_matryoshka.local_sources import local_overrides, overrides_named_by_config
+from sae_lens_matryoshka.io.hub import OFFLINE_HINT, hub_errors_in_one_line
+from sae_lens_matryoshka.io.local_sources import local_overrides, overrides_named_by_config
 from sae_lens_matryoshka.toy import ToyHierarchy
 from sae_lens_matryoshka.toy import demo as toy_demo
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE

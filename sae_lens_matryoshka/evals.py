@@ -29,7 +29,7 @@ from sae_lens.util import get_special_token_ids
 from transformer_lens import HookedRootModule
 
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
-from sae_lens_matryoshka.loaders import to_inference
+from sae_lens_matryoshka.io.loaders import to_inference
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 

@@ -20,9 +20,9 @@ from typing_extensions import override
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig
 from sae_lens_matryoshka.decoder import folded_decoder, inference_decoder
 from sae_lens_matryoshka.inference_activations import InferenceActivation, inference_activation
+from sae_lens_matryoshka.io.safe_loading import check_finite_weights
 from sae_lens_matryoshka.kernels.level_decode import decode_levels
 from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts
-from sae_lens_matryoshka.safe_loading import check_finite_weights
 
 
 class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):

@@ -26,13 +26,14 @@ from typing import Any
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-from sae_lens_matryoshka import checkpoints, loaders, progress
+from sae_lens_matryoshka import progress
 from sae_lens_matryoshka.config import (
     ARCHITECTURE,
     MatryoshkaSAEConfig,
     MatryoshkaTrainingSAEConfig,
 )
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
+from sae_lens_matryoshka.io import checkpoints, loaders
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 

@@ -33,19 +33,19 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 from torch import nn
 from typing_extensions import override
 
-from sae_lens_matryoshka import checkpoints
 from sae_lens_matryoshka.activations import TrainingActivation, training_activation
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.decoder import training_decoder
 from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
+from sae_lens_matryoshka.io import checkpoints
+from sae_lens_matryoshka.io.safe_loading import check_finite_weights
 from sae_lens_matryoshka.kernels.level_decode import decode_levels
 from sae_lens_matryoshka.latent_part import LatentPart
 from sae_lens_matryoshka.levels import LevelPlan, training_levels
 from sae_lens_matryoshka.losses import AUX_LOSSES, aux_k, level_metrics, level_mse
 from sae_lens_matryoshka.parametrization import B_DEC_INITS
 from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts, check_activations
-from sae_lens_matryoshka.safe_loading import check_finite_weights
 
 
 class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSAEConfig]):

@@ -25,7 +25,7 @@ import torch
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, load_sae
-from sae_lens_matryoshka.checkpoints import (
+from sae_lens_matryoshka.io.checkpoints import (
     MARKER,
     IncompleteCheckpointError,
     check_complete,

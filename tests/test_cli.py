@@ -15,7 +15,7 @@ from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.cli import main, parse_train_args
-from sae_lens_matryoshka.hub import hub_unreachable
+from sae_lens_matryoshka.io.hub import hub_unreachable
 
 from .conftest import (
     CONTEXT,

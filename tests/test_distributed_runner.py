@@ -32,8 +32,8 @@ from sae_lens import (
 from safetensors.torch import load_file
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig, distributed
-from sae_lens_matryoshka.checkpoints import latest_complete
 from sae_lens_matryoshka.distributed import launch
+from sae_lens_matryoshka.io.checkpoints import latest_complete
 
 from .conftest import CONTEXT, D_MODEL, HOOK, build_tiny_model, build_token_dataset, tiny_runner_cfg
 

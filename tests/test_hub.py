@@ -20,7 +20,7 @@ from sae_lens_matryoshka import (
     MatryoshkaTrainingSAEConfig,
     upload_to_huggingface,
 )
-from sae_lens_matryoshka.interop import to_inference
+from sae_lens_matryoshka.io.interop import to_inference
 
 from .conftest import HOOK, quick_train
 
@@ -102,7 +102,7 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeHub:
     monkeypatch.setattr(
         "sae_lens.training.upload_saes_to_huggingface.create_repo", fake.create_repo
     )
-    monkeypatch.setattr("sae_lens_matryoshka.hub.HfApi", fake.api())
+    monkeypatch.setattr("sae_lens_matryoshka.io.hub.HfApi", fake.api())
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return fake

@@ -31,8 +31,8 @@ from sae_lens_matryoshka import (
     load_sae,
     to_inference,
 )
-from sae_lens_matryoshka.checkpoints import IncompleteCheckpointError
-from sae_lens_matryoshka.loaders import is_training_form
+from sae_lens_matryoshka.io.checkpoints import IncompleteCheckpointError
+from sae_lens_matryoshka.io.loaders import is_training_form
 
 from .conftest import D_MODEL, quick_train
 
@@ -265,7 +265,7 @@ def test_a_torn_checkpoint_is_refused_by_every_loader_naming_the_latest_complete
     complete, torn = tmp_path / "checkpoints" / "100", tmp_path / "checkpoints" / "200"
     sae.save_model(complete)
     (complete / "trainer_state.pt").write_bytes(b"state")
-    sae_lens_matryoshka.checkpoints.mark_complete(complete)
+    sae_lens_matryoshka.io.checkpoints.mark_complete(complete)
     sae.save_model(torn)
     (torn / "trainer_state.pt").write_bytes(b"")  # killed while writing
     for loader in [*_loaders(), MatryoshkaTrainingSAE.load_from_disk]:

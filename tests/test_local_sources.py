@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sae_lens_matryoshka.local_sources import (
+from sae_lens_matryoshka.io.local_sources import (
     load_dataset_folder,
     load_model_folder,
     local_overrides,

@@ -689,7 +689,7 @@ def offline_hub(world: World, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr("sae_lens.training.upload_saes_to_huggingface.HfApi", hub.api())
     monkeypatch.setattr("sae_lens.training.upload_saes_to_huggingface.create_repo", hub.create_repo)
-    monkeypatch.setattr("sae_lens_matryoshka.hub.HfApi", hub.api())
+    monkeypatch.setattr("sae_lens_matryoshka.io.hub.HfApi", hub.api())
     monkeypatch.chdir(tmp_path)
     return hub
 

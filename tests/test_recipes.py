@@ -13,7 +13,7 @@ from sae_lens import LanguageModelSAERunnerConfig
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig, paper_recipe
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS
-from sae_lens_matryoshka.interop import to_inference
+from sae_lens_matryoshka.io.interop import to_inference
 from sae_lens_matryoshka.losses import VarianceNormalizedAuxLoss
 from sae_lens_matryoshka.parametrization import geometric_median
 from sae_lens_matryoshka.recipes import (

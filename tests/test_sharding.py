@@ -26,7 +26,6 @@ from sae_lens import SAE
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.checkpoints import PART_FILE, check_part
 from sae_lens_matryoshka.distributed import prepare_distributed
 from sae_lens_matryoshka.distributed.mesh import CollectiveError, Mesh
 from sae_lens_matryoshka.distributed.sharding import (
@@ -36,7 +35,8 @@ from sae_lens_matryoshka.distributed.sharding import (
     save_whole,
     sharded_training_sae,
 )
-from sae_lens_matryoshka.interop import to_inference
+from sae_lens_matryoshka.io.checkpoints import PART_FILE, check_part
+from sae_lens_matryoshka.io.interop import to_inference
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
 from .conftest import join_gloo, spawn_ranks, step_output

@@ -18,7 +18,7 @@ from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEC
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.checkpoints import mark_complete
+from sae_lens_matryoshka.io.checkpoints import mark_complete
 from sae_lens_matryoshka.levels import pareto_prefix_probabilities, sample_prefix_widths
 
 from .conftest import dense, step_output, train_step

@@ -26,8 +26,8 @@ from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 from sae_lens.registry import SAE_CLASS_REGISTRY
 from safetensors import safe_open
 
-from sae_lens_matryoshka import checkpoints
 from sae_lens_matryoshka.config import ARCHITECTURE, MatryoshkaSAEConfig, check_field_names
+from sae_lens_matryoshka.io import checkpoints
 
 #: bytes per element of the safetensors dtypes
 _ITEM_SIZES = {

@@ -53,8 +53,8 @@ from safetensors.torch import load_file
 
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig, validate_widths
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
-from sae_lens_matryoshka.loaders import to_inference
-from sae_lens_matryoshka.safe_loading import SAEFileError, read_safetensors_header
+from sae_lens_matryoshka.io.loaders import to_inference
+from sae_lens_matryoshka.io.safe_loading import SAEFileError, read_safetensors_header
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 #: our inference activation -> the plain SAELens classes that compute it

@@ -12,7 +12,7 @@ its run would have saved at that step, whichever loader read it.
 SAELens's own loaders are wrapped for Matryoshka folders only, the way
 ``checkpoints`` wraps SAELens's checkpoint routine (nothing is copied):
 
-- ``SAE.load_from_disk`` first runs :func:`~sae_lens_matryoshka.safe_loading.check_sae_folder`
+- ``SAE.load_from_disk`` first runs :func:`~sae_lens_matryoshka.io.safe_loading.check_sae_folder`
   (a FIFO or device in place of a file is refused at once, a torn or unmarked
   checkpoint names the latest complete one, a damaged safetensors file says
   what is wrong), then reads a training-form folder through
@@ -42,14 +42,14 @@ from sae_lens.loading.pretrained_sae_loaders import (
     sae_lens_disk_loader,
 )
 
-from sae_lens_matryoshka import checkpoints
 from sae_lens_matryoshka.config import (
     ARCHITECTURE,
     MatryoshkaSAEConfig,
     MatryoshkaTrainingSAEConfig,
 )
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE, derived_sae
-from sae_lens_matryoshka.safe_loading import check_sae_folder, keep_threshold_precision
+from sae_lens_matryoshka.io import checkpoints
+from sae_lens_matryoshka.io.safe_loading import check_sae_folder, keep_threshold_precision
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 StateDict = dict[str, torch.Tensor]

@@ -150,7 +150,7 @@ def _problems(folder: Path) -> list[str]:
         found = [_describe(folder, name) for name in _TRAINER_FILES]
         return [
             f"it has no {MARKER} (written by a run killed while writing it, or without the "
-            "marker by SAELens alone or an earlier version; `sae_lens_matryoshka.checkpoints."
+            "marker by SAELens alone or an earlier version; `sae_lens_matryoshka.io.checkpoints."
             "mark_complete(folder)` marks one you know to be whole)",
             *[problem for problem in found if problem],
         ]

@@ -29,7 +29,7 @@ from sae_lens import SAE, upload_saes_to_huggingface
 from sae_lens.constants import SAE_CFG_FILENAME
 
 from sae_lens_matryoshka.config import ARCHITECTURE
-from sae_lens_matryoshka.loaders import to_inference
+from sae_lens_matryoshka.io.loaders import to_inference
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 SaeRef: TypeAlias = "SAE[Any] | Path | str"
