@@ -154,17 +154,17 @@ class SparseEncoding(NamedTuple):
     pre: PreActivations
     token: torch.Tensor
     latent: torch.Tensor
-    #: the entries' decoding values (ReLU of their raw pre-activations), with a graph
-    weights: torch.Tensor
+    #: what multiplies the entries' decoder rows (ReLU of their raw pre-activations), with a graph
+    decoding_values: torch.Tensor
     #: the entries' activations as a sparse COO tensor (no graph), for SAELens's statistics
     feature_acts: torch.Tensor
 
     @classmethod
-    def select(
+    def of_entries(
         cls, pre: PreActivations, token: torch.Tensor, latent: torch.Tensor
     ) -> SparseEncoding:
-        """The encoding of the kept entries ``(token, latent)``."""
-        weights = pre.decoding_values(token, latent).relu()
+        """The encoding of the entries ``(token, latent)`` an activation kept."""
+        decoding_values = pre.decoding_values(token, latent).relu()
         batch_shape = pre.batch_shape
         rows = torch.unravel_index(token, batch_shape) if len(batch_shape) > 1 else (token,)
         feature_acts = torch.sparse_coo_tensor(
@@ -174,7 +174,7 @@ class SparseEncoding(NamedTuple):
             is_coalesced=True,  # token-major: already in coalesced order, each entry once
             check_invariants=False,
         )
-        return cls(pre, token, latent, weights, feature_acts)
+        return cls(pre, token, latent, decoding_values, feature_acts)
 
     @property
     def hidden_pre(self) -> torch.Tensor:
@@ -188,10 +188,10 @@ class SparseEncoding(NamedTuple):
     ) -> torch.Tensor:
         n_tokens = self.pre.sae_in.shape[0]
         partials = decode_groups(
-            self.weights, self.token, self.latent, W_dec, n_tokens, plan.bounds
+            self.decoding_values, self.token, self.latent, W_dec, n_tokens, plan.bounds
         )
-        levels = RunningLevels.apply(partials, b_dec, detach)
-        return levels.unflatten(1, self.pre.batch_shape)
+        reconstructions = RunningLevels.apply(partials, b_dec, detach)
+        return reconstructions.unflatten(1, self.pre.batch_shape)
 
     def dead_latent_reconstruction(
         self,
@@ -203,12 +203,12 @@ class SparseEncoding(NamedTuple):
     ) -> torch.Tensor:
         token, column = collectives.dead_topk(self.pre.hidden_pre[:, dead_latents], n_pick)
         latent = dead_latents[column]
-        weights = self.pre.decoding_values(token, latent)
+        values = self.pre.decoding_values(token, latent)
         if rectified:
-            weights = weights.relu()
+            values = values.relu()
         n_tokens = self.pre.sae_in.shape[0]
         one_group = latent.new_zeros(0)
-        recon = decode_groups(weights, token, latent, W_dec, n_tokens, one_group)[:, 0]
+        recon = decode_groups(values, token, latent, W_dec, n_tokens, one_group)[:, 0]
         return recon.unflatten(0, self.pre.batch_shape)
 
 

@@ -1,11 +1,12 @@
-"""Matryoshka levels: choosing each step's levels, decoding them at once.
+"""Matryoshka levels: which prefix widths each training step trains and logs, with what weights.
 
-A Matryoshka SAE with widths ``m_1 < m_2 < ... < m_L = d_sae`` reconstructs the
-input once per level, level ``l`` using only latents ``< m_l``. Latents between
-two consecutive widths form a *group*; a level's reconstruction is the sum of
-the decodes of the groups it contains. Decoding each group once and taking a
-cumulative sum gives every level's reconstruction for the cost of a single full
-decode, instead of decoding the whole prefix again per level.
+A level is a prefix of the dictionary, ``m_l`` latents wide, that must
+reconstruct the input on its own; the latents between two consecutive widths
+form a *group*. The paper trains the same widths every step
+(:class:`FixedLevels`); Nabeshima's Matryoshka SAEs sample the prefix lengths
+anew every step (:class:`SampledLevels`). Either way a step gets a
+:class:`LevelPlan`: its widths, group bounds and loss weights on the device.
+How the levels are decoded is ``kernels.level_decode``'s.
 """
 
 from __future__ import annotations

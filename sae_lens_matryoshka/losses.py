@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from sae_lens_matryoshka.collectives import Collectives
 
 
-def level_mse(levels: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
+def level_mse(reconstructions: torch.Tensor, sae_in: torch.Tensor) -> torch.Tensor:
     """``||x - x_hat_l||^2`` summed over ``d_in`` and averaged over tokens, per level: ``[n_levels]``."""
     # one fused kernel, forward and backward, instead of a difference and a power
-    squared = F.mse_loss(levels, sae_in.expand_as(levels), reduction="none")
+    squared = F.mse_loss(reconstructions, sae_in.expand_as(reconstructions), reduction="none")
     return squared.sum(dim=-1).flatten(1).mean(dim=1)
 
 

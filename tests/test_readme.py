@@ -85,6 +85,7 @@ from sae_lens import (
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
 )
+from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_LOADERS
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.matryoshka_batchtopk_sae import (
     MatryoshkaBatchTopKTrainingSAE,
@@ -285,14 +286,26 @@ def _registering_import(
 
 @contextlib.contextmanager
 def matryoshka_unregistered() -> Iterator[None]:
-    """SAELens as a fresh process has it before ``import sae_lens_matryoshka``; restored afterwards."""
+    """SAELens as a fresh process has it before ``import sae_lens_matryoshka``; restored afterwards.
+
+    Neither registry knows the architecture, and SAELens's loaders are its own
+    (``loaders.install`` wraps them; ``register()`` wraps them again).
+    """
     registries = (SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY)
     saved = [registry.pop(ARCHITECTURE) for registry in registries]
+    wrapped_disk = SAE.__dict__["load_from_disk"]
+    wrapped_hub = NAMED_PRETRAINED_SAE_LOADERS["sae_lens"]
+    SAE.load_from_disk = classmethod(wrapped_disk.__func__.__wrapped__)
+    NAMED_PRETRAINED_SAE_LOADERS["sae_lens"] = wrapped_hub.__wrapped__
+    SAE._matryoshka_loaders = False
     try:
         yield
     finally:
         for registry, entry in zip(registries, saved, strict=True):
             registry[ARCHITECTURE] = entry
+        SAE.load_from_disk = wrapped_disk
+        NAMED_PRETRAINED_SAE_LOADERS["sae_lens"] = wrapped_hub
+        SAE._matryoshka_loaders = True
 
 
 def execute(block: Block, bindings: dict[str, Any]) -> dict[str, Any]:

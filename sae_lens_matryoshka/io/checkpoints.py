@@ -22,11 +22,16 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sae_lens.constants import SAE_CFG_FILENAME
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka.config import trains_matryoshka
+
+if TYPE_CHECKING:
+    from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
+    from sae_lens_matryoshka.latent_part import LatentPart
 
 #: the file that says a checkpoint folder is complete: every file and its size
 MARKER = "checkpoint_complete.json"
@@ -34,6 +39,8 @@ MARKER = "checkpoint_complete.json"
 _STAGING = re.compile(r"\.incomplete-[0-9a-f]+$")
 #: the files SAELens's trainer writes into every checkpoint
 _TRAINER_FILES = ("cfg.json", "sae_weights.safetensors", "trainer_state.pt")
+#: what a resumed run must share with its checkpoint (d_in and d_sae are checked by shape)
+_MUST_MATCH_ON_RESUME = ("matryoshka_widths", "activation", "k", "prefix_sampling")
 #: in each shard's part of a latent-sharded checkpoint: which latents it holds
 PART_FILE = "latent_shard.json"
 #: the folders of a latent-sharded checkpoint's parts
@@ -71,6 +78,27 @@ def check_complete(folder: str | Path) -> None:
     if problems:
         raise IncompleteCheckpointError(
             f"{folder} is not a complete checkpoint: {'; '.join(problems)}. {_latest_hint(folder)}"
+        )
+
+
+def check_resumable(folder: str | Path, cfg: MatryoshkaTrainingSAEConfig, part: LatentPart) -> None:
+    """Refuse to resume from ``folder`` unless it is complete, of the same SAE, and of ``part``.
+
+    What resuming checks before it loads any weight (``d_in`` and ``d_sae``
+    are checked by the weights' shapes).
+    """
+    check_complete(folder)
+    check_part(folder, part.checkpoint_record())
+    saved = json.loads((Path(folder) / SAE_CFG_FILENAME).read_text())
+    differences = [
+        f"{name}: checkpoint {saved.get(name)!r}, this run {getattr(cfg, name)!r}"
+        for name in _MUST_MATCH_ON_RESUME
+        if saved.get(name) != getattr(cfg, name)
+    ]
+    if differences:
+        raise ValueError(
+            f"cannot resume from {folder}: it trained another SAE "
+            f"({'; '.join(differences)}). Resume with the checkpoint's settings."
         )
 
 

@@ -47,14 +47,15 @@ def decode_levels(
     # once instead of scattering each into a zero-filled full-width tensor
     groups = zip(feature_acts.split(sizes, dim=-1), W_dec.split(sizes, dim=0), strict=True)
     partials = torch.stack([acts @ rows for acts, rows in groups])
-    levels = partials.cumsum(dim=0) + b_dec
+    reconstructions = partials.cumsum(dim=0) + b_dec
     if detach_between_levels:
-        levels = torch.cat([levels[:1], levels[:-1].detach() + partials[1:]])
-    return levels
+        previous = reconstructions[:-1].detach()
+        reconstructions = torch.cat([reconstructions[:1], previous + partials[1:]])
+    return reconstructions
 
 
 def decode_groups(
-    weights: torch.Tensor,
+    values: torch.Tensor,
     token: torch.Tensor,
     latent: torch.Tensor,
     W_dec: torch.Tensor,
@@ -64,7 +65,7 @@ def decode_groups(
     """Each token's decode of each Matryoshka group, ``[n_tokens, n_groups, d_in]``.
 
     Group ``g`` holds the latents between ``bounds[g - 1]`` and ``bounds[g]``
-    (the inner level widths). Entry ``(t, g)`` sums ``weights[i] * W_dec[latent[i]]``
+    (the inner level widths). Entry ``(t, g)`` sums ``values[i] * W_dec[latent[i]]``
     over the token's entries in the group: one ``embedding_bag``, whose bags
     ``t * n_groups + g`` the token-major entries already list in order.
     """
@@ -72,7 +73,7 @@ def decode_groups(
     bag = token * n_groups + torch.bucketize(latent, bounds, right=True)
     offsets = row_starts(bag, n_tokens * n_groups)[:-1]
     out = F.embedding_bag(
-        latent, W_dec, offsets, mode="sum", per_sample_weights=weights.to(W_dec.dtype)
+        latent, W_dec, offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype)
     )
     return out.view(n_tokens, n_groups, -1)
 
@@ -105,7 +106,7 @@ def _running_sums(
 
 
 class RunningLevels(torch.autograd.Function):
-    """Every level from the groups' decodes: ``levels[l] = b_dec + sum over g <= l of partials[:, g]``.
+    """Every level's reconstruction from the groups' decodes: ``b_dec + sum over g <= l of partials[:, g]``.
 
     ``partials`` is ``[n_tokens, n_groups, d_in]`` (as the group decode
     writes it); the levels come out level-major, ``[n_levels, n_tokens, d_in]``
@@ -123,9 +124,9 @@ class RunningLevels(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.detach = detach
         n_tokens, n_levels, d_in = partials.shape
-        levels = partials.new_empty(n_levels, n_tokens, d_in)
-        _running_sums(partials.unbind(1), levels.unbind(0), b_dec)
-        return levels
+        reconstructions = partials.new_empty(n_levels, n_tokens, d_in)
+        _running_sums(partials.unbind(1), reconstructions.unbind(0), b_dec)
+        return reconstructions
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:

@@ -1,0 +1,262 @@
+"""One training step of a Matryoshka SAE, readable top to bottom: :func:`training_step`.
+
+A step encodes its batch once (dense, or sparse: only the active entries
+carry a graph), lets one activation select the active latents for every
+level, decodes every level in one pass, and sums the levels' weighted MSEs,
+the activation's sparsity penalty and the dead-latent loss. What varies is
+asked of the objects the SAE was built with, never of the config: the
+activation (``sae.activation_fn``), the level schedule (``sae.levels``), the
+decoder (``sae.decoder``), how ``b_dec`` starts (``sae.b_dec_init``), the
+dead-latent loss form (``sae.aux_loss``), the batch-global operations
+(``sae.collectives``) and the part of the dictionary held (``sae.latent_part``).
+
+``MatryoshkaTrainingSAE.training_forward_pass`` is this function; the
+functions below it are its parts, used by the SAE's other entry points too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+
+from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
+from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
+from sae_lens_matryoshka.levels import LevelPlan
+from sae_lens_matryoshka.losses import aux_k, level_metrics, level_mse
+from sae_lens_matryoshka.sae_base import check_activations
+
+if TYPE_CHECKING:
+    from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
+
+
+def training_step(sae: MatryoshkaTrainingSAE, step_input: TrainStepInput) -> TrainStepOutput:
+    """The loss, its terms and the metrics of one batch, as SAELens's trainer asks for them."""
+    # collectives only inside a training step, where every replica runs the same
+    # ones: an eval-mode pass may run on one rank alone
+    collectives = sae.collectives if sae.training else SINGLE_PROCESS
+    x = step_input.sae_in
+    check_activations(x, sae.cfg.d_in, heads_flattened=sae.hook_z_reshaping_mode)
+    if sae.training:
+        sae.decoder.before_step(sae.W_dec)
+        if step_input.n_training_steps == 0:
+            sae.b_dec_init.first_step(sae.b_dec, x, collectives)
+    sae.activation_fn.prepare_step()
+    plan = sae.levels.step_plan(sae.W_dec.device)
+    evaluated = sae.levels.evaluated(sae.W_dec.device)
+    logs_other_levels = plan.widths != evaluated.widths and step_input.is_logging_step
+
+    # 1. encode once, one selection for every level
+    if sae.training and sae.cfg.sparse_training:
+        encoding: Encoding = encode_sparse(sae, x, collectives)
+    else:
+        encoding = encode_dense(sae, x, collectives)
+    # 2. decode every level (and, on logging steps, the evaluated ones) in one pass
+    all_reconstructions = decode_step_levels(
+        sae, encoding, plan, evaluated if logs_other_levels else None, collectives
+    )
+    # a slice, even of everything, would give backward a zero-filled copy of the gradient
+    reconstructions = (
+        all_reconstructions[: len(plan.widths)] if logs_other_levels else all_reconstructions
+    )
+    # 3. the loss: weighted level MSEs, the sparsity penalty, the dead-latent loss
+    mse = level_mse(reconstructions, x)
+    weighted = plan.weights * mse
+    penalties = sae.activation_fn.sparsity_loss(encoding, plan, step_input.coefficients)
+    penalties["auxiliary_reconstruction_loss"] = dead_latent_loss(
+        sae, step_input, encoding, reconstructions, plan, collectives
+    )
+    # summed from the whole vector: the loss terms shown below are views of it,
+    # which backward then never has to take apart
+    loss = sum(penalties.values(), weighted.sum())
+    losses = {**sae.levels.loss_terms(weighted), **penalties}
+    stop_if_not_finite(sae, loss, losses, step_input)
+
+    # 4. what the activation learns from the step, and the logged metrics
+    metrics: dict[str, Any] = {}
+    if sae.training:
+        metrics.update(
+            sae.activation_fn.update_from_step(encoding, collectives, step_input.n_training_steps)
+        )
+    if logs_other_levels:
+        logged_mse = level_mse(all_reconstructions[len(plan.widths) :].detach(), x)
+        metrics.update(level_metrics(x, logged_mse, evaluated.widths))
+    elif step_input.is_logging_step and plan.widths == evaluated.widths:
+        metrics.update(level_metrics(x, mse.detach(), plan.widths))
+    return TrainStepOutput(
+        sae_in=x,
+        sae_out=reconstructions[-1],
+        # SAELens's trainer counts firing and dead latents over the whole dictionary
+        feature_acts=collectives.whole_feature_acts(encoding.feature_acts),
+        hidden_pre=encoding.hidden_pre,
+        loss=loss,
+        losses=losses,
+        metrics=metrics,
+    )
+
+
+def encode_dense(
+    sae: MatryoshkaTrainingSAE, x: torch.Tensor, collectives: Collectives
+) -> DenseEncoding:
+    """Every latent's pre-activation and activation, with autograd through dense matmuls."""
+    sae_in = sae.process_sae_in(x)
+    norms = sae.W_dec.norm(dim=-1)
+    hidden_pre = sae.hook_sae_acts_pre(sae_in @ sae.W_enc + sae.b_enc)
+    hidden_pre = sae.decoder.scale_pre_activations(hidden_pre, lambda: norms)
+    acts = sae.hook_sae_acts_post(sae.activation_fn.step_forward(hidden_pre, collectives))
+    return DenseEncoding(hidden_pre, acts, norms, sae.decoder)
+
+
+def encode_sparse(
+    sae: MatryoshkaTrainingSAE, x: torch.Tensor, collectives: Collectives
+) -> SparseEncoding:
+    """Encode densely without a graph, select, then re-attach only the active entries.
+
+    Hooks on ``hook_sae_acts_pre`` and ``hook_sae_acts_post`` observe the
+    pre-activations and the (sparse COO) activations; what they return is
+    not used (``training_path="dense"`` lets hooks edit activations).
+    """
+    if x.requires_grad:
+        raise ValueError(
+            "The sparse training path does not backpropagate into the input activations; "
+            "detach them, or use training_path='dense'."
+        )
+    with torch.no_grad():
+        # b_dec's gradient through the input comes from the encoder's sparse backward
+        sae_in = sae.process_sae_in(x)
+        batch_shape = sae_in.shape[:-1]
+        sae_in = sae_in.reshape(-1, sae.cfg.d_in)
+        # one n_tokens x d_sae buffer: the bias and the norms are applied in place
+        hidden_pre = torch.addmm(sae.b_enc, sae_in, sae.W_enc)
+        raw_values = sae.decoder.scale_pre_activations_(hidden_pre, sae.W_dec)
+    sae.hook_sae_acts_pre(hidden_pre.view(*batch_shape, -1))
+    shift = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
+    pre = PreActivations(hidden_pre, sae_in, shift, sae.W_enc, sae.b_enc, raw_values, batch_shape)
+    token, latent = sae.activation_fn.select(hidden_pre, collectives)
+    encoding = SparseEncoding.of_entries(pre, token, latent)
+    sae.hook_sae_acts_post(encoding.feature_acts)
+    return encoding
+
+
+def decode_step_levels(
+    sae: MatryoshkaTrainingSAE,
+    encoding: Encoding,
+    plan: LevelPlan,
+    logged: LevelPlan | None,
+    collectives: Collectives,
+) -> torch.Tensor:
+    """The trained levels' reconstructions, then (without a graph) the ``logged`` ones.
+
+    ``[n_levels, *batch, d_in]``, output-normalised once. With the latents
+    sharded, this process decodes its latents' part of each level and
+    ``collectives`` sums the parts.
+    """
+    b_dec = collectives.decoder_bias(sae.b_dec)
+    detach = sae.cfg.detach_between_levels
+    local = sae.latent_part.local_plan  # bounds in this SAE's own latent numbering
+    reconstructions = encoding.decode_levels(sae.W_dec, b_dec, local(plan), detach)
+    if logged is not None:
+        with torch.no_grad():
+            extra = encoding.decode_levels(sae.W_dec, b_dec, local(logged), False)
+        reconstructions = torch.cat([reconstructions, extra])
+    reconstructions = collectives.whole_reconstruction(reconstructions)
+    # the activation normalisation's inverse can run only once per input
+    return sae.run_time_activation_norm_fn_out(reconstructions)
+
+
+def dead_latent_loss(
+    sae: MatryoshkaTrainingSAE,
+    step_input: TrainStepInput,
+    encoding: Encoding,
+    reconstructions: torch.Tensor,
+    plan: LevelPlan,
+    collectives: Collectives,
+) -> torch.Tensor:
+    """Dead-latent auxiliary loss (Gao et al. 2024), whole-SAE or per level.
+
+    The ``d_in // 2`` dead latents with the largest pre-activations are asked
+    to reconstruct the residual of the live ones, in ``sae.aux_loss``'s form
+    (SAELens's or dictionary_learning's). With ``use_matryoshka_aux_loss``
+    each level's group of dead latents reconstructs its own level's residual.
+    """
+    dead = step_input.dead_neuron_mask
+    zero = reconstructions.new_zeros(())
+    if dead is None or sae.cfg.aux_loss_coefficient == 0:
+        return zero
+    if tuple(dead.shape) != (sae.cfg.d_sae,):
+        raise ValueError(
+            f"the dead-latent mask must have shape ({sae.cfg.d_sae},) (one flag per "
+            f"latent), got {tuple(dead.shape)}."
+        )
+    # A host synchronisation the aux loss needs: how many latents are dead
+    # decides its shapes, and whether it runs at all.
+    dead_latents = collectives.dead_everywhere(dead).nonzero().squeeze(1)
+    if dead_latents.numel() == 0:
+        return zero
+    if sae.cfg.use_matryoshka_aux_loss:
+        # a host read too (where each level's group of dead latents ends), right
+        # after the one above, so the device has only a searchsorted to finish first
+        cuts = torch.searchsorted(dead_latents, plan.bounds).tolist()
+        groups = dead_latents.tensor_split(cuts)
+        parts = list(zip(groups, reconstructions, strict=True))
+    else:
+        parts = [(dead_latents, reconstructions[-1])]
+    total = zero
+    for latents, level in parts:
+        if latents.numel() == 0:  # of the whole dictionary: the same on every shard
+            continue
+        # this SAE's own (all of them in one process; a shard's by a mask: a host read)
+        held = sae.latent_part.held_latents(latents)
+        residual = (step_input.sae_in - level).detach()
+        n_pick = min(aux_k(sae.cfg.d_in), latents.numel())
+        part = encoding.dead_latent_reconstruction(
+            held, n_pick, sae.W_dec, sae.aux_loss.rectified, collectives
+        )
+        recon = collectives.whole_reconstruction(part)
+        total = total + sae.aux_loss(recon, residual, latents.numel(), collectives)
+    return sae.cfg.aux_loss_coefficient * total
+
+
+def stop_if_not_finite(
+    sae: MatryoshkaTrainingSAE,
+    loss: torch.Tensor,
+    losses: dict[str, torch.Tensor],
+    step_input: TrainStepInput,
+) -> None:
+    """Raise before any update when the loss is NaN/Inf, saying why.
+
+    The one host synchronisation every step needs: SAELens's trainer steps
+    the optimizer right after ``backward``, so this is the last moment a
+    NaN/Inf batch (which always makes the loss NaN/Inf) can be kept from
+    the parameters, where it would stay for good.
+    """
+    if math.isfinite(float(loss.detach())):
+        return
+    step = step_input.n_training_steps
+    bad = int((~torch.isfinite(step_input.sae_in)).sum())
+    if bad:
+        raise FloatingPointError(
+            f"Training step {step}: the activation batch holds {bad} non-finite values "
+            f"(NaN/Inf) out of {step_input.sae_in.numel()}. No parameter was updated in this "
+            "step; checkpoints already written are intact. Check the model's activations at "
+            "this hook (e.g. fp16 overflow)."
+        )
+    parameters = _non_finite_names(sae.state_dict(keep_vars=True))
+    if parameters:
+        cause = (
+            f"the parameters {parameters} already hold NaN/Inf, so an earlier update "
+            "overflowed (float16 parameters with Adam do this; train in float32 or "
+            "bfloat16, or lower the learning rate)"
+        )
+    else:
+        cause = f"the loss terms {_non_finite_names(losses)} are NaN/Inf"
+    raise FloatingPointError(
+        f"Training step {step}: the loss is not finite: {cause}. This step updated nothing; "
+        "checkpoints already written are intact."
+    )
+
+
+def _non_finite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
