@@ -15,7 +15,7 @@ it holds (``latent_part``: all of it, or one shard), the dead-latent loss
 (``aux_loss``, see ``losses``), how ``b_dec`` starts (``b_dec_init``, see
 ``parametrization``), and the decoder: how its rows are held and in what units
 activations multiply them (``decoder``, see ``decoder``). This class only
-composes them.
+composes them; the step they make up is ``step.training_step``.
 """
 
 from __future__ import annotations
