@@ -39,16 +39,19 @@ class Collectives:
         return topk_entries(hidden_pre, k)
 
     def dead_topk(
-        self, dead_hidden: torch.Tensor, n_pick: int
+        self, values: torch.Tensor, latents: torch.Tensor, n_pick: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's ``n_pick`` largest of ``dead_hidden [n_tokens, n_dead]``: ``(token, column)``.
+        """The dead latents the auxiliary loss decodes: each token's ``n_pick`` most active.
 
-        The dead latents the auxiliary loss decodes (their pre-activations, any
-        sign), token-major.
+        ``values`` and ``latents`` ``[n_tokens, m]`` are this process's
+        candidates, its own ``m <= n_pick`` most active dead latents per token
+        (``kernels.selection.DeadLatentPick``); returned are ``(token, latent)``
+        of those among the whole dictionary's ``n_pick`` largest, token-major.
+        One process holds the whole dictionary: its candidates are the answer.
         """
-        top = dead_hidden.topk(n_pick, dim=-1, sorted=False).indices
-        token = torch.arange(dead_hidden.shape[0], device=dead_hidden.device)
-        return token.repeat_interleave(n_pick), top.reshape(-1)
+        del n_pick  # they are already each token's n_pick largest of the whole dictionary
+        token = torch.arange(values.shape[0], device=values.device)
+        return token.repeat_interleave(values.shape[-1]), latents.reshape(-1)
 
     def dead_everywhere(self, dead: torch.Tensor) -> torch.Tensor:
         """The dead-latent mask of the whole batch (``dead`` is this process's)."""
@@ -67,7 +70,7 @@ class Collectives:
 
         One :meth:`sum` of the rows' sum and count together.
         """
-        count = rows.new_tensor([float(rows.shape[0])])
+        count = rows.new_full((1,), rows.shape[0])  # made on the device, not copied to it
         totals = self.sum(torch.cat([rows.sum(dim=0), count]))
         return totals[:-1] / totals[-1], totals[-1]
 

@@ -20,6 +20,7 @@ from sae_lens_matryoshka.collectives import Collectives
 from sae_lens_matryoshka.decoder import FreeDecoder, RawValues
 from sae_lens_matryoshka.kernels.encoder_backward import SparseEncoderValues
 from sae_lens_matryoshka.kernels.level_decode import RunningLevels, decode_groups, decode_levels
+from sae_lens_matryoshka.kernels.selection import DeadLatentPick
 from sae_lens_matryoshka.levels import LevelPlan
 
 
@@ -51,18 +52,20 @@ class Encoding(Protocol):
 
     def dead_latent_reconstruction(
         self,
-        dead_latents: torch.Tensor,
+        dead: DeadLatentPick,
         n_pick: int,
         W_dec: torch.Tensor,
         rectified: bool,
         collectives: Collectives,
     ) -> torch.Tensor:
-        """Each token's decode (no bias) of its ``n_pick`` most active ``dead_latents``, ``[*batch, d_in]``.
+        """Each token's decode (no bias) of its ``n_pick`` most active dead latents, ``[*batch, d_in]``.
 
-        ``dead_latents`` are this process's (its numbering); ``collectives``
-        ranks them with the other shards' (``n_pick`` counts the whole
-        dictionary's). ``rectified``: their pre-activations go through a ReLU
-        first (else they decode with their sign).
+        ``dead`` picks this process's dead latents (in its numbering), the
+        cheaper way for how many are dead; ``collectives`` ranks them with the
+        other shards' (``n_pick`` counts the whole dictionary's). ``rectified``:
+        their pre-activations go through a ReLU first (else they decode with
+        their sign). Both paths decode the picks sparsely (one
+        ``embedding_bag``), never an ``n_tokens x n_dead`` matrix.
         """
         ...
 
@@ -86,7 +89,7 @@ class DenseEncoding(NamedTuple):
         return acts[acts > 0]
 
     def decoding_acts(self, acts: torch.Tensor, latents: slice | torch.Tensor) -> torch.Tensor:
-        """``acts`` of ``latents`` as they multiply their decoder rows."""
+        """``acts`` of ``latents`` (columns, or each entry's latent) as they multiply their rows."""
         return self.decoder.decoding_acts(acts, lambda: self.decoder_norms[latents])
 
     def decode_levels(
@@ -97,20 +100,20 @@ class DenseEncoding(NamedTuple):
 
     def dead_latent_reconstruction(
         self,
-        dead_latents: torch.Tensor,
+        dead: DeadLatentPick,
         n_pick: int,
         W_dec: torch.Tensor,
         rectified: bool,
         collectives: Collectives,
     ) -> torch.Tensor:
-        hidden = self.hidden_pre[..., dead_latents]
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        token, column = collectives.dead_topk(flat.detach(), n_pick)
-        values = flat[token, column]
+        flat = self.hidden_pre.reshape(-1, self.hidden_pre.shape[-1])
+        token, latent = collectives.dead_topk(*dead.top(flat.detach(), n_pick), n_pick)
+        values = flat[token, latent]
         values = values.relu() if rectified else values
-        acts = torch.zeros_like(flat).index_put((token, column), values)
-        recon = self.decoding_acts(acts, dead_latents) @ W_dec[dead_latents]
-        return recon.view(*hidden.shape[:-1], -1)
+        acts = self.decoding_acts(values, latent)
+        one_group = latent.new_zeros(0)
+        recon = decode_groups(acts, token, latent, W_dec, flat.shape[0], one_group)[:, 0]
+        return recon.view(*self.hidden_pre.shape[:-1], -1)
 
 
 class PreActivations(NamedTuple):
@@ -195,14 +198,13 @@ class SparseEncoding(NamedTuple):
 
     def dead_latent_reconstruction(
         self,
-        dead_latents: torch.Tensor,
+        dead: DeadLatentPick,
         n_pick: int,
         W_dec: torch.Tensor,
         rectified: bool,
         collectives: Collectives,
     ) -> torch.Tensor:
-        token, column = collectives.dead_topk(self.pre.hidden_pre[:, dead_latents], n_pick)
-        latent = dead_latents[column]
+        token, latent = collectives.dead_topk(*dead.top(self.pre.hidden_pre, n_pick), n_pick)
         values = self.pre.decoding_values(token, latent)
         if rectified:
             values = values.relu()

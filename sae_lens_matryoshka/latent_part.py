@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import torch
-
+from sae_lens_matryoshka.kernels.selection import DeadLatentPick
 from sae_lens_matryoshka.levels import LevelPlan
 
 
@@ -64,13 +63,14 @@ class LatentPart(NamedTuple):
         bounds = (plan.bounds - self.start).clamp(0, self.stop - self.start)
         return LevelPlan(plan.widths, bounds, plan.weights)
 
-    def held_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Those of the whole dictionary's ``latents`` that this part holds, in its numbering.
+    def held(self, dead: DeadLatentPick) -> DeadLatentPick:
+        """The pick of the dead latents this part holds, in its numbering.
 
-        The whole dictionary holds every one as it is numbered: ``latents``
-        itself, no op. A shard keeps its own by a boolean mask, whose result's
-        size the host reads back (on a GPU, a host synchronisation).
+        The whole dictionary holds every one as it is numbered: ``dead``
+        itself, no op. A shard restricts the pick to its range: the gathered
+        pick by a boolean mask, whose result's size the host reads back (on a
+        GPU, a host synchronisation); the masked pick by a slice.
         """
         if self.is_whole:
-            return latents
-        return latents[(latents >= self.start) & (latents < self.stop)] - self.start
+            return dead
+        return dead.within(self.start, self.stop)

@@ -24,6 +24,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
+from sae_lens_matryoshka.kernels.selection import dead_latent_pick
 from sae_lens_matryoshka.levels import LevelPlan
 from sae_lens_matryoshka.losses import aux_k, level_metrics, level_mse
 from sae_lens_matryoshka.sae_base import check_activations
@@ -180,6 +181,9 @@ def dead_latent_loss(
     to reconstruct the residual of the live ones, in ``sae.aux_loss``'s form
     (SAELens's or dictionary_learning's). With ``use_matryoshka_aux_loss``
     each level's group of dead latents reconstructs its own level's residual.
+    How a group's dead latents are picked follows from how many are
+    (``kernels.selection.dead_latent_pick``): by gathering their columns when
+    few are, by ranking every column in place when nearly all are.
     """
     dead = step_input.dead_neuron_mask
     zero = reconstructions.new_zeros(())
@@ -190,32 +194,29 @@ def dead_latent_loss(
             f"the dead-latent mask must have shape ({sae.cfg.d_sae},) (one flag per "
             f"latent), got {tuple(dead.shape)}."
         )
-    # A host synchronisation the aux loss needs: how many latents are dead
-    # decides its shapes, and whether it runs at all.
-    dead_latents = collectives.dead_everywhere(dead).nonzero().squeeze(1)
-    if dead_latents.numel() == 0:
-        return zero
+    dead = collectives.dead_everywhere(dead)
     if sae.cfg.use_matryoshka_aux_loss:
-        # a host read too (where each level's group of dead latents ends), right
-        # after the one above, so the device has only a searchsorted to finish first
-        cuts = torch.searchsorted(dead_latents, plan.bounds).tolist()
-        groups = dead_latents.tensor_split(cuts)
-        parts = list(zip(groups, reconstructions, strict=True))
+        ends, levels = plan.widths, list(reconstructions)
     else:
-        parts = [(dead_latents, reconstructions[-1])]
+        ends, levels = [sae.cfg.d_sae], [reconstructions[-1]]
+    groups = dead.tensor_split(ends[:-1])
+    # The one host synchronisation the aux loss needs: how many latents of each
+    # group are dead decides its shapes, how they are picked, and whether it runs.
+    counts: list[int] = torch.stack([group.sum() for group in groups]).tolist()
     total = zero
-    for latents, level in parts:
-        if latents.numel() == 0:  # of the whole dictionary: the same on every shard
+    starts = [0, *ends[:-1]]
+    for group, start, n_dead, level in zip(groups, starts, counts, levels, strict=True):
+        if n_dead == 0:  # of the whole dictionary: the same on every shard
             continue
-        # this SAE's own (all of them in one process; a shard's by a mask: a host read)
-        held = sae.latent_part.held_latents(latents)
+        # this SAE's own (all of them in one process; a shard's range of them)
+        held = sae.latent_part.held(dead_latent_pick(group, start, n_dead))
         residual = (step_input.sae_in - level).detach()
-        n_pick = min(aux_k(sae.cfg.d_in), latents.numel())
+        n_pick = min(aux_k(sae.cfg.d_in), n_dead)
         part = encoding.dead_latent_reconstruction(
             held, n_pick, sae.W_dec, sae.aux_loss.rectified, collectives
         )
         recon = collectives.whole_reconstruction(part)
-        total = total + sae.aux_loss(recon, residual, latents.numel(), collectives)
+        total = total + sae.aux_loss(recon, residual, n_dead, collectives)
     return sae.cfg.aux_loss_coefficient * total
 
 

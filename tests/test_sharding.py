@@ -90,8 +90,11 @@ def _replica_batches(n_replicas: int, replica: int) -> Iterator[torch.Tensor]:
 
 
 def _dead_mask() -> torch.Tensor:
-    # dead latents in every shard and every level's group
-    return torch.arange(D_SAE) % 5 == 1
+    # dead latents in every shard and every level's group; the group [18, 30), across the
+    # shards' boundary, all dead, so that the per-level aux loss picks there by ranking
+    # every column (kernels.selection.MaskedDeadLatents) and elsewhere by gathering
+    latents = torch.arange(D_SAE)
+    return (latents % 5 == 1) | ((latents >= 18) & (latents < 30))
 
 
 def _shard_of(variant: str, mesh: Mesh) -> MatryoshkaTrainingSAE:

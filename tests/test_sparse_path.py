@@ -9,6 +9,7 @@ for the same parameters, for every level configuration.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -18,7 +19,11 @@ from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConf
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS
 from sae_lens_matryoshka.kernels.encoder_backward import SparseEncoderValues, encoder_weight_grad
 from sae_lens_matryoshka.kernels.level_decode import RunningLevels, decode_groups, decode_levels
-from sae_lens_matryoshka.kernels.selection import batch_topk_entries, topk_entries
+from sae_lens_matryoshka.kernels.selection import (
+    batch_topk_entries,
+    dead_latent_pick,
+    topk_entries,
+)
 
 from .conftest import step_output, train_step
 
@@ -107,12 +112,12 @@ def test_topk_selection_equals_a_dense_topk(shift: float) -> None:
     _assert_token_major(token, latent, 80)
 
 
-def test_dead_latent_selection_equals_a_masked_topk() -> None:
+@pytest.mark.parametrize("masked_from", [0.0, math.inf])  # the masked pick, the gathered one
+def test_dead_latent_selection_equals_a_masked_topk(masked_from: float) -> None:
     hidden_pre = torch.randn(20, 40, generator=torch.Generator().manual_seed(0))
     dead = torch.arange(40) % 3 == 0
-    dead_latents = dead.nonzero().squeeze(1)
-    token, column = SINGLE_PROCESS.dead_topk(hidden_pre[:, dead_latents], 5)
-    latent = dead_latents[column]
+    pick = dead_latent_pick(dead, 0, int(dead.sum()), masked_from)
+    token, latent = SINGLE_PROCESS.dead_topk(*pick.top(hidden_pre, 5), 5)
     top = torch.where(dead, hidden_pre, -torch.inf).topk(5, dim=-1).indices
     expected = {(t, int(j)) for t in range(20) for j in top[t]}
     assert _selected_set(token, latent) == expected

@@ -268,8 +268,7 @@ def counted_host_syncs() -> Iterator[list[str]]:
 
 #: the host synchronisations of a sparse step (forward and backward) that the algorithm needs
 _SELECTION = "nonzero.default"  # BatchTopK: how many entries pass the sampled threshold
-_DEAD = "nonzero.default"  # how many latents are dead: the aux loss's shapes
-_DEAD_PER_LEVEL = "tolist"  # where each level's group of dead latents ends
+_DEAD = "tolist"  # how many latents of each level group are dead: the aux loss's shapes
 _FINITE = "_local_scalar_dense.default"  # whether the loss is finite, before any update
 
 
@@ -278,7 +277,7 @@ _FINITE = "_local_scalar_dense.default"  # whether the loss is finite, before an
     [
         ({}, [_SELECTION, _DEAD, _FINITE]),
         ({"activation": "topk"}, [_DEAD, _FINITE]),
-        ({"use_matryoshka_aux_loss": True}, [_SELECTION, _DEAD, _DEAD_PER_LEVEL, _FINITE]),
+        ({"use_matryoshka_aux_loss": True}, [_SELECTION, _DEAD, _FINITE]),
         ({"level_weights": [2.0, 1.0, 1.0]}, [_SELECTION, _DEAD, _FINITE]),
     ],
 )

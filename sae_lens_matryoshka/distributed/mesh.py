@@ -180,14 +180,6 @@ def global_cutoff(values: torch.Tensor, n_keep: int, what: str) -> torch.Tensor:
     return lo.to(bits).view(values.dtype)
 
 
-def _padded_top(values: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's ``min(n_keep, width)`` largest values and positions, values padded to ``n_keep``."""
-    top = values.topk(min(n_keep, values.shape[-1]), dim=-1, sorted=False)
-    padded = values.new_full((values.shape[0], n_keep), -torch.inf)
-    padded[:, : top.values.shape[-1]] = top.values
-    return padded, top.indices
-
-
 def _kept_token_major(
     values: torch.Tensor, positions: torch.Tensor, cut: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,12 +195,26 @@ def _per_token_top(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token, position)`` of this rank's share of each token's ``n_keep`` largest over the group.
 
-    Each rank offers its own largest per token, the group agrees on each
-    token's cut among them, and each keeps its values at or above it, token-major.
+    Each rank offers its own largest per token (:func:`_group_share`).
     """
-    padded, positions = _padded_top(values, n_keep)
+    top = values.topk(min(n_keep, values.shape[-1]), dim=-1, sorted=False)
+    return _group_share(top.values, top.indices, n_keep, group, what)
+
+
+def _group_share(
+    values: torch.Tensor, positions: torch.Tensor, n_keep: int, group: Any, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's candidates among each token's ``n_keep`` largest over the group, token-major.
+
+    ``values [n_tokens, m]`` (``m <= n_keep``) at ``positions`` are this rank's
+    candidates; returned are ``(token, position)`` of those kept. Every rank offers ``n_keep`` values per token (padded with ``-inf``), the
+    group agrees on each token's cut among them, and each keeps its finite
+    candidates at or above it.
+    """
+    padded = values.new_full((values.shape[0], n_keep), -torch.inf)
+    padded[:, : values.shape[-1]] = values
     cut = _per_token_cut(padded, n_keep, group, what)
-    return _kept_token_major(padded[:, : positions.shape[-1]], positions, cut)
+    return _kept_token_major(values, positions, cut)
 
 
 class _SumOverShards(torch.autograd.Function):
@@ -264,12 +270,12 @@ class MeshCollectives(Collectives):
 
     @override
     def dead_topk(
-        self, dead_hidden: torch.Tensor, n_pick: int
+        self, values: torch.Tensor, latents: torch.Tensor, n_pick: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.sharded:
-            return super().dead_topk(dead_hidden, n_pick)
+            return super().dead_topk(values, latents, n_pick)
         what = "selecting dead latents for the auxiliary loss"
-        return _per_token_top(dead_hidden, n_pick, self.mesh.shard_group, what)
+        return _group_share(values, latents, n_pick, self.mesh.shard_group, what)
 
     @override
     def dead_everywhere(self, dead: torch.Tensor) -> torch.Tensor:

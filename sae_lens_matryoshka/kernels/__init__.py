@@ -13,7 +13,9 @@ product takes the entries as they are.
 
 - ``selection``: the entries a dense top-k would keep (BatchTopK, TopK),
   filtering with a threshold estimated from a sample so that the full
-  ``n_tokens x d_sae`` ranking never runs; and the dense TopK;
+  ``n_tokens x d_sae`` ranking never runs; the dense TopK; and each token's
+  most active dead latents for the aux loss, picked the cheaper of two ways
+  for how many are dead;
 - ``encoder_backward``: selected pre-activations with an encoder backward that
   touches only the selected latents (the ``W_enc`` gradient is one
   sparse-dense product with the token-major CSR gradient matrix);

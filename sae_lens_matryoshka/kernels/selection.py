@@ -2,12 +2,18 @@
 
 :func:`batch_topk_entries` and :func:`topk_entries` return the entries a dense
 top-k would keep; :func:`topk` is the dense TopK activation itself.
+:func:`dead_latent_pick` chooses how the dead-latent aux loss picks each
+token's most active dead latents (the top-k over the pre-activations with the
+live latents masked out): by gathering the dead latents' columns when few are
+dead, by ranking every column in place when nearly all are.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -89,3 +95,143 @@ def topk(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
     """Keep each token's ``k`` largest pre-activations (then ReLU)."""
     top = hidden_pre.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values.relu())
+
+
+#: the most elements one block of tokens of a dead-latent pick holds (the gathered
+#: columns, or the ranked candidates): 64 MiB in float32, however many latents are dead
+_DEAD_BLOCK_ELEMENTS = 1 << 24
+#: the fraction of a range's latents dead from which :func:`dead_latent_pick` ranks every
+#: column in place (:class:`MaskedDeadLatents`) instead of gathering the dead ones
+#: (:class:`GatheredDeadLatents`): measured on CPU at d_sae 16k to 262k, the gather is
+#: faster up to 90% dead (4x at 50%: it ranks half the columns), the in-place ranking from
+#: 95-98% on (by up to a third: it copies nothing)
+MASKED_PICK_FROM = 0.96
+
+
+class DeadLatentPick(Protocol):
+    """How a step picks each token's most active dead latents of one range of the dictionary.
+
+    Chosen per step by :func:`dead_latent_pick` from how many of the range's
+    latents are dead, which the step already knows; both give the same picks
+    (up to ties), at different costs.
+    """
+
+    def top(self, hidden_pre: torch.Tensor, n_pick: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's ``n_pick`` largest dead pre-activations: ``(values, latents)``, ``[n_tokens, m]``.
+
+        ``hidden_pre [n_tokens, d]``, read without a graph. ``m`` is ``n_pick``
+        in one process; a shard holding fewer of the range's dead latents
+        returns fewer, or pads with ``-inf`` values (at live latents).
+        """
+        ...
+
+    def within(self, start: int, stop: int) -> DeadLatentPick:
+        """The same pick restricted to latents ``[start, stop)``, numbered from ``start``."""
+        ...
+
+
+def _by_blocks(
+    hidden_pre: torch.Tensor,
+    n_out: int,
+    held_per_token: int,
+    block_top: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block_top`` over blocks of tokens that hold at most ``_DEAD_BLOCK_ELEMENTS`` at once.
+
+    ``block_top`` maps a block of rows to its ``[rows, n_out]`` values and
+    latents, holding ``held_per_token`` elements per token meanwhile: with
+    many dead latents, a gather over the whole batch would copy most of the
+    pre-activations (1 GiB at d_sae 65k, 4096 tokens).
+    """
+    n_tokens = hidden_pre.shape[0]
+    rows = max(1, _DEAD_BLOCK_ELEMENTS // max(held_per_token, 1))
+    if rows >= n_tokens:
+        return block_top(hidden_pre)
+    values = hidden_pre.new_empty(n_tokens, n_out)
+    latents = torch.empty(n_tokens, n_out, dtype=torch.long, device=hidden_pre.device)
+    for first in range(0, n_tokens, rows):
+        values[first : first + rows], latents[first : first + rows] = block_top(
+            hidden_pre[first : first + rows]
+        )
+    return values, latents
+
+
+class GatheredDeadLatents(NamedTuple):
+    """The pick that ranks only the dead latents' columns, gathered: cheap when few are dead."""
+
+    #: the dead latents, increasing
+    latents: torch.Tensor
+
+    def top(self, hidden_pre: torch.Tensor, n_pick: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n_dead = self.latents.numel()
+        n_out = min(n_pick, n_dead)
+
+        def block_top(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            top = block.index_select(-1, self.latents).topk(n_out, dim=-1, sorted=False)
+            return top.values, self.latents[top.indices]
+
+        return _by_blocks(hidden_pre, n_out, n_dead, block_top)
+
+    def within(self, start: int, stop: int) -> GatheredDeadLatents:
+        """Kept by a boolean mask, whose result's size the host reads back (a synchronisation)."""
+        held = (self.latents >= start) & (self.latents < stop)
+        return GatheredDeadLatents(self.latents[held] - start)
+
+
+class MaskedDeadLatents(NamedTuple):
+    """The pick that ranks every column of a range in place: cheap when nearly all are dead.
+
+    Each token's ``n_pick + n_live`` largest pre-activations of the range hold
+    its ``n_pick`` largest dead ones, as at most ``n_live`` live latents can
+    outrank them; the live ones among those candidates are then dropped (set
+    to ``-inf``, which a masked top-k, sparsify's AuxK, does to the whole
+    matrix first). Nothing of the pre-activations is copied: the ranking reads
+    them where they are.
+    """
+
+    #: which latents of the range are dead
+    dead: torch.Tensor
+    #: the range's first latent
+    start: int
+    #: at most this many of the range's latents are live (exact in one process)
+    n_live: int
+
+    def top(self, hidden_pre: torch.Tensor, n_pick: int) -> tuple[torch.Tensor, torch.Tensor]:
+        width = self.dead.numel()
+        n_candidates = min(n_pick + self.n_live, width)
+        n_out = min(n_pick, n_candidates)
+        columns = hidden_pre[:, self.start : self.start + width]
+
+        def block_top(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            top = block.topk(n_candidates, dim=-1, sorted=False)
+            if self.n_live == 0:  # every candidate is dead
+                values, positions = top.values, top.indices
+            else:
+                dead_first = torch.where(self.dead[top.indices], top.values, -torch.inf)
+                kept = dead_first.topk(n_out, dim=-1, sorted=False)
+                values, positions = kept.values, top.indices.gather(-1, kept.indices)
+            return values, positions + self.start
+
+        return _by_blocks(columns, n_out, n_candidates, block_top)
+
+    def within(self, start: int, stop: int) -> MaskedDeadLatents:
+        first = max(self.start, start)
+        last = max(min(self.start + self.dead.numel(), stop), first)  # empty where they miss
+        dead = self.dead[first - self.start : last - self.start]
+        return MaskedDeadLatents(dead, first - start, self.n_live)
+
+
+def dead_latent_pick(
+    dead: torch.Tensor, start: int, n_dead: int, masked_from: float = MASKED_PICK_FROM
+) -> DeadLatentPick:
+    """The cheaper pick of the range of latents from ``start`` whose dead flags are ``dead``.
+
+    ``n_dead`` is how many are (a host number: the step reads it anyway).
+    The masked pick once at least ``masked_from`` of them are dead, else the
+    gathered one; ``masked_from`` 0 or above 1 forces one of them (for tests).
+    """
+    width = dead.numel()
+    if n_dead >= masked_from * width:
+        return MaskedDeadLatents(dead, start, width - n_dead)
+    latents = torch.nonzero_static(dead, size=n_dead).squeeze(1) + start
+    return GatheredDeadLatents(latents)
