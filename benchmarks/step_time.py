@@ -14,18 +14,42 @@ path, the default; and the dense path), our one-level BatchTopK and TopK,
 SAELens's ``batchtopk``, ``topk`` and ``matryoshka_batchtopk`` (same five
 levels), and sparsify's TopK ``SparseCoder``.
 
-Peak memory of one step is measured per contender: on a GPU with CUDA's
-peak-allocation counter, on CPU in a fresh process per contender as the rise of
-its peak resident set during one step (above its weights and Adam's state).
-The end-to-end part times complete ``LanguageModelSAETrainingRunner`` runs
-(activation store, model forward passes, trainer) on a tiny random
+Every contender's step gets the same dead-latent mask, ``--dead-fraction`` of
+the dictionary dead (the same latents for all; SAELens's ``dead_neuron_mask``,
+sparsify's ``dead_mask``), so that each pays for its dead-latent loss alike;
+0 (the default) skips that loss everywhere. ``--precision`` applies one
+numeric policy to every contender: ``fp32`` (TF32 off), ``tf32`` (CUDA
+matmuls in TF32, ``torch.set_float32_matmul_precision("high")``) or ``bf16``
+(each forward under ``torch.autocast(device_type, dtype=torch.bfloat16)``,
+backward outside it, as SAELens's trainer runs with ``autocast=True``; slow on
+CPU, but it runs). sparsify's ``forward`` carries its own bf16 autocast for
+CUDA, which would put it in bf16 whatever the others ran in: it is called
+without it, under the same policy as the others. Adam's state is made
+before the first step; then every contender takes ``--warmup`` untimed steps
+(on a GPU the caching allocator and cuBLAS's kernel choices settle over the
+first few) before the timed ones, and on a GPU the clock is read after
+``torch.cuda.synchronize()`` on both sides of each step.
+
+Peak memory of one step is measured per contender, after the same warm-up:
+on a GPU with CUDA's peak-allocation counter (``reset_peak_memory_stats``,
+then ``max_memory_allocated``), on CPU in a fresh process per contender as the
+rise of its peak resident set during one step (above its weights and Adam's
+state). The end-to-end part times complete ``LanguageModelSAETrainingRunner``
+runs (activation store, model forward passes, trainer) on a tiny random
 ``HookedTransformer``, ours vs SAELens's ``matryoshka_batchtopk``, in tokens per second.
 
     python benchmarks/step_time.py                  # CPU default: d_in=768, d_sae=16384, 2048 tokens, k=40
     python benchmarks/step_time.py --preset small   # d_in=64, d_sae=512, 256 tokens, k=8: per-step overhead
     python benchmarks/step_time.py --preset gemma   # Gemma-2-2B size: d_in=2304, d_sae=65536, 4096 tokens
+    python benchmarks/step_time.py --dead-fraction 0.5 --precision bf16
+    python benchmarks/step_time.py --contenders ours_matryoshka_5_levels sparsify_topk
     python benchmarks/step_time.py --json           # one JSON object, for machines
     python benchmarks/step_time.py --keep-freed-memory   # CPU: no page faults (see below)
+
+At the Gemma size on CPU only memory is worth measuring (a step takes
+minutes, and all contenders together outgrow a small machine's memory):
+``--preset gemma --skip-timing --skip-end-to-end --warmup 0 --contenders ...``
+runs just the fresh-process memory probes, one step each.
 
 On CPU with glibc's default allocator, every freed block above 32 MiB goes
 back to the operating system, so each step page-faults its large tensors
@@ -68,6 +92,7 @@ from torch import nn
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 
+PRECISIONS = ("fp32", "tf32", "bf16")
 PRESETS = {
     "cpu": {"d_in": 768, "d_sae": 16384, "batch": 2048, "k": 40},
     "small": {"d_in": 64, "d_sae": 512, "batch": 256, "k": 8},
@@ -143,38 +168,70 @@ def share_weights(target: nn.Module, source: nn.Module) -> None:
         target.b_dec.copy_(source.b_dec)
 
 
-def make_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    """One training step of ``model`` on ``x``: forward, backward, Adam, zero_grad."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    dead = torch.zeros(_d_sae(model), dtype=torch.bool, device=x.device)
-    if hasattr(model, "encoder"):
+def dead_latents(args: argparse.Namespace) -> torch.Tensor:
+    """The dead-latent mask every contender gets: ``dead_fraction`` of the latents, at random."""
+    order = torch.randperm(args.d_sae, generator=torch.Generator().manual_seed(1))
+    dead = torch.zeros(args.d_sae, dtype=torch.bool)
+    dead[order[: round(args.dead_fraction * args.d_sae)]] = True
+    return dead.to(args.device)
 
-        def loss() -> torch.Tensor:
-            out = model(x, dead_mask=dead)
+
+def set_precision(precision: str) -> None:
+    """Float32 matmuls exact for ``fp32`` and ``bf16`` (outside autocast), TF32 on CUDA for ``tf32``."""
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+
+
+def forward_precision(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
+    """What each contender's forward runs under: bf16 autocast, as SAELens's trainer, or nothing."""
+    if args.precision == "bf16":
+        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_loss(
+    model: nn.Module, x: torch.Tensor, args: argparse.Namespace
+) -> Callable[[], torch.Tensor]:
+    """The loss of ``model`` on ``x`` (with every contender's dead latents), as its trainer computes it."""
+    dead = dead_latents(args)
+    if hasattr(model, "encoder"):
+        # sparsify's forward, without the bf16 autocast its decorator adds on CUDA:
+        # --precision decides, for it as for the others
+        forward = getattr(type(model).forward, "__wrapped__", type(model).forward)
+
+        def sparsify_loss() -> torch.Tensor:
+            out = forward(model, x, dead_mask=dead)
             return out.fvu + out.auxk_loss
 
-    else:
-        step_input = TrainStepInput(
-            sae_in=x,
-            coefficients={},
-            dead_neuron_mask=dead,
-            n_training_steps=0,
-            is_logging_step=False,
-        )
+        return sparsify_loss
+    step_input = TrainStepInput(
+        sae_in=x,
+        coefficients={},
+        dead_neuron_mask=dead,
+        n_training_steps=0,
+        is_logging_step=False,
+    )
+    return lambda: model.training_forward_pass(step_input).loss
 
-        def loss() -> torch.Tensor:
-            return model.training_forward_pass(step_input).loss
+
+def make_step(model: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> Callable[[], None]:
+    """One training step of ``model`` on ``x``: forward, backward, Adam, zero_grad."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    # Adam's state is made up front, so that no step, warm-up or measured, pays for
+    # it: an Adam step on zero gradients moves no weight
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = make_loss(model, x, args)
 
     def step() -> None:
-        loss().backward()
+        with forward_precision(args):
+            value = loss()
+        value.backward()  # outside autocast, as SAELens's trainer
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def _d_sae(model: nn.Module) -> int:
-    return int(model.W_dec.shape[0])
 
 
 def _sync(device: str) -> None:
@@ -183,15 +240,19 @@ def _sync(device: str) -> None:
 
 
 def time_steps(args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds per step of every contender, interleaved."""
+    """Median seconds per step of every contender, interleaved, after ``args.warmup`` steps each."""
     torch.manual_seed(0)
-    models = {name: build(name, args) for name in CONTENDERS}
-    for model in models.values():
-        share_weights(model, models[OURS])
+    models = {name: build(name, args) for name in args.contenders}
+    # one set of initial weights for all: the first SAELens-style contender's
+    source = next((model for model in models.values() if not hasattr(model, "encoder")), None)
+    if source is not None:
+        for model in models.values():
+            share_weights(model, source)
     x = torch.randn(args.batch, args.d_in, device=args.device)
-    steps = {name: make_step(model, x) for name, model in models.items()}
-    for step in steps.values():  # warm-up (also creates Adam's state)
-        step()
+    steps = {name: make_step(model, x, args) for name, model in models.items()}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.repeats):
         for name, step in steps.items():
@@ -208,8 +269,9 @@ def step_peak_mib(name: str, args: argparse.Namespace) -> float:
     torch.manual_seed(0)
     model = build(name, args)
     x = torch.randn(args.batch, args.d_in, device=args.device)
-    step = make_step(model, x)
-    step()  # Adam's state exists from here on
+    step = make_step(model, x, args)  # with Adam's state
+    for _ in range(args.warmup):
+        step()
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -228,17 +290,19 @@ def measure_memory(args: argparse.Namespace) -> dict[str, float]:
     """Per contender: on CPU in a fresh process each, so one's freed pages cannot hide another's."""
     if args.device.startswith("cuda"):
         peaks = {}
-        for name in CONTENDERS:
+        for name in args.contenders:
             peaks[name] = step_peak_mib(name, args)
             torch.cuda.empty_cache()
         return peaks
     # freed tensors go back to the OS at once, so the resident set tracks live memory
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    size = ["--d-in", str(args.d_in), "--d-sae", str(args.d_sae)]
-    size += ["--batch", str(args.batch), "--k", str(args.k), "--device", args.device]
+    options = ["--d-in", str(args.d_in), "--d-sae", str(args.d_sae)]
+    options += ["--batch", str(args.batch), "--k", str(args.k), "--device", args.device]
+    options += ["--dead-fraction", str(args.dead_fraction), "--precision", args.precision]
+    options += ["--warmup", str(args.warmup)]
     peaks = {}
-    for name in CONTENDERS:
-        command = [sys.executable, __file__, "--memory-probe", name, *size]
+    for name in args.contenders:
+        command = [sys.executable, __file__, "--memory-probe", name, *options]
         output = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
         peaks[name] = float(output.stdout.strip().splitlines()[-1])
     return peaks
@@ -271,6 +335,7 @@ def end_to_end_tokens_per_second(args: argparse.Namespace) -> dict[str, float]:
                 train_batch_size_tokens=2048,
                 n_batches_in_buffer=32,
                 device=args.device,
+                autocast=args.precision == "bf16",
             )
             runner = LanguageModelSAETrainingRunner(
                 cfg, override_dataset=dataset, override_model=model
@@ -295,10 +360,19 @@ def keep_freed_memory() -> None:
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
-def parse_args() -> argparse.Namespace:
+def cpu_model() -> str:
+    """The CPU's model name (what ``lscpu`` shows), where Linux tells it."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -307,9 +381,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--d-sae", type=int)
     parser.add_argument("--batch", type=int, help="tokens per step")
     parser.add_argument("--k", type=int)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per contender")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps per contender before the measured ones (allocator, autotuning)",
+    )
+    parser.add_argument(
+        "--dead-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of the latents marked dead in every step (the same for every contender)",
+    )
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=CONTENDERS,
+        default=list(CONTENDERS),
+        metavar="NAME",
+        help=f"which to run (default all: {', '.join(CONTENDERS)})",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--e2e-tokens", type=int, default=2048 * 40)
+    parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument(
@@ -319,27 +415,42 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--memory-probe", choices=CONTENDERS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if not 0 <= args.dead_fraction <= 1:
+        parser.error(f"--dead-fraction must lie in [0, 1], got {args.dead_fraction}")
+    if args.warmup < 0 or args.repeats < 1:
+        parser.error("--warmup must be >= 0 and --repeats >= 1")
     return args
 
 
 def main() -> None:
     args = parse_args()
+    set_precision(args.precision)
     if args.memory_probe:
         print(step_peak_mib(args.memory_probe, args))
         return
     if args.keep_freed_memory:
         keep_freed_memory()
-    # sparsify announces its decoder on import; stdout is for the result
-    with contextlib.redirect_stdout(sys.stderr):
-        median = time_steps(args)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+        return
+    report(result)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement ``args`` asks for, as one JSON-ready object."""
     result: dict[str, Any] = {
         "machine": machine(args.device),
         "torch": torch.__version__,
         "allocator": "keeps freed memory" if args.keep_freed_memory else "default",
+        "precision": args.precision,
+        "dead_fraction": args.dead_fraction,
+        "warmup_steps": args.warmup,
+        "repeats": args.repeats,
         "size": {
             "d_in": args.d_in,
             "d_sae": args.d_sae,
@@ -348,35 +459,40 @@ def main() -> None:
             "device": args.device,
             "matryoshka_widths": paper_widths(args.d_sae),
         },
-        "median_step_seconds": median,
-        "ours_step_time_ratio_to": {
-            name: median[OURS] / seconds for name, seconds in median.items() if name != OURS
-        },
     }
+    if not args.skip_timing:
+        # sparsify announces its decoder on import; stdout is for the result
+        with contextlib.redirect_stdout(sys.stderr):
+            median = time_steps(args)
+        result["median_step_seconds"] = median
+        if OURS in median:
+            result["ours_step_time_ratio_to"] = {
+                name: median[OURS] / seconds for name, seconds in median.items() if name != OURS
+            }
     if not args.skip_memory:
         result["step_peak_memory_mib"] = measure_memory(args)
     if not args.skip_end_to_end:
         # TransformerLens prints while building the model; stdout is for the result
         with contextlib.redirect_stdout(sys.stderr):
             result["end_to_end_tokens_per_second"] = end_to_end_tokens_per_second(args)
-    if args.json:
-        print(json.dumps(result))
-        return
-    report(result)
+    return result
 
 
 def report(result: dict[str, Any]) -> None:
     print(
         f"{result['machine']}, torch {result['torch']}, {result['allocator']} allocator, "
-        f"size {result['size']}"
+        f"{result['precision']}, {result['dead_fraction']:.0%} of latents dead, "
+        f"{result['warmup_steps']} warm-up steps, size {result['size']}"
     )
+    seconds = result.get("median_step_seconds", {})
     memory = result.get("step_peak_memory_mib", {})
+    ratios = result.get("ours_step_time_ratio_to", {})
     print(f"  {'':<32} {'ms/step':>9} {'step peak MiB':>14} {'ours / this':>12}")
-    for name, seconds in result["median_step_seconds"].items():
+    for name in {**seconds, **memory}:
+        time_ms = f"{seconds[name] * 1000:9.1f}" if name in seconds else f"{'':9}"
         peak = f"{memory[name]:14.0f}" if name in memory else f"{'':14}"
-        ratio = result["ours_step_time_ratio_to"].get(name)
-        shown = f"{ratio:11.2f}x" if ratio is not None else f"{'':12}"
-        print(f"  {name:<32} {seconds * 1000:9.1f} {peak} {shown}")
+        ratio = f"{ratios[name]:11.2f}x" if name in ratios else f"{'':12}"
+        print(f"  {name:<32} {time_ms} {peak} {ratio}")
     if "end_to_end_tokens_per_second" in result:
         e2e = result["end_to_end_tokens_per_second"]
         print("  end to end (runner, tiny model, d_sae=8192):")

@@ -1,20 +1,94 @@
-"""The benchmarks run end to end at toy sizes and print one JSON object."""
+"""The benchmarks run end to end at toy sizes and print one JSON object.
+
+The step-time benchmark's options are checked in this process, on its
+functions (a fresh process spends seconds importing SAELens); one run of the
+whole script, memory probes in their own processes included, checks that they
+reach those processes.
+"""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 BENCHMARK = BENCHMARKS / "step_time.py"
+TINY = ["--d-in", "16", "--d-sae", "128", "--batch", "64", "--k", "4"]
+
+
+@pytest.fixture
+def step_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """``benchmarks/step_time.py`` as a module; the matmul precision it sets is restored after."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    precision = torch.get_float32_matmul_precision()
+    yield importlib.import_module("step_time")
+    torch.set_float32_matmul_precision(precision)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_every_contender_steps_with_dead_latents_at_every_precision(
+    step_time: ModuleType, precision: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bf16 is autocast around each forward: it must run on CPU too, for ours, SAELens and sparsify."""
+    options = ["--repeats", "1", "--warmup", "2", "--dead-fraction", "0.5"]
+    options += ["--precision", precision, "--skip-memory", "--skip-end-to-end"]
+    args = step_time.parse_args([*TINY, *options])
+    step_time.set_precision(args.precision)
+    assert torch.backends.cuda.matmul.allow_tf32 == (precision == "tf32")
+    result = step_time.run(args)
+    assert (result["precision"], result["dead_fraction"], result["warmup_steps"]) == (
+        precision,
+        0.5,
+        2,
+    )
+    assert result["median_step_seconds"].keys() == set(step_time.CONTENDERS)
+    step_time.report(result)
+    assert f"{precision}, 50% of latents dead, 2 warm-up steps" in capsys.readouterr().out
+
+
+def test_every_contender_gets_the_same_dead_latents(step_time: ModuleType) -> None:
+    """Half the latents dead adds each contender's dead-latent loss to its loss; none dead adds none."""
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for fraction in ("0", "0.5"):
+        args = step_time.parse_args([*TINY, "--dead-fraction", fraction])
+        assert int(step_time.dead_latents(args).sum()) == round(float(fraction) * 128)
+        for name in args.contenders:
+            torch.manual_seed(0)
+            loss = step_time.make_loss(step_time.build(name, args), x, args)
+            losses[name, fraction] = float(loss().detach())
+    for name in step_time.CONTENDERS:
+        assert losses[name, "0.5"] > losses[name, "0"], name
+
+
+def test_contenders_can_be_chosen(
+    step_time: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    chosen = ["saelens_topk", "ours_topk_1_level"]
+    options = ["--repeats", "1", "--warmup", "0", "--skip-memory", "--skip-end-to-end"]
+    result = step_time.run(step_time.parse_args([*TINY, *options, "--contenders", *chosen]))
+    assert list(result["median_step_seconds"]) == chosen
+    assert "ours_step_time_ratio_to" not in result  # no ratios without ours
+    step_time.report(result)
+    assert "ours_topk_1_level" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        step_time.parse_args(["--contenders", "nobody"])
 
 
 def test_step_time_benchmark_reports_every_contender_as_json() -> None:
-    size = ["--d-in", "16", "--d-sae", "128", "--batch", "64", "--k", "4", "--repeats", "1"]
+    size = [*TINY, "--repeats", "1", "--warmup", "2"]
     options = ["--e2e-tokens", "4096", "--keep-freed-memory", "--json"]
+    # they reach the memory probes' processes too (bf16, slow on CPU, is checked above)
+    options += ["--dead-fraction", "0.5", "--precision", "tf32"]
     completed = subprocess.run(
         [sys.executable, str(BENCHMARK), *size, *options],
         capture_output=True,
@@ -24,6 +98,7 @@ def test_step_time_benchmark_reports_every_contender_as_json() -> None:
     )
     result = json.loads(completed.stdout)  # stdout holds the JSON object and nothing else
     assert result["allocator"] == "keeps freed memory"
+    assert (result["precision"], result["dead_fraction"]) == ("tf32", 0.5)
     names = {
         "ours_matryoshka_5_levels",
         "ours_matryoshka_5_levels_dense",
