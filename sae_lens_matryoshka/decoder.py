@@ -186,17 +186,33 @@ class UnitNormDecoder(FreeDecoder):
     the row, so an optimizer step moves rows (to first order) only along the
     unit sphere, and the rows are rescaled to unit norm before each step (the
     same as after each optimizer update) and in the saved inference SAE.
+
+    The hook belongs to one ``W_dec`` object, and the SAE's can be replaced
+    after it is built: a deep copy, or SAELens's loaders (they assign the
+    loaded tensors). So every step checks that the ``W_dec`` it trains is the
+    hooked one, and hooks it if not.
     """
+
+    def __init__(self) -> None:
+        #: ``id`` of the ``W_dec`` whose gradient is projected (an ``id``, not the
+        #: tensor: a deep copy would map a reference to the copy's own ``W_dec``)
+        self._hooked: int | None = None
 
     def initialize(self, W_dec: nn.Parameter, W_enc: nn.Parameter) -> None:
         with torch.no_grad():
             W_dec.copy_(_unit_rows(W_dec))
             W_enc.copy_(W_dec.T)
-        W_dec.register_hook(_tangent_gradient(W_dec))
+        self._project_gradient_of(W_dec)
 
     def before_step(self, W_dec: nn.Parameter) -> None:
+        self._project_gradient_of(W_dec)
         with torch.no_grad():
             W_dec.copy_(_unit_rows(W_dec))
+
+    def _project_gradient_of(self, W_dec: nn.Parameter) -> None:
+        if self._hooked != id(W_dec):
+            W_dec.register_hook(_tangent_gradient(W_dec))
+            self._hooked = id(W_dec)
 
     def for_inference(self, state_dict: dict[str, Any]) -> None:
         state_dict["W_dec"] = _unit_rows(state_dict["W_dec"])

@@ -8,6 +8,7 @@ forgot to rescale, or rescaled where it should not, changes the numbers.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +256,28 @@ def test_inference_sae_reads_the_option_only_when_built(activation: str, rescale
                 result["folded option"] = sae.cfg.rescale_acts_by_decoder_norm
         results.append(result)
     _assert_same(*results)
+
+
+@pytest.mark.parametrize("replaced_by", ["deepcopy", "load_from_disk"])
+def test_a_unit_norm_decoder_projects_the_gradient_of_a_replaced_w_dec(
+    replaced_by: str, tmp_path: Path
+) -> None:
+    """A deep copy, or SAELens's loader (which assigns the loaded tensors), trains as the original."""
+    torch.manual_seed(0)
+    cfg = MatryoshkaTrainingSAEConfig(
+        d_in=16, d_sae=64, k=4, matryoshka_widths=[8, 64], normalize_decoder=True
+    )
+    original = MatryoshkaTrainingSAE(cfg)
+    if replaced_by == "deepcopy":
+        other = copy.deepcopy(original)
+    else:
+        original.save_model(tmp_path)
+        other = MatryoshkaTrainingSAE.load_from_disk(tmp_path)
+    assert other.W_dec is not original.W_dec
+    x = torch.randn(32, 16)
+    train_step(original, x)
+    train_step(other, x)
+    assert original.W_dec.grad is not None and other.W_dec.grad is not None
+    torch.testing.assert_close(other.W_dec.grad, original.W_dec.grad)
+    along_rows = (other.W_dec.grad * other.W_dec.detach()).sum(dim=-1)
+    assert along_rows.abs().max() < 1e-5  # projected onto the unit sphere's tangent

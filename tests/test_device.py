@@ -147,13 +147,6 @@ def test_other_options_keep_every_tensor_on_the_device(options: dict[str, Any]) 
     _check_step_on_device(fields, "fixed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a deep copy of a normalize_decoder SAE does not project W_dec's gradient as the "
-    "original does (decoder.UnitNormDecoder's tensor hook is tied to the original W_dec); "
-    "this test moves a deep copy to the device",
-)
 def test_the_paper_recipe_step_copies_nothing_to_the_device() -> None:
     """The paper's code's options: geometric-median ``b_dec``, unit-norm rows, its aux loss."""
     fields = {
