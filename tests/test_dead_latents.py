@@ -30,6 +30,7 @@ from sae_lens_matryoshka.kernels.selection import (
     MaskedDeadLatents,
     dead_latent_pick,
 )
+from sae_lens_matryoshka.toy import single_thread
 
 from .conftest import step_input, train_step
 from .test_oracle import _assert_same, _copy_params, _pair
@@ -51,6 +52,13 @@ PATHS = [
     ("jumprelu", "dense"),
     ("relu", "dense"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Every tensor here is tiny: intra-op threads only add synchronisation (10x on 2 busy cores)."""
+    with single_thread():
+        yield
 
 
 def _dead(n_dead: int, d_sae: int = D_SAE) -> torch.Tensor:
