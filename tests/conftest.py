@@ -141,6 +141,15 @@ def token_dataset() -> Dataset:
     return build_token_dataset()
 
 
+#: each training activation, and the config fields it needs besides the defaults (k for the k-sparse)
+ACTIVATION_FIELDS: dict[str, dict[str, Any]] = {
+    "batchtopk": {"k": 4},
+    "topk": {"k": 4},
+    "jumprelu": {},
+    "relu": {},
+}
+
+
 def small_sae_cfg() -> MatryoshkaTrainingSAEConfig:
     """A small Matryoshka SAE for the tiny model: 64 latents, levels 8 / 24 / 64, k=4."""
     return MatryoshkaTrainingSAEConfig(d_in=D_MODEL, d_sae=64, k=4, matryoshka_widths=[8, 24, 64])

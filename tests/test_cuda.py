@@ -30,7 +30,7 @@ from sae_lens_matryoshka.distributed import Mesh
 from sae_lens_matryoshka.distributed.sharding import sharded_training_sae
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
-from .conftest import step_output, train_step
+from .conftest import ACTIVATION_FIELDS, step_output, train_step
 
 pytestmark = [
     pytest.mark.cuda,
@@ -39,12 +39,6 @@ pytestmark = [
 
 CUDA = torch.device("cuda")
 D_IN, D_SAE, N_TOKENS = 32, 512, 128
-ACTIVATIONS: dict[str, dict[str, Any]] = {
-    "batchtopk": {"k": 4},
-    "topk": {"k": 4},
-    "jumprelu": {},
-    "relu": {},
-}
 #: the penalty coefficients SAELens's trainer hands every step (each activation reads its own)
 COEFFICIENTS = {"l0": 0.01, "l1": 0.01}
 
@@ -67,7 +61,7 @@ def _sae(activation: str, **fields: Any) -> MatryoshkaTrainingSAE:
             d_sae=D_SAE,
             matryoshka_widths=[32, 128, D_SAE],
             activation=activation,  # type: ignore[arg-type]
-            **ACTIVATIONS[activation],
+            **ACTIVATION_FIELDS[activation],
             **fields,
         )
     )
@@ -98,7 +92,7 @@ def _assert_same_step(on_cuda: MatryoshkaTrainingSAE, on_cpu: MatryoshkaTraining
 
 
 @pytest.mark.parametrize("path", ["sparse", "dense"])
-@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("activation", list(ACTIVATION_FIELDS))
 def test_the_cuda_step_equals_the_cpu_step(activation: str, path: str) -> None:
     if path == "sparse" and activation not in ("batchtopk", "topk"):
         pytest.skip("only k-sparse activations train on the sparse path")
@@ -106,7 +100,7 @@ def test_the_cuda_step_equals_the_cpu_step(activation: str, path: str) -> None:
     _assert_same_step(copy.deepcopy(on_cpu).to(CUDA), on_cpu)
 
 
-@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("activation", list(ACTIVATION_FIELDS))
 def test_training_under_bf16_autocast_stays_finite(activation: str) -> None:
     """A few steps as SAELens's trainer takes them with ``autocast=True``: forward in bf16."""
     sae = _sae(activation, prefix_sampling="pareto", n_sampled_prefixes=4).to(CUDA)

@@ -36,17 +36,10 @@ from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConf
 from sae_lens_matryoshka.kernels import selection
 from sae_lens_matryoshka.losses import level_mse
 
-from .conftest import train_step
+from .conftest import ACTIVATION_FIELDS, train_step
 from .fake_device import FAKE_DEVICE, DeviceMismatch, on_fake_device, to_fake_device
 
 D_IN, D_SAE, N_TOKENS = 16, 256, 64
-#: what each activation needs besides the defaults
-ACTIVATIONS: dict[str, dict[str, Any]] = {
-    "batchtopk": {"k": 4},
-    "topk": {"k": 4},
-    "jumprelu": {},
-    "relu": {},
-}
 #: the activations that can train on the sparse path
 K_SPARSE = ("batchtopk", "topk")
 #: the penalty coefficients SAELens's trainer hands every step (each activation reads its own)
@@ -115,7 +108,7 @@ def _check_step_on_device(fields: dict[str, Any], levels: str) -> None:
     ("activation", "path"),
     [
         (name, path)
-        for name in ACTIVATIONS
+        for name in ACTIVATION_FIELDS
         for path in ("sparse", "dense")
         if path == "dense" or name in K_SPARSE
     ],
@@ -128,7 +121,7 @@ def test_a_training_step_keeps_every_tensor_on_the_device(
         "training_path": path,
         "prefix_sampling": levels,
         "use_matryoshka_aux_loss": use_matryoshka_aux_loss,
-        **ACTIVATIONS[activation],
+        **ACTIVATION_FIELDS[activation],
     }
     _check_step_on_device(fields, levels)
 

@@ -37,10 +37,9 @@ from sae_lens_matryoshka.collectives import Collectives
 from sae_lens_matryoshka.config import INFERENCE_ACTIVATIONS, TRAINING_ACTIVATIONS
 from sae_lens_matryoshka.inference_activations import INFERENCE_ACTIVATION_CLASSES
 
-from .conftest import small_sae_cfg, step_input, step_output, train_step
+from .conftest import ACTIVATION_FIELDS, small_sae_cfg, step_input, step_output, train_step
 
 D_IN, D_SAE = 10, 64
-K_FIELDS = {"batchtopk": {"k": 4}, "topk": {"k": 4}, "jumprelu": {}, "relu": {}}
 
 
 def _sae(activation: str = "batchtopk", **fields: Any) -> MatryoshkaTrainingSAE:
@@ -50,7 +49,7 @@ def _sae(activation: str = "batchtopk", **fields: Any) -> MatryoshkaTrainingSAE:
         "d_sae": D_SAE,
         "matryoshka_widths": [8, 24, D_SAE],
         "activation": activation,
-        **K_FIELDS[activation],
+        **ACTIVATION_FIELDS[activation],
     }
     base.update(fields)
     return MatryoshkaTrainingSAE(MatryoshkaTrainingSAEConfig(**base))
