@@ -34,6 +34,7 @@ from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.encodings import Encoding, dense_only
 from sae_lens_matryoshka.inference_activations import required_k, scale_with_folded_norms
 from sae_lens_matryoshka.kernels.jumprelu import JumpReLUSTE, StepSTE, jumprelu
+from sae_lens_matryoshka.kernels.selection import Selection
 from sae_lens_matryoshka.levels import LevelPlan
 
 if TYPE_CHECKING:
@@ -78,10 +79,14 @@ class TrainingActivation(nn.Module):
         self,
         hidden_pre: torch.Tensor,  # noqa: ARG002
         collectives: Collectives,  # noqa: ARG002
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        count_on_host: bool,  # noqa: ARG002
+    ) -> Selection:
         """The kept ``(token, latent)`` entries of ``hidden_pre [n_tokens, d_sae]``, token-major.
 
         Only k-sparse activations select; the others train on the dense path.
+        ``count_on_host``: select exactly now, reading sizes back to the host
+        if need be; else a selection may come back ``missed``, to be redone
+        (``kernels.selection.Selection``).
         """
         raise TypeError(f"{type(self).__name__} is not k-sparse: it trains on the dense path only.")
 
@@ -130,7 +135,8 @@ class KSparseActivation(TrainingActivation):
     @override
     def step_forward(self, hidden_pre: torch.Tensor, collectives: Collectives) -> torch.Tensor:
         flat = hidden_pre.reshape(-1, hidden_pre.shape[-1])
-        token, latent = self.select(flat.detach(), collectives)
+        # the dense path has no later host read to share: it counts here
+        token, latent, _ = self.select(flat.detach(), collectives, count_on_host=True)
         acts = torch.zeros_like(flat)
         acts[token, latent] = flat[token, latent].relu()
         return acts.view_as(hidden_pre)
@@ -212,9 +218,9 @@ class BatchTopK(KSparseActivation):
 
     @override
     def select(
-        self, hidden_pre: torch.Tensor, collectives: Collectives
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return collectives.batch_topk(hidden_pre, self.k)
+        self, hidden_pre: torch.Tensor, collectives: Collectives, count_on_host: bool
+    ) -> Selection:
+        return collectives.batch_topk(hidden_pre, self.k, count_on_host)
 
     @override
     def step_forward(self, hidden_pre: torch.Tensor, collectives: Collectives) -> torch.Tensor:
@@ -284,8 +290,9 @@ class TopK(KSparseActivation):
 
     @override
     def select(
-        self, hidden_pre: torch.Tensor, collectives: Collectives
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, hidden_pre: torch.Tensor, collectives: Collectives, count_on_host: bool
+    ) -> Selection:
+        del count_on_host  # each token's k: static shapes, nothing to count
         return collectives.topk(hidden_pre, int(self.k))
 
 

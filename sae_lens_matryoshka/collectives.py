@@ -20,23 +20,33 @@ from __future__ import annotations
 
 import torch
 
-from sae_lens_matryoshka.kernels.selection import batch_topk_entries, topk_entries
+from sae_lens_matryoshka.kernels.selection import (
+    Selection,
+    batch_topk_entries,
+    sampled_batch_topk_entries,
+    topk_entries,
+)
 
 
 class Collectives:
     """The batch-global operations of a training step, in a single process with every latent."""
 
-    def batch_topk(self, hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_topk(self, hidden_pre: torch.Tensor, k: float, count_on_host: bool) -> Selection:
         """The ``(token, latent)`` entries BatchTopK keeps: the ``k * n_tokens`` largest positive ones.
 
-        Returned token-major (tokens non-decreasing, latents increasing within a token).
+        Returned token-major (tokens non-decreasing, latents increasing within a
+        token). Without ``count_on_host`` nothing is read back to the host and
+        the selection may come back ``missed`` (see ``Selection``): a training
+        step reads that with its other numbers and then selects again with it.
         """
         n_keep = kept_entries(k, hidden_pre.shape[0], hidden_pre.numel())
-        return batch_topk_entries(hidden_pre, n_keep)
+        if count_on_host:
+            return batch_topk_entries(hidden_pre, n_keep)
+        return sampled_batch_topk_entries(hidden_pre, n_keep)
 
-    def topk(self, hidden_pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, hidden_pre: torch.Tensor, k: int) -> Selection:
         """The ``(token, latent)`` entries TopK keeps: each token's ``k`` largest, token-major."""
-        return topk_entries(hidden_pre, k)
+        return Selection(*topk_entries(hidden_pre, k))
 
     def dead_topk(
         self, values: torch.Tensor, latents: torch.Tensor, n_pick: int

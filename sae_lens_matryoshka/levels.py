@@ -165,9 +165,14 @@ class SampledLevels(FixedLevels):
         generator.set_state(self.prefix_rng_state)
         widths = sample_prefix_widths(self._probabilities, self.n_prefixes, generator)
         self.prefix_rng_state.copy_(generator.get_state())
-        # the sampled-prefix step's two host-to-device copies (no host reads):
-        # this step's group bounds and level weights
-        return LevelPlan.build(widths, None, device)
+        # the sampled-prefix step's one copy to the device, its group bounds: from
+        # pinned memory on CUDA, so that the host queues it and goes on (a copy from
+        # pageable memory would wait for the device); the weights are made there
+        bounds = torch.tensor(widths[:-1], dtype=torch.long)
+        if device.type == "cuda":
+            bounds = bounds.pin_memory()
+        weights = torch.ones(len(widths), device=device)
+        return LevelPlan(widths, bounds.to(device, non_blocking=True), weights)
 
     @override
     def loss_terms(self, weighted_mse: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,6 +18,9 @@ Besides its two registry entries, the plugin wraps these SAELens routines
 - ``NAMED_PRETRAINED_SAE_LOADERS["sae_lens"]`` (``loaders``):
   ``SAE.from_pretrained`` reads a checkpoint on the Hub the same way.
 - ``SAETrainer._update_pbar`` (``progress``): the progress bar ends at 100%.
+- ``SAETrainer._train_step`` (``kept_outputs``): the step output the trainer
+  holds through the next step keeps no ``n_tokens x d_sae`` tensor it will
+  not read.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-from sae_lens_matryoshka import progress
+from sae_lens_matryoshka import kept_outputs, progress
 from sae_lens_matryoshka.config import (
     ARCHITECTURE,
     MatryoshkaSAEConfig,
@@ -65,10 +68,12 @@ def register() -> None:
     Also makes SAELens's trainer write Matryoshka checkpoints atomically (see
     ``checkpoints``), SAELens's loaders check Matryoshka folders and read
     checkpoints as the SAE their run would save (see ``loaders``), and its
-    progress bar count every step (see ``progress``).
+    progress bar count every step (see ``progress``), and its step outputs keep
+    no pre-activations into the next step (see ``kept_outputs``).
     """
     checkpoints.install()
     loaders.install()
     progress.install()
+    kept_outputs.install()
     _register(SAE_TRAINING_CLASS_REGISTRY, (MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig))
     _register(SAE_CLASS_REGISTRY, (MatryoshkaSAE, MatryoshkaSAEConfig))

@@ -16,8 +16,7 @@ functions below it are its parts, used by the SAE's other entry points too.
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
@@ -34,7 +33,13 @@ if TYPE_CHECKING:
 
 
 def training_step(sae: MatryoshkaTrainingSAE, step_input: TrainStepInput) -> TrainStepOutput:
-    """The loss, its terms and the metrics of one batch, as SAELens's trainer asks for them."""
+    """The loss, its terms and the metrics of one batch, as SAELens's trainer asks for them.
+
+    A step reads one message back from the device (on a GPU, the one point
+    where the host waits for it): whether the loss is finite, whether the
+    BatchTopK selection's estimate held, and how many latents of each group
+    are dead (:func:`read_step_numbers`).
+    """
     # collectives only inside a training step, where every replica runs the same
     # ones: an eval-mode pass may run on one rank alone
     collectives = sae.collectives if sae.training else SINGLE_PROCESS
@@ -48,32 +53,26 @@ def training_step(sae: MatryoshkaTrainingSAE, step_input: TrainStepInput) -> Tra
     plan = sae.levels.step_plan(sae.W_dec.device)
     evaluated = sae.levels.evaluated(sae.W_dec.device)
     logs_other_levels = plan.widths != evaluated.widths and step_input.is_logging_step
+    logged = evaluated if logs_other_levels else None
+    dead_groups = dead_latent_groups(sae, step_input, plan, collectives)
 
-    # 1. encode once, one selection for every level
-    if sae.training and sae.cfg.sparse_training:
-        encoding: Encoding = encode_sparse(sae, x, collectives)
-    else:
-        encoding = encode_dense(sae, x, collectives)
-    # 2. decode every level (and, on logging steps, the evaluated ones) in one pass
-    all_reconstructions = decode_step_levels(
-        sae, encoding, plan, evaluated if logs_other_levels else None, collectives
+    # 1-3. encode once (one selection for every level), decode every level, the loss
+    forward = reconstruction_loss(sae, step_input, plan, logged, collectives, count_on_host=False)
+    numbers = read_step_numbers(forward, dead_groups)
+    if numbers.selection_missed:  # the sampled threshold was off: select counting on the host
+        forward = reconstruction_loss(
+            sae, step_input, plan, logged, collectives, count_on_host=True
+        )
+        numbers = read_step_numbers(forward, dead_groups)
+    encoding, reconstructions = forward.encoding, forward.reconstructions
+    losses = {**sae.levels.loss_terms(forward.weighted_mse), **forward.penalties}
+    stop_if_not_finite(sae, numbers.loss_finite, losses, step_input)
+    # the dead-latent loss, whose shapes follow from the dead counts just read
+    aux = dead_latent_loss(
+        sae, x, encoding, reconstructions, plan, dead_groups, numbers.dead_counts, collectives
     )
-    # a slice, even of everything, would give backward a zero-filled copy of the gradient
-    reconstructions = (
-        all_reconstructions[: len(plan.widths)] if logs_other_levels else all_reconstructions
-    )
-    # 3. the loss: weighted level MSEs, the sparsity penalty, the dead-latent loss
-    mse = level_mse(reconstructions, x)
-    weighted = plan.weights * mse
-    penalties = sae.activation_fn.sparsity_loss(encoding, plan, step_input.coefficients)
-    penalties["auxiliary_reconstruction_loss"] = dead_latent_loss(
-        sae, step_input, encoding, reconstructions, plan, collectives
-    )
-    # summed from the whole vector: the loss terms shown below are views of it,
-    # which backward then never has to take apart
-    loss = sum(penalties.values(), weighted.sum())
-    losses = {**sae.levels.loss_terms(weighted), **penalties}
-    stop_if_not_finite(sae, loss, losses, step_input)
+    losses["auxiliary_reconstruction_loss"] = aux
+    loss = forward.loss + aux
 
     # 4. what the activation learns from the step, and the logged metrics
     metrics: dict[str, Any] = {}
@@ -82,10 +81,10 @@ def training_step(sae: MatryoshkaTrainingSAE, step_input: TrainStepInput) -> Tra
             sae.activation_fn.update_from_step(encoding, collectives, step_input.n_training_steps)
         )
     if logs_other_levels:
-        logged_mse = level_mse(all_reconstructions[len(plan.widths) :].detach(), x)
+        logged_mse = level_mse(forward.all_reconstructions[len(plan.widths) :].detach(), x)
         metrics.update(level_metrics(x, logged_mse, evaluated.widths))
     elif step_input.is_logging_step and plan.widths == evaluated.widths:
-        metrics.update(level_metrics(x, mse.detach(), plan.widths))
+        metrics.update(level_metrics(x, forward.mse.detach(), plan.widths))
     return TrainStepOutput(
         sae_in=x,
         sae_out=reconstructions[-1],
@@ -96,6 +95,84 @@ def training_step(sae: MatryoshkaTrainingSAE, step_input: TrainStepInput) -> Tra
         losses=losses,
         metrics=metrics,
     )
+
+
+class ReconstructionLoss(NamedTuple):
+    """A step's encoding, its levels' reconstructions and the loss before the dead-latent term."""
+
+    encoding: Encoding
+    #: a 0-d bool on the device where the selection's estimate may have missed (else None)
+    selection_missed: torch.Tensor | None
+    #: the trained levels' reconstructions, then (without a graph) the logged ones
+    all_reconstructions: torch.Tensor
+    #: the trained levels' ``[n_levels, *batch, d_in]``
+    reconstructions: torch.Tensor
+    mse: torch.Tensor
+    weighted_mse: torch.Tensor
+    #: the activation's sparsity penalties
+    penalties: dict[str, torch.Tensor]
+    #: the weighted levels' MSEs plus the penalties
+    loss: torch.Tensor
+
+
+def reconstruction_loss(
+    sae: MatryoshkaTrainingSAE,
+    step_input: TrainStepInput,
+    plan: LevelPlan,
+    logged: LevelPlan | None,
+    collectives: Collectives,
+    count_on_host: bool,
+) -> ReconstructionLoss:
+    """Encode, select, decode ``plan``'s levels (and ``logged``'s), and their weighted loss.
+
+    ``count_on_host``: a BatchTopK selection reads its counts back to the
+    host (exact, a synchronisation) instead of estimating its sizes.
+    """
+    x = step_input.sae_in
+    missed = None
+    if sae.training and sae.cfg.sparse_training:
+        encoding: Encoding
+        encoding, missed = encode_sparse(sae, x, collectives, count_on_host)
+    else:
+        encoding = encode_dense(sae, x, collectives)
+    all_reconstructions = decode_step_levels(sae, encoding, plan, logged, collectives)
+    # a slice, even of everything, would give backward a zero-filled copy of the gradient
+    reconstructions = all_reconstructions[: len(plan.widths)] if logged else all_reconstructions
+    mse = level_mse(reconstructions, x)
+    weighted = plan.weights * mse
+    penalties = sae.activation_fn.sparsity_loss(encoding, plan, step_input.coefficients)
+    # summed from the whole vector: the loss terms are views of it, which
+    # backward then never has to take apart
+    loss = sum(penalties.values(), weighted.sum())
+    return ReconstructionLoss(
+        encoding, missed, all_reconstructions, reconstructions, mse, weighted, penalties, loss
+    )
+
+
+class StepNumbers(NamedTuple):
+    """What a training step needs on the host, read back from the device at once."""
+
+    loss_finite: bool
+    selection_missed: bool
+    #: how many latents of each dead-latent group are dead
+    dead_counts: list[int]
+
+
+def read_step_numbers(forward: ReconstructionLoss, dead_groups: list[torch.Tensor]) -> StepNumbers:
+    """The step's one host read: the loss's finiteness, a missed selection, the dead counts.
+
+    Stacked on the device and read with one ``tolist``, so that a step waits
+    for the device once, however many of them it needs.
+    """
+    loss = forward.loss.detach()
+    missed = forward.selection_missed
+    flags = [
+        torch.isfinite(loss),
+        loss.new_zeros((), dtype=torch.bool) if missed is None else missed,
+    ]
+    numbers = torch.stack([flag.long() for flag in flags] + [g.sum() for g in dead_groups])
+    finite, selection_missed, *dead_counts = numbers.tolist()
+    return StepNumbers(bool(finite), bool(selection_missed), dead_counts)
 
 
 def encode_dense(
@@ -111,13 +188,15 @@ def encode_dense(
 
 
 def encode_sparse(
-    sae: MatryoshkaTrainingSAE, x: torch.Tensor, collectives: Collectives
-) -> SparseEncoding:
+    sae: MatryoshkaTrainingSAE, x: torch.Tensor, collectives: Collectives, count_on_host: bool
+) -> tuple[SparseEncoding, torch.Tensor | None]:
     """Encode densely without a graph, select, then re-attach only the active entries.
 
-    Hooks on ``hook_sae_acts_pre`` and ``hook_sae_acts_post`` observe the
-    pre-activations and the (sparse COO) activations; what they return is
-    not used (``training_path="dense"`` lets hooks edit activations).
+    Returns the encoding and whether its selection may have missed (see
+    ``kernels.selection.Selection``). Hooks on ``hook_sae_acts_pre`` and
+    ``hook_sae_acts_post`` observe the pre-activations and the (sparse COO)
+    activations; what they return is not used (``training_path="dense"``
+    lets hooks edit activations).
     """
     if x.requires_grad:
         raise ValueError(
@@ -135,10 +214,10 @@ def encode_sparse(
     sae.hook_sae_acts_pre(hidden_pre.view(*batch_shape, -1))
     shift = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
     pre = PreActivations(hidden_pre, sae_in, shift, sae.W_enc, sae.b_enc, raw_values, batch_shape)
-    token, latent = sae.activation_fn.select(hidden_pre, collectives)
+    token, latent, missed = sae.activation_fn.select(hidden_pre, collectives, count_on_host)
     encoding = SparseEncoding.of_entries(pre, token, latent)
     sae.hook_sae_acts_post(encoding.feature_acts)
-    return encoding
+    return encoding, missed
 
 
 def decode_step_levels(
@@ -167,50 +246,67 @@ def decode_step_levels(
     return sae.run_time_activation_norm_fn_out(reconstructions)
 
 
-def dead_latent_loss(
+def dead_latent_groups(
     sae: MatryoshkaTrainingSAE,
     step_input: TrainStepInput,
-    encoding: Encoding,
-    reconstructions: torch.Tensor,
     plan: LevelPlan,
     collectives: Collectives,
-) -> torch.Tensor:
-    """Dead-latent auxiliary loss (Gao et al. 2024), whole-SAE or per level.
+) -> list[torch.Tensor]:
+    """The dead-latent mask, split into the groups the aux loss treats apart ([] if none runs).
 
-    The ``d_in // 2`` dead latents with the largest pre-activations are asked
-    to reconstruct the residual of the live ones, in ``sae.aux_loss``'s form
-    (SAELens's or dictionary_learning's). With ``use_matryoshka_aux_loss``
-    each level's group of dead latents reconstructs its own level's residual.
-    How a group's dead latents are picked follows from how many are
-    (``kernels.selection.dead_latent_pick``): by gathering their columns when
-    few are, by ranking every column in place when nearly all are.
+    One group (the whole dictionary), or with ``use_matryoshka_aux_loss``
+    one per level: each level's group of dead latents reconstructs its own
+    level's residual.
     """
     dead = step_input.dead_neuron_mask
-    zero = reconstructions.new_zeros(())
     if dead is None or sae.cfg.aux_loss_coefficient == 0:
-        return zero
+        return []
     if tuple(dead.shape) != (sae.cfg.d_sae,):
         raise ValueError(
             f"the dead-latent mask must have shape ({sae.cfg.d_sae},) (one flag per "
             f"latent), got {tuple(dead.shape)}."
         )
     dead = collectives.dead_everywhere(dead)
+    if not sae.cfg.use_matryoshka_aux_loss:
+        return [dead]
+    return list(dead.tensor_split(plan.widths[:-1]))
+
+
+def dead_latent_loss(
+    sae: MatryoshkaTrainingSAE,
+    x: torch.Tensor,
+    encoding: Encoding,
+    reconstructions: torch.Tensor,
+    plan: LevelPlan,
+    groups: list[torch.Tensor],
+    counts: list[int],
+    collectives: Collectives,
+) -> torch.Tensor:
+    """Dead-latent auxiliary loss (Gao et al. 2024), whole-SAE or per level.
+
+    The ``d_in // 2`` dead latents with the largest pre-activations are asked
+    to reconstruct the residual of the live ones, in ``sae.aux_loss``'s form
+    (SAELens's or dictionary_learning's). ``groups`` are
+    :func:`dead_latent_groups`' and ``counts`` how many of each are dead (a
+    host number: it decides the shapes). How a group's dead latents are
+    picked follows from that count (``kernels.selection.dead_latent_pick``):
+    by gathering their columns when few are, by ranking every column in
+    place when nearly all are.
+    """
+    total = reconstructions.new_zeros(())
+    if not groups:
+        return total
     if sae.cfg.use_matryoshka_aux_loss:
         ends, levels = plan.widths, list(reconstructions)
     else:
         ends, levels = [sae.cfg.d_sae], [reconstructions[-1]]
-    groups = dead.tensor_split(ends[:-1])
-    # The one host synchronisation the aux loss needs: how many latents of each
-    # group are dead decides its shapes, how they are picked, and whether it runs.
-    counts: list[int] = torch.stack([group.sum() for group in groups]).tolist()
-    total = zero
     starts = [0, *ends[:-1]]
     for group, start, n_dead, level in zip(groups, starts, counts, levels, strict=True):
         if n_dead == 0:  # of the whole dictionary: the same on every shard
             continue
         # this SAE's own (all of them in one process; a shard's range of them)
         held = sae.latent_part.held(dead_latent_pick(group, start, n_dead))
-        residual = (step_input.sae_in - level).detach()
+        residual = (x - level).detach()
         n_pick = min(aux_k(sae.cfg.d_in), n_dead)
         part = encoding.dead_latent_reconstruction(
             held, n_pick, sae.W_dec, sae.aux_loss.rectified, collectives
@@ -222,18 +318,21 @@ def dead_latent_loss(
 
 def stop_if_not_finite(
     sae: MatryoshkaTrainingSAE,
-    loss: torch.Tensor,
+    loss_finite: bool,
     losses: dict[str, torch.Tensor],
     step_input: TrainStepInput,
 ) -> None:
-    """Raise before any update when the loss is NaN/Inf, saying why.
+    """Raise before any update when the loss is NaN/Inf (``loss_finite`` false), saying why.
 
-    The one host synchronisation every step needs: SAELens's trainer steps
-    the optimizer right after ``backward``, so this is the last moment a
-    NaN/Inf batch (which always makes the loss NaN/Inf) can be kept from
-    the parameters, where it would stay for good.
+    SAELens's trainer steps the optimizer right after ``backward``, so the
+    step's host read is the last moment a NaN/Inf batch (which always makes
+    the reconstruction loss NaN/Inf) can be kept from the parameters, where
+    it would stay for good. The dead-latent loss, computed after that read,
+    is not checked in the step: it is finite wherever the batch and the
+    parameters are, and a non-finite one (NaN parameters of a dead latent)
+    stops the next step, whose loss it makes NaN.
     """
-    if math.isfinite(float(loss.detach())):
+    if loss_finite:
         return
     step = step_input.n_training_steps
     bad = int((~torch.isfinite(step_input.sae_in)).sum())

@@ -190,8 +190,10 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         else:
             reconstructions = sae_out[None]
         plan = self.levels.evaluated(self.W_dec.device)
+        groups = step.dead_latent_groups(self, step_input, plan, SINGLE_PROCESS)
+        counts = [int(group.sum()) for group in groups]
         aux = step.dead_latent_loss(
-            self, step_input, encoding, reconstructions, plan, SINGLE_PROCESS
+            self, step_input.sae_in, encoding, reconstructions, plan, groups, counts, SINGLE_PROCESS
         )
         return {"auxiliary_reconstruction_loss": aux}
 

@@ -12,8 +12,9 @@ and computes with real CPU data underneath, so data-dependent steps (``nonzero``
 tensor with a plain CPU tensor raises :class:`DeviceMismatch`, and so does a
 random draw whose generator is on the other device. Explicit copies to the
 device (``.to(device)``, ``torch.tensor(data, device=...)``, ``copy_``) are
-allowed and recorded with their call site: on CUDA each is a stream
-synchronisation unless pinned and non-blocking.
+allowed and recorded with their call site, marked ``(blocking)`` unless
+asked for ``non_blocking``: on CUDA a blocking copy is a stream
+synchronisation (a non-blocking one is not, from pinned memory).
 
 Why not CUDA itself, faked: this torch build registers no CUDA device guard,
 which autograd asks for on every tensor it records (an abort, not an error),
@@ -165,7 +166,8 @@ def _run(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], seen: Transfe
         copies_to_device = func is torch.ops.aten._to_copy.default and result_on_fake
         copies_to_device = copies_to_device and not on_fake[0]
     if copies_to_device and seen is not None:
-        seen.host_to_device.append(_call_site())
+        blocking = "" if kwargs.get("non_blocking") else " (blocking)"
+        seen.host_to_device.append(_call_site() + blocking)
     if _is_fake(device):
         kwargs = {**kwargs, "device": _CPU}
     wrappers = {id(t.cpu_data): t for t in tensors if isinstance(t, OnFakeDevice)}
@@ -212,7 +214,8 @@ class _FakeDeviceFunctions(TorchFunctionMode):
         if func in _FROM_DATA and device == FAKE_DEVICE:
             data = args[1] if func is torch.Tensor.new_tensor else args[0]
             if not isinstance(data, OnFakeDevice):
-                self.seen.host_to_device.append(_call_site())
+                # made from host data: a copy from pageable memory, which waits
+                self.seen.host_to_device.append(_call_site() + " (blocking)")
                 cpu_args = pytree.tree_map_only(OnFakeDevice, lambda t: t.cpu_data, args)
                 return OnFakeDevice(func(*cpu_args, **{**kwargs, "device": _CPU}))
         return func(*args, **kwargs)

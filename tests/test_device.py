@@ -15,10 +15,11 @@ Copies from the host to the device are allowed but recorded: on CUDA a
 blocking copy from pageable memory synchronises the stream. After the first
 step (which builds the fixed level plan, once per device) a step with fixed
 levels copies nothing. A step with ``prefix_sampling="pareto"`` copies its
-freshly drawn plan, group bounds and level weights (``LevelPlan.build``): the
-sampler draws with a CPU generator on purpose (its state is a CPU buffer,
-saved in checkpoints) and its widths are Python integers the step needs on
-the host anyway, so those two small copies are expected. BatchTopK's
+freshly drawn group bounds, without waiting (``non_blocking``, from pinned
+memory on CUDA): the sampler draws with a CPU generator on purpose (its
+state is a CPU buffer, saved in checkpoints) and its widths are Python
+integers the step needs on the host anyway, so that one small copy is
+expected. BatchTopK's
 threshold sampler (``kernels.selection``) draws with a generator made on the
 device: the batch here (64 tokens x 256 latents) is large enough that it runs.
 """
@@ -45,7 +46,7 @@ K_SPARSE = ("batchtopk", "topk")
 #: the penalty coefficients SAELens's trainer hands every step (each activation reads its own)
 COEFFICIENTS = {"l0": 0.01, "l1": 0.01}
 #: where the only host-to-device copies of a step after the first are made, per level schedule
-EXPECTED_COPIES = {"fixed": [], "pareto": ["levels.py:build", "levels.py:build"]}
+EXPECTED_COPIES = {"fixed": [], "pareto": ["levels.py:step_plan"]}
 
 
 @pytest.fixture(autouse=True)

@@ -46,6 +46,7 @@ ORDER = [
     "evals",
     "recipes",
     "progress",
+    "kept_outputs",
     "distributed.mesh",
     "distributed.sharding",
     "distributed.launch",

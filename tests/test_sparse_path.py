@@ -17,11 +17,13 @@ import torch
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS
+from sae_lens_matryoshka.kernels import selection
 from sae_lens_matryoshka.kernels.encoder_backward import SparseEncoderValues, encoder_weight_grad
 from sae_lens_matryoshka.kernels.level_decode import RunningLevels, decode_groups, decode_levels
 from sae_lens_matryoshka.kernels.selection import (
     batch_topk_entries,
     dead_latent_pick,
+    sampled_batch_topk_entries,
     topk_entries,
 )
 
@@ -73,9 +75,82 @@ BATCH_TOPK_CASES = {
 def test_batch_topk_selection_equals_a_dense_topk(case: str) -> None:
     make, k = BATCH_TOPK_CASES[case]
     hidden_pre = make(torch.Generator().manual_seed(0))
-    token, latent = batch_topk_entries(hidden_pre, int(k * hidden_pre.shape[0]))
+    token, latent, _ = batch_topk_entries(hidden_pre, int(k * hidden_pre.shape[0]))
     assert _selected_set(token, latent) == _dense_set(dense_batch_topk(hidden_pre, k))
     _assert_token_major(token, latent, hidden_pre.shape[1])
+
+
+@pytest.mark.parametrize("case", list(BATCH_TOPK_CASES))
+def test_the_sampled_selection_is_exact_or_says_it_missed(case: str) -> None:
+    """Without a host read: the exact entries, or ``missed`` where it cannot know them.
+
+    It misses exactly where fewer entries are positive than BatchTopK keeps
+    (the answer's size then depends on the data); with these sizes the
+    threshold's estimate never falls outside the candidate buffer.
+    """
+    make, k = BATCH_TOPK_CASES[case]
+    hidden_pre = make(torch.Generator().manual_seed(0))
+    n_keep = int(k * hidden_pre.shape[0])
+    sampled = sampled_batch_topk_entries(hidden_pre, n_keep)
+    assert sampled.missed is not None
+    assert bool(sampled.missed) == (int((hidden_pre > 0).sum()) < n_keep)
+    assert sampled.token.shape == sampled.latent.shape == (n_keep,)  # static, whatever the data
+    if not sampled.missed:
+        exact = batch_topk_entries(hidden_pre, n_keep)
+        assert torch.equal(sampled.token, exact.token)
+        assert torch.equal(sampled.latent, exact.latent)
+
+
+def test_the_sampled_selection_misses_when_more_pass_than_it_has_room_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A threshold far below its aim: more candidates than the buffer holds is a miss."""
+    hidden_pre = torch.randn(96, 8192, generator=torch.Generator().manual_seed(0))
+    n_keep = 8 * 96
+    assert not sampled_batch_topk_entries(hidden_pre, n_keep).missed
+    monkeypatch.setattr(selection, "_candidate_threshold", lambda flat, n_keep: 0.0)
+    missed = sampled_batch_topk_entries(hidden_pre, n_keep)
+    assert missed.missed
+    # whatever it missed, its entries are valid and token-major: the step decodes them
+    _assert_token_major(missed.token, missed.latent, 8192)
+
+
+@pytest.mark.parametrize("estimate", ["too-high", "too-low"])
+def test_a_step_whose_selection_missed_selects_again_and_equals_an_exact_step(
+    monkeypatch: pytest.MonkeyPatch, estimate: str
+) -> None:
+    """The step reads ``missed`` with its other numbers and redoes the selection on the host."""
+    cfg = MatryoshkaTrainingSAEConfig(d_in=D_IN, d_sae=1024, k=4, matryoshka_widths=[64, 1024])
+    torch.manual_seed(0)
+    expected_sae = MatryoshkaTrainingSAE(cfg)
+    missing_sae = MatryoshkaTrainingSAE(cfg)
+    missing_sae.load_state_dict(expected_sae.state_dict())
+    x = torch.randn(64, D_IN)
+    dead = torch.arange(1024) % 7 == 0
+    expected = train_step(expected_sae, x, dead)
+    flat_max = float(x.abs().max()) * 1e6
+    wrong = {"too-high": flat_max, "too-low": 0.0}[estimate]
+    real_threshold = selection._candidate_threshold
+    calls: list[bool] = []
+
+    def off_once(flat: torch.Tensor, n_keep: int) -> torch.Tensor | float:
+        calls.append(True)
+        return wrong if len(calls) == 1 else real_threshold(flat, n_keep)
+
+    monkeypatch.setattr(selection, "_candidate_threshold", off_once)
+    got = train_step(missing_sae, x, dead)
+    assert len(calls) == 2  # the missed estimate, then the exact selection's
+    assert got.losses.keys() == expected.losses.keys()
+    for name, value in expected.losses.items():
+        torch.testing.assert_close(got.losses[name], value, msg=name)
+    for (name, param), got_param in zip(
+        expected_sae.named_parameters(), missing_sae.parameters(), strict=True
+    ):
+        assert param.grad is not None and got_param.grad is not None
+        torch.testing.assert_close(got_param.grad, param.grad, msg=name)
+    torch.testing.assert_close(
+        missing_sae.activation_fn.last_cutoff, expected_sae.activation_fn.last_cutoff
+    )
 
 
 def test_batch_topk_selection_keeps_exactly_k_per_token_when_the_cutoff_is_tied() -> None:
@@ -84,7 +159,7 @@ def test_batch_topk_selection_keeps_exactly_k_per_token_when_the_cutoff_is_tied(
     hidden_pre[:, ::2] = -1.0
     hidden_pre[0, :10] = torch.arange(2.0, 12.0)  # 5 values above the tie, at even columns
     k = 4
-    token, latent = batch_topk_entries(hidden_pre, k * 96)
+    token, latent, _ = batch_topk_entries(hidden_pre, k * 96)
     dense = dense_batch_topk(hidden_pre, k)
     assert len(token) == int(dense.count_nonzero()) == k * 96
     torch.testing.assert_close(

@@ -10,13 +10,15 @@
 
 from __future__ import annotations
 
-import dataclasses
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from sae_lens.training.sae_trainer import SAETrainer
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -36,6 +38,8 @@ from sae_lens_matryoshka.activations import (
 from sae_lens_matryoshka.collectives import Collectives
 from sae_lens_matryoshka.config import INFERENCE_ACTIVATIONS, TRAINING_ACTIVATIONS
 from sae_lens_matryoshka.inference_activations import INFERENCE_ACTIVATION_CLASSES
+from sae_lens_matryoshka.kernels.selection import Selection
+from sae_lens_matryoshka.toy import short_run_trainer_config
 
 from .conftest import ACTIVATION_FIELDS, small_sae_cfg, step_input, step_output, train_step
 
@@ -118,9 +122,9 @@ class RecordingCollectives(Collectives):
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def batch_topk(self, hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_topk(self, hidden_pre: torch.Tensor, k: float, count_on_host: bool) -> Selection:
         self.calls.append("batch_topk")
-        return super().batch_topk(hidden_pre, k)
+        return super().batch_topk(hidden_pre, k, count_on_host)
 
     def dead_everywhere(self, dead: torch.Tensor) -> torch.Tensor:
         self.calls.append("dead_everywhere")
@@ -141,7 +145,7 @@ def test_training_steps_use_the_injected_collectives_and_evaluation_does_not(
     x = torch.randn(32, D_IN)
     dead = torch.arange(D_SAE) % 5 == 0
     train_step(sae, x, dead)
-    assert collectives.calls == ["batch_topk", "dead_everywhere", "minimum"]
+    assert collectives.calls == ["dead_everywhere", "batch_topk", "minimum"]
     collectives.calls.clear()
     sae.eval()
     with torch.no_grad():
@@ -227,14 +231,14 @@ class _DeviceReads(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func in _READ_BACK:
-            self.syncs.append(func.__name__)
+            self.syncs.append(func.__name__ + _package_site())
         elif func in _INDEXING and any(
             isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
             for index in args[1]
         ):
-            self.syncs.append(f"{func.__name__} (boolean mask)")
+            self.syncs.append(f"{func.__name__} (boolean mask)" + _package_site())
         elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
-            self.syncs.append(f"{func.__name__} (no output_size)")
+            self.syncs.append(f"{func.__name__} (no output_size)" + _package_site())
         return func(*args, **kwargs)
 
 
@@ -247,8 +251,16 @@ class _UndispatchedReads(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if getattr(func, "__name__", None) in ("tolist", "numpy"):
-            self.syncs.append(func.__name__)
+            self.syncs.append(func.__name__ + _package_site())
         return func(*args, **(kwargs or {}))
+
+
+def _package_site() -> str:
+    """``"@file.py:function"`` of the innermost frame of the package: where a read was asked for."""
+    for frame in reversed(traceback.extract_stack()):
+        if "/sae_lens_matryoshka/" in frame.filename:
+            return f"@{Path(frame.filename).name}:{frame.name}"
+    return "@outside the package"
 
 
 @contextmanager
@@ -258,48 +270,65 @@ def counted_host_syncs() -> Iterator[list[str]]:
     Ops with a data-dependent size (``nonzero``, a boolean-mask index,
     ``masked_select``, ``unique``, ``coalesce``, ``repeat_interleave`` without
     ``output_size``) and reads of a value (``item``, ``bool``, ``float``, a
-    0-d tensor as an index, ``tolist``).
+    0-d tensor as an index, ``tolist``), each as ``"op@file.py:function"``.
     """
     syncs: list[str] = []
     with _UndispatchedReads(syncs), _DeviceReads(syncs):
         yield syncs
 
 
-#: the host synchronisations of a sparse step (forward and backward) that the algorithm needs
-_SELECTION = "nonzero.default"  # BatchTopK: how many entries pass the sampled threshold
-_DEAD = "tolist"  # how many latents of each level group are dead: the aux loss's shapes
-_FINITE = "_local_scalar_dense.default"  # whether the loss is finite, before any update
+#: a step's one host read (``step.read_step_numbers``): the loss's finiteness, whether the
+#: BatchTopK selection's estimate held, and the dead counts of every group, in one ``tolist``
+ONE_READ = ["tolist@step.py:read_step_numbers"]
+#: what a CPU run also counts for sampled prefixes: reading the drawn widths, which are a
+#: CPU tensor wherever the SAE is (the sampler's generator is a CPU one: ``test_device``
+#: checks that the step copies nothing else to its device), so no wait for a GPU
+PREFIX_DRAW = ["tolist@levels.py:sample_prefix_widths"]
 
 
+@pytest.mark.parametrize("dead_every", [5, None], ids=["dead", "none-dead"])
 @pytest.mark.parametrize(
-    ("fields", "expected"),
+    "fields",
     [
-        ({}, [_SELECTION, _DEAD, _FINITE]),
-        ({"activation": "topk"}, [_DEAD, _FINITE]),
-        ({"use_matryoshka_aux_loss": True}, [_SELECTION, _DEAD, _FINITE]),
-        ({"level_weights": [2.0, 1.0, 1.0]}, [_SELECTION, _DEAD, _FINITE]),
+        {},
+        {"activation": "topk"},
+        {"activation": "jumprelu"},
+        {"activation": "relu"},
+        {"use_matryoshka_aux_loss": True},
+        {"level_weights": [2.0, 1.0, 1.0]},
+        {"prefix_sampling": "pareto", "n_sampled_prefixes": 4},
+        {"activation": "topk", "prefix_sampling": "pareto", "use_matryoshka_aux_loss": True},
     ],
+    ids=lambda fields: "-".join(f"{key}={value}" for key, value in fields.items()) or "default",
 )
-def test_a_one_process_sparse_step_synchronises_only_where_it_must(
-    fields: dict[str, Any], expected: list[str]
+def test_a_steady_step_reads_from_the_device_once(
+    fields: dict[str, Any], dead_every: int | None
 ) -> None:
-    """Counted as a GPU would wait, over a step with dead latents in every level's group.
+    """Counted as a GPU would wait, over a step with or without dead latents in every group.
 
-    One process holds every latent, so its aux loss picks dead latents
-    without a shard's range mask (a boolean-mask index, a synchronisation
-    per level), and nothing else reads back from the device.
+    Every activation, whole-SAE and per-level aux loss, fixed and sampled
+    prefixes: one read, whatever the step needs on the host. The batch is
+    large enough for BatchTopK's sampled threshold to run, and its sampled
+    prefixes draw on the host (no read) and copy their bounds without waiting.
     """
-    cfg = dataclasses.replace(small_sae_cfg(), **fields)
+    activation = fields.get("activation", "batchtopk")
+    cfg = MatryoshkaTrainingSAEConfig(
+        d_in=small_sae_cfg().d_in,
+        d_sae=1024,
+        matryoshka_widths=[64, 256, 1024],
+        **{**ACTIVATION_FIELDS[activation], **fields},
+    )
     torch.manual_seed(0)
     sae = MatryoshkaTrainingSAE(cfg)
     x = torch.randn(64, cfg.d_in)
-    dead = torch.arange(cfg.d_sae) % 5 == 0
-    train_step(sae, x, dead)  # the first step initialises b_dec and caches the plans
+    dead = None if dead_every is None else torch.arange(cfg.d_sae) % dead_every == 0
+    train_step(sae, x, dead, l1=1.0, l0=1.0)  # the first step initialises b_dec, caches plans
     with counted_host_syncs() as syncs:
-        out = sae.training_forward_pass(step_input(x, dead, logging=False, step=1))
+        out = sae.training_forward_pass(step_input(x, dead, logging=False, step=1, l1=1.0, l0=1.0))
         out.loss.backward()
-    assert syncs == expected
-    assert float(out.losses["auxiliary_reconstruction_loss"].detach()) > 0  # dead latents trained
+    assert syncs == (PREFIX_DRAW if "prefix_sampling" in fields else []) + ONE_READ
+    aux = float(out.losses["auxiliary_reconstruction_loss"].detach())
+    assert aux > 0 if dead is not None else aux == 0  # dead latents trained
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
@@ -340,3 +369,36 @@ def test_a_compiled_step_equals_the_eager_step(activation: str) -> None:
             strict=True,
         ):
             torch.testing.assert_close(compiled_state, state, msg=f"{activation} {name}")
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "jumprelu"])
+@pytest.mark.parametrize("logging", [False, True])
+def test_the_trainer_keeps_no_unread_dense_tensor_of_a_step(activation: str, logging: bool) -> None:
+    """SAELens's trainer holds a step's output through the next step: no ``n_tokens x d_sae`` in it.
+
+    The pre-activations never stay; dense (``jumprelu``) activations stay
+    only for a logging step, whose wandb log reads them after the step.
+    """
+    n_tokens, d_sae = 64, 256
+    sae = _sae(activation, d_sae=d_sae, matryoshka_widths=[64, d_sae])
+    batches = iter(lambda: torch.randn(n_tokens, D_IN), None)
+    trainer_cfg = short_run_trainer_config(4, batch_size=n_tokens, lr=1e-3, dead_feature_window=1)
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches)
+    trainer._is_logging_step = lambda: logging  # type: ignore[method-assign]
+    for _ in range(2):  # the second with dead latents: every loss term runs
+        output = trainer.step(next(batches))
+        trainer.n_training_steps += 1
+    dense = {
+        name: tuple(value.shape)
+        for name, value in vars(output).items()
+        if isinstance(value, torch.Tensor)
+        and not value.is_sparse
+        and value.numel() >= n_tokens * d_sae
+    }
+    kept = {"feature_acts": (n_tokens, d_sae)} if logging and activation == "jumprelu" else {}
+    assert dense == kept
+    assert output.hidden_pre.shape == (0, d_sae)
+    # what the trainer reads of the output still reads
+    assert set(output.losses) >= {"mse_loss", "auxiliary_reconstruction_loss"}
+    direct = sae.training_forward_pass(step_input(torch.randn(n_tokens, D_IN), step=2, l0=1.0))
+    assert direct.hidden_pre.shape == (n_tokens, d_sae)  # called directly: everything returned

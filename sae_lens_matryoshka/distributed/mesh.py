@@ -36,7 +36,7 @@ import torch.distributed as dist
 from typing_extensions import override
 
 from sae_lens_matryoshka.collectives import Collectives, kept_entries
-from sae_lens_matryoshka.kernels.selection import batch_topk_entries
+from sae_lens_matryoshka.kernels.selection import Selection, batch_topk_entries
 from sae_lens_matryoshka.latent_part import LatentPart
 
 TIMEOUT_ENV = "SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT"
@@ -246,27 +246,31 @@ class MeshCollectives(Collectives):
         return self.mesh.n_shards > 1
 
     @override
-    def batch_topk(self, hidden_pre: torch.Tensor, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_topk(self, hidden_pre: torch.Tensor, k: float, count_on_host: bool) -> Selection:
         """This rank's share of the BatchTopK selection over every rank's pre-activations.
 
         The global batch keeps its ``k * n_tokens * n_replicas`` largest
         positive values. No rank can contribute more than that, so each takes
         its own top that many (at most all it has), the ranks agree on the
         global cut-off among those (:func:`global_cutoff`), and each keeps
-        its entries at or above it. Exact up to ties at the cut-off across ranks.
+        its entries at or above it. Exact up to ties at the cut-off across ranks,
+        and read back to the host whatever ``count_on_host`` says.
         """
+        del count_on_host  # the ranks' agreement on the cut-off reads counts anyway
         n_tokens = hidden_pre.shape[0] * self.mesh.n_replicas
         n_keep = kept_entries(k, n_tokens, n_tokens * self.d_sae)
-        token, latent = batch_topk_entries(hidden_pre, min(n_keep, hidden_pre.numel()))
+        token, latent, _ = batch_topk_entries(hidden_pre, min(n_keep, hidden_pre.numel()))
         values = hidden_pre[token, latent]
         keep = values >= global_cutoff(values, n_keep, "the global BatchTopK selection")
-        return token[keep], latent[keep]
+        return Selection(token[keep], latent[keep])
 
     @override
-    def topk(self, hidden_pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, hidden_pre: torch.Tensor, k: int) -> Selection:
         if not self.sharded:
             return super().topk(hidden_pre, k)
-        return _per_token_top(hidden_pre, k, self.mesh.shard_group, "the global TopK selection")
+        return Selection(
+            *_per_token_top(hidden_pre, k, self.mesh.shard_group, "the global TopK selection")
+        )
 
     @override
     def dead_topk(

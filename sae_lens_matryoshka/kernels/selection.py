@@ -26,6 +26,10 @@ _SMALLEST_SAMPLE = 1 << 10
 #: almost never falls above the true cut-off (the exact fallback then runs)
 _CANDIDATE_MARGIN = 2.0
 _SAMPLER_SEED = 0x5EED
+#: the host-read-free selection collects up to this many times the candidates the
+#: threshold aims for (:func:`sampled_batch_topk_entries`): the sample's count above
+#: the threshold varies by a few percent, so more than this is a threshold far off
+_CANDIDATE_ROOM = 2.0
 
 
 @functools.lru_cache(maxsize=8)
@@ -35,22 +39,60 @@ def _sample_positions(numel: int, size: int, device: torch.device) -> torch.Tens
     return torch.randint(0, numel, (size,), generator=generator, device=device)
 
 
+def _threshold_sample(numel: int, n_keep: int) -> tuple[int, int] | None:
+    """How large a sample the threshold is estimated from, and how many of it lie above it.
+
+    None where sampling cannot help (a small matrix, or most entries kept).
+    """
+    size = min(_THRESHOLD_SAMPLE, numel // 16)
+    above = math.ceil(_CANDIDATE_MARGIN * n_keep / numel * size) + 16
+    if size < _SMALLEST_SAMPLE or above >= size:
+        return None
+    return size, above
+
+
 def _candidate_threshold(flat: torch.Tensor, n_keep: int) -> torch.Tensor | float:
     """A value that, with high probability, at least ``n_keep`` entries of ``flat`` exceed.
 
     Stays on the device (no host synchronisation); 0 where sampling cannot help.
     """
-    size = min(_THRESHOLD_SAMPLE, flat.numel() // 16)
-    if size < _SMALLEST_SAMPLE:
+    sample_plan = _threshold_sample(flat.numel(), n_keep)
+    if sample_plan is None:
         return 0.0
+    size, above = sample_plan
     sample = flat[_sample_positions(flat.numel(), size, flat.device)]
-    above = math.ceil(_CANDIDATE_MARGIN * n_keep / flat.numel() * size) + 16
-    if above >= sample.numel():
-        return 0.0
-    return sample.kthvalue(sample.numel() - above).values.clamp(min=0.0)
+    return sample.kthvalue(size - above).values.clamp(min=0.0)
 
 
-def batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _candidate_room(numel: int, n_keep: int) -> int:
+    """The candidate buffer's size: ``_CANDIDATE_ROOM`` times what the threshold aims to pass.
+
+    Every entry where no sample is drawn (every positive one is a candidate then).
+    """
+    sample_plan = _threshold_sample(numel, n_keep)
+    if sample_plan is None:
+        return numel
+    size, above = sample_plan
+    return min(numel, math.ceil(_CANDIDATE_ROOM * above * numel / size))
+
+
+class Selection(NamedTuple):
+    """The ``(token, latent)`` entries an activation keeps, token-major, and whether they are sure.
+
+    A selection whose shapes were fixed without reading a count back to the
+    host (:func:`sampled_batch_topk_entries`) carries ``missed``: a 0-d bool
+    on the device, true where its estimate fell outside what it can answer
+    exactly. The training step reads it with its other numbers in one host
+    read and, where true, selects again with :func:`batch_topk_entries`.
+    """
+
+    token: torch.Tensor
+    latent: torch.Tensor
+    #: None where the entries are exact by construction
+    missed: torch.Tensor | None = None
+
+
+def batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> Selection:
     """The ``n_keep`` largest positive entries of ``hidden_pre [n_tokens, d_sae]``, token-major.
 
     The same entries as a dense ``topk`` over the flattened matrix (ties at
@@ -58,26 +100,59 @@ def batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> tuple[torch.Ten
     arbitrarily); fewer when fewer are positive. Instead of ranking all
     ``n_tokens * d_sae`` values, entries above a threshold estimated from a
     sample are ranked; when fewer than ``n_keep`` pass it, every positive entry
-    is ranked instead, so the result never depends on the estimate.
+    is ranked instead, so the result never depends on the estimate. Reads how
+    many entries pass back to the host (a synchronisation);
+    :func:`sampled_batch_topk_entries` does not.
     """
     d_sae = hidden_pre.shape[-1]
     flat = hidden_pre.reshape(-1)
     if n_keep <= 0:
         nothing = torch.zeros(0, dtype=torch.long, device=flat.device)
-        return nothing, nothing
-    # The host synchronisation BatchTopK needs: how many entries pass the
-    # threshold decides the shapes of everything that follows.
+        return Selection(nothing, nothing)
     candidates = (flat > _candidate_threshold(flat, n_keep)).nonzero().squeeze(1)
     if candidates.numel() < n_keep:
         candidates = (flat > 0).nonzero().squeeze(1)
     if candidates.numel() > n_keep:
-        values = flat[candidates]
-        cutoff = values.kthvalue(values.numel() - n_keep + 1).values
-        # at least n_keep candidates reach the cut-off; the first n_keep of them
-        # (ties broken by position) have a static size, so no synchronisation
-        kept = torch.nonzero_static(values >= cutoff, size=n_keep).squeeze(1)
-        candidates = candidates[kept]
-    return candidates // d_sae, candidates % d_sae
+        candidates = candidates[_first_largest(flat[candidates], n_keep)]
+    return Selection(candidates // d_sae, candidates % d_sae)
+
+
+def _first_largest(values: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Positions of ``values``' ``n_keep`` largest, increasing (ties broken by position).
+
+    At least ``n_keep`` values reach the ``n_keep``-th largest; the first
+    ``n_keep`` of them have a static size, so no synchronisation.
+    """
+    cutoff = values.kthvalue(values.numel() - n_keep + 1).values
+    return torch.nonzero_static(values >= cutoff, size=n_keep).squeeze(1)
+
+
+def sampled_batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> Selection:
+    """:func:`batch_topk_entries` without a host read, and a flag for the rare batch it cannot do.
+
+    The entries above the sampled threshold are collected into a buffer of
+    fixed size (``_CANDIDATE_ROOM`` times the expected number) and ranked
+    there. Exact whenever between ``n_keep`` and the buffer's size pass the
+    threshold; ``missed`` says, on the device, when not (fewer than ``n_keep``
+    positive entries, or an estimate far off), and the caller then selects
+    with :func:`batch_topk_entries`.
+    """
+    d_sae = hidden_pre.shape[-1]
+    flat = hidden_pre.reshape(-1)
+    if n_keep <= 0:
+        return batch_topk_entries(hidden_pre, n_keep)  # nothing to select: no read either
+    room = _candidate_room(flat.numel(), n_keep)
+    passing = flat > _candidate_threshold(flat, n_keep)
+    n_passing = passing.sum()
+    # the buffer's unused end repeats the last entry, so that every index stays
+    # valid and increasing whatever the count (a missed selection is still decoded)
+    candidates = torch.nonzero_static(passing, size=room, fill_value=flat.numel() - 1).squeeze(1)
+    if room > n_keep:
+        used = torch.arange(room, device=flat.device) < n_passing
+        values = torch.where(used, flat[candidates], -torch.inf)
+        candidates = candidates[_first_largest(values, n_keep)]
+    missed = (n_passing < n_keep) | (n_passing > room)
+    return Selection(candidates // d_sae, candidates % d_sae, missed)
 
 
 def topk_entries(hidden_pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
