@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from sae_lens.saes.topk_sae import TopK
 from sae_lens.util import str_to_dtype
 from torch import nn
 from typing_extensions import override
@@ -42,6 +43,11 @@ class InferenceActivation(nn.Module):
 
     #: whether every latent's pre-activation is needed to activate any of them
     selects_among_all_latents: ClassVar[bool] = False
+    #: the SAELens architecture computing the same activation, whose attributes the SAE has
+    #: (what tools that dispatch on SAELens's architectures should treat it as)
+    saelens_architecture: ClassVar[str] = "standard"
+    #: when a latent fires, for messages
+    fires: ClassVar[str] = "when its pre-activation is positive"
 
     def __init__(self, cfg: MatryoshkaSAEConfig) -> None:
         del cfg  # ReLU has no settings
@@ -60,8 +66,13 @@ class InferenceActivation(nn.Module):
 
 
 class InferenceJumpReLU(InferenceActivation):
-    """ReLU that also zeroes every latent at or below its ``threshold`` (in the SAE's dtype)."""
+    """ReLU that also zeroes every latent at or below its ``threshold`` (in the SAE's dtype).
 
+    The SAE shows ``threshold`` as its own attribute, as SAELens's ``JumpReLUSAE`` does.
+    """
+
+    saelens_architecture: ClassVar[str] = "jumprelu"
+    fires: ClassVar[str] = "when its pre-activation is above its threshold"
     threshold: nn.Parameter
 
     def __init__(self, cfg: MatryoshkaSAEConfig) -> None:
@@ -79,14 +90,22 @@ class InferenceJumpReLU(InferenceActivation):
         scale_with_folded_norms(self.threshold, fold)
 
 
-class InferenceTopK(InferenceActivation):
-    """Each token's ``k`` largest pre-activations over all latents, then ReLU."""
+class InferenceTopK(InferenceActivation, TopK):
+    """Each token's ``k`` largest pre-activations over all latents, then ReLU.
+
+    Also a SAELens ``TopK``: tools that recognise a top-k SAE by its activation
+    (SAEDashboard encodes such an SAE whole instead of masking latents, which
+    would change the selection) treat this one as they treat SAELens's.
+    """
 
     selects_among_all_latents: ClassVar[bool] = True
+    saelens_architecture: ClassVar[str] = "topk"
+    fires: ClassVar[str] = "when it is among each token's k largest pre-activations"
+    k: int
 
     def __init__(self, cfg: MatryoshkaSAEConfig) -> None:
-        super().__init__(cfg)
-        self.k = int(required_k(cfg))
+        # SAELens's TopK initialises the module and holds k (``InferenceActivation``'s takes no k)
+        TopK.__init__(self, int(required_k(cfg)))
 
     @override
     def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:

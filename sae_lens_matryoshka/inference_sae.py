@@ -19,7 +19,11 @@ from typing_extensions import override
 
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig
 from sae_lens_matryoshka.decoder import folded_decoder, inference_decoder
-from sae_lens_matryoshka.inference_activations import InferenceActivation, inference_activation
+from sae_lens_matryoshka.inference_activations import (
+    InferenceActivation,
+    InferenceJumpReLU,
+    inference_activation,
+)
 from sae_lens_matryoshka.io.safe_loading import check_finite_weights
 from sae_lens_matryoshka.kernels.level_decode import decode_levels
 from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts
@@ -38,6 +42,9 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
 
     b_enc: nn.Parameter
     activation_fn: InferenceActivation
+    #: JumpReLU-inferring SAEs only: the per-latent thresholds, as ``JumpReLUSAE.threshold``
+    #: (held by the activation, shown here by ``__getattr__``; saved as ``threshold``)
+    threshold: nn.Parameter
 
     def __init__(self, cfg: MatryoshkaSAEConfig, use_error_term: bool = False) -> None:
         super().__init__(cfg, use_error_term)
@@ -48,6 +55,46 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
     @override
     def get_activation_fn(self) -> InferenceActivation:
         return inference_activation(self.cfg)
+
+    @property
+    def saelens_architecture(self) -> str:
+        """The SAELens architecture computing what this SAE computes: jumprelu, topk or standard.
+
+        The SAE has that class's attributes (``threshold`` for jumprelu), so
+        tools that dispatch on SAELens's architecture names can treat it as one
+        (see ``dashboard``); ``to_portable`` converts it into one.
+        """
+        return self.activation_fn.saelens_architecture
+
+    def _jumprelu(self) -> InferenceJumpReLU:
+        """The activation holding ``threshold``; ``AttributeError`` (so ``hasattr`` is False) if none does."""
+        activation = self.activation_fn
+        if not isinstance(activation, InferenceJumpReLU):
+            raise AttributeError(
+                f"'threshold': this MatryoshkaSAE infers with activation={self.cfg.activation!r}, "
+                f"where a latent fires {activation.fires}, so it has no per-latent threshold. "
+                "Only SAEs inferring with 'jumprelu' (trained with activation='batchtopk' or "
+                "'jumprelu') have sae.threshold, as SAELens's JumpReLUSAE does."
+            )
+        return activation
+
+    @override
+    def __getattr__(self, name: str) -> Any:
+        # Only names absent from the instance get here (nn.Module keeps parameters
+        # and submodules outside __dict__), so this costs normal lookups nothing.
+        if name == "threshold":
+            return self._jumprelu().threshold
+        return super().__getattr__(name)
+
+    @override
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ``sae.threshold = nn.Parameter(...)`` (what tools written for JumpReLUSAE
+        # do) replaces the activation's tensor; nn.Module would otherwise register
+        # a second, unused parameter that shadows nothing and is saved twice.
+        if name == "threshold":
+            self._jumprelu().threshold = value
+        else:
+            super().__setattr__(name, value)
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:

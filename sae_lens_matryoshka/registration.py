@@ -21,6 +21,8 @@ Besides its two registry entries, the plugin wraps these SAELens routines
 - ``SAETrainer._train_step`` (``kept_outputs``): the step output the trainer
   holds through the next step keeps no ``n_tokens x d_sae`` tensor it will
   not read.
+- SAEDashboard's ``FeatureMaskingContext.__enter__`` (``dashboard``), when
+  ``sae_dashboard`` is installed: its architecture check accepts Matryoshka SAEs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-from sae_lens_matryoshka import kept_outputs, progress
+from sae_lens_matryoshka import dashboard, kept_outputs, progress
 from sae_lens_matryoshka.config import (
     ARCHITECTURE,
     MatryoshkaSAEConfig,
@@ -69,11 +71,14 @@ def register() -> None:
     ``checkpoints``), SAELens's loaders check Matryoshka folders and read
     checkpoints as the SAE their run would save (see ``loaders``), and its
     progress bar count every step (see ``progress``), and its step outputs keep
-    no pre-activations into the next step (see ``kept_outputs``).
+    no pre-activations into the next step (see ``kept_outputs``). With
+    SAEDashboard installed, SAEDashboard renders Matryoshka SAEs (see ``dashboard``).
     """
     checkpoints.install()
     loaders.install()
     progress.install()
     kept_outputs.install()
+    if dashboard.dashboard_installed():
+        dashboard.install()
     _register(SAE_TRAINING_CLASS_REGISTRY, (MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig))
     _register(SAE_CLASS_REGISTRY, (MatryoshkaSAE, MatryoshkaSAEConfig))

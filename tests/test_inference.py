@@ -283,3 +283,80 @@ def test_a_short_run_saves_a_threshold_that_fires_k_latents_per_token(tmp_path: 
         l0_with_ema = (pre > ema_threshold).float().sum(-1).mean().item()
     assert abs(l0 - k) < 0.25 * k, (l0, k)
     assert l0_with_ema > 2 * k  # the control: the EMA would have saved a far looser threshold
+
+
+# ``sae.threshold``: the attribute surface of SAELens's JumpReLUSAE
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "jumprelu"])
+def test_threshold_is_jumprelusaes_for_a_saved_sae(activation: str, tmp_path: Path) -> None:
+    _trained_sae(True, activation=activation).save_inference_model(tmp_path)
+    saved = load_file(tmp_path / "sae_weights.safetensors")
+    ours = SAE.load_from_disk(tmp_path)
+    ref = JumpReLUSAE(JumpReLUSAEConfig(d_in=10, d_sae=40))
+    ref.load_state_dict(saved)
+    assert isinstance(ours, MatryoshkaSAE) and ours.saelens_architecture == "jumprelu"
+    assert isinstance(ours.threshold, torch.nn.Parameter) and ours.threshold.shape == (40,)
+    assert ours.threshold is ours.activation_fn.threshold  # one tensor, not a copy
+    torch.testing.assert_close(ours.threshold, ref.threshold)
+    assert ours.threshold.gt(0).any()
+    # the saved names are SAELens's, as before the attribute existed
+    assert set(ours.state_dict()) == set(ref.state_dict()) == set(saved)
+    # the same semantics: a latent fires only above its threshold
+    x = torch.randn(64, 10)
+    acts = ours.encode(x)
+    fired = acts > 0
+    pre = ours.process_sae_in(x) @ ours.W_enc + ours.b_enc
+    assert torch.equal(fired, pre > ours.threshold)
+    torch.testing.assert_close(acts, ref.encode(x))
+
+
+def test_assigning_threshold_changes_encode_as_on_jumprelusae() -> None:
+    """What tools written for JumpReLUSAE do (SAEDashboard slices it): assign a new Parameter."""
+    ours = _random_inference_sae()
+    ref = JumpReLUSAE(JumpReLUSAEConfig(d_in=10, d_sae=40))
+    ref.load_state_dict(ours.state_dict())
+    raised = torch.nn.Parameter(ours.threshold.detach() + 0.3)
+    ours.threshold = raised
+    ref.threshold = torch.nn.Parameter(raised.detach().clone())
+    assert ours.activation_fn.threshold is raised
+    assert set(ours.state_dict()) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+    torch.testing.assert_close(ours.state_dict()["threshold"], raised.detach())
+    x = torch.randn(32, 10)
+    torch.testing.assert_close(ours.encode(x), ref.encode(x))
+    # folding decoder norms scales the thresholds the same way
+    ours.fold_W_dec_norm()
+    ref.fold_W_dec_norm()
+    torch.testing.assert_close(ours.threshold, ref.threshold)
+
+
+@pytest.mark.parametrize(("activation", "fires"), [("topk", "k largest"), ("relu", "positive")])
+def test_no_threshold_without_jumprelu_says_why(activation: str, fires: str) -> None:
+    sae = MatryoshkaSAE(
+        MatryoshkaSAEConfig(
+            d_in=10,
+            d_sae=40,
+            matryoshka_widths=[5, 40],
+            activation=activation,  # type: ignore[arg-type]
+            k=3 if activation == "topk" else None,
+        )
+    )
+    assert not hasattr(sae, "threshold")
+    with pytest.raises(AttributeError, match=rf"activation='{activation}'.*{fires}.*'jumprelu'"):
+        _ = sae.threshold
+    with pytest.raises(AttributeError, match="no per-latent threshold"):
+        sae.threshold = torch.nn.Parameter(torch.zeros(40))
+    assert "threshold" not in sae.state_dict()
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "topk", "relu"])
+def test_saelens_architecture_is_the_portable_forms(activation: str) -> None:
+    """The SAELens class a MatryoshkaSAE computes as is the one ``to_portable`` converts it into."""
+    from sae_lens.saes.topk_sae import TopK
+
+    from sae_lens_matryoshka import to_inference, to_portable
+
+    sae = to_inference(_trained_sae(False, steps=5, activation=activation))
+    assert to_portable(sae).cfg.architecture() == sae.saelens_architecture
+    # a topk SAE's activation is SAELens's TopK, as tools checking for one expect
+    assert isinstance(sae.activation_fn, TopK) == (activation == "topk")

@@ -47,6 +47,7 @@ ORDER = [
     "recipes",
     "progress",
     "kept_outputs",
+    "dashboard",
     "distributed.mesh",
     "distributed.sharding",
     "distributed.launch",
