@@ -92,7 +92,7 @@ def mean_max_decoder_cosine(W_dec: torch.Tensor) -> float:
     return level_max_decoder_cosines(W_dec, [W_dec.shape[0]])[0]
 
 
-class _HookSite:
+class HookSite:
     """Where the SAE reads the model: a whole hook, one head of it, or all heads flattened.
 
     Mirrors SAELens's evals: ``hook_head_index`` picks one head of an attention
@@ -135,14 +135,14 @@ class _HookSite:
         return self.write(activations, kept.to(activations.device))
 
 
-def _ignored_tokens(model: HookedRootModule, exclude: Iterable[int] | bool) -> list[int]:
+def ignored_tokens(model: HookedRootModule, exclude: Iterable[int] | bool) -> list[int]:
     """The token ids whose positions are not counted (SAELens's ``exclude_special_tokens``)."""
     if exclude is True:
         return list(get_special_token_ids(model.tokenizer))
     return list(exclude) if exclude else []
 
 
-def _token_mask(tokens: torch.Tensor, ignore: list[int]) -> torch.Tensor:
+def token_mask(tokens: torch.Tensor, ignore: list[int]) -> torch.Tensor:
     """Which positions count: those whose token is not ignored."""
     if not ignore:
         return torch.ones_like(tokens, dtype=torch.bool)
@@ -223,8 +223,8 @@ def evaluate_levels(
         sae = to_inference(sae)
     scaler = activation_scaler or ActivationScaler()
     hook_name = sae.cfg.metadata.hook_name
-    site = _HookSite(hook_name, sae.cfg.metadata.hook_head_index)
-    ignore = _ignored_tokens(model, exclude_special_tokens)
+    site = HookSite(hook_name, sae.cfg.metadata.hook_head_index)
+    ignore = ignored_tokens(model, exclude_special_tokens)
     levels = [sae.truncate(width) for width in sae.matryoshka_widths]
     for level in levels:  # the site reads heads flattened already, as SAELens's evals do
         level.turn_off_forward_pass_hook_z_reshaping()
@@ -234,7 +234,7 @@ def evaluate_levels(
     batch_size = batch_size_prompts or activation_store.store_batch_size_prompts
     for _ in range(n_batches):
         tokens = activation_store.get_batch_tokens(batch_size)
-        mask = _token_mask(tokens, ignore)
+        mask = token_mask(tokens, ignore)
         n_tokens += int(mask.sum())
         (logits, loss), cache = model.run_with_cache(
             tokens, return_type="both", loss_per_token=True, names_filter=[hook_name]

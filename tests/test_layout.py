@@ -44,6 +44,7 @@ ORDER = [
     "io.local_sources",
     "io",
     "evals",
+    "hierarchy",
     "recipes",
     "progress",
     "kept_outputs",

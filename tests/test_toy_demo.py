@@ -75,9 +75,10 @@ def test_demo_writes_metrics_figures_and_saved_saes(short_demo: ShortDemo) -> No
         "metrics.json",
         "decoder_cosines.png",
         "parent_child_activations.png",
+        "feature_tree.png",
         "saes",
     }
-    for png in ("decoder_cosines.png", "parent_child_activations.png"):
+    for png in ("decoder_cosines.png", "parent_child_activations.png", "feature_tree.png"):
         assert (output / png).read_bytes()[:8] == PNG_MAGIC
     assert json.loads((output / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     config = metrics["config"]
@@ -142,6 +143,10 @@ def test_the_default_demo_shows_the_papers_result_on_every_seed(tmp_path: Path) 
         # every feature learned; the children least exactly, as the README explains
         assert ours["min_best_cosine"] > 0.85, (run["seed"], ours["best_cosine"])
         assert ours["mean_best_cosine"] > plain["mean_best_cosine"], run["seed"]
+        # the feature tree found from co-firing alone: the true edges, and more of them than
+        # in the plain SAE, whose absorbed children lose their parents
+        assert ours["tree_precision"] >= 0.9, (run["seed"], ours["tree"]["edges"])
+        assert ours["tree_recall"] > plain["tree_recall"], run["seed"]
 
 
 @pytest.mark.parametrize(

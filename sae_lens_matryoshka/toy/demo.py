@@ -18,6 +18,9 @@ the form a researcher ships. It writes to an output folder:
   (the paper's Figure 2);
 - ``parent_child_activations.png``: how often each parent's latent fires
   without a child and with each child, over all seeds (Figure 3);
+- ``feature_tree.png``: each SAE's feature tree as ``hierarchy.find_hierarchy``
+  recovers it from co-firing alone (first seed); ``metrics.json`` holds every
+  seed's trees and their precision and recall against the true edges;
 - ``saes/seed_<seed>/<name>``: the saved SAEs.
 
 ``activation="relu"`` (the default) trains both SAEs with ReLU and an L1
@@ -43,6 +46,12 @@ from tqdm.auto import tqdm
 
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.evals import feature_recovery, hierarchy_absorption
+from sae_lens_matryoshka.hierarchy import (
+    LatentHierarchy,
+    draw_hierarchy,
+    edge_recovery,
+    find_hierarchy,
+)
 from sae_lens_matryoshka.progress import hidden_trainer_bar
 from sae_lens_matryoshka.toy.model import ToyHierarchy, single_thread
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
@@ -70,6 +79,8 @@ SUMMARY_METRICS = (
     "mcc",
     "explained_variance",
     "l0",
+    "tree_precision",
+    "tree_recall",
 )
 
 
@@ -234,8 +245,14 @@ def run_toy_demo(
     titles = sae_titles(levels, sparsity)
     plot_decoder_cosines(*trained[0], levels, titles, output_dir / "decoder_cosines.png")
     plot_parent_firing(runs, reference, titles, output_dir / "parent_child_activations.png")
+    plot_feature_trees(
+        runs[0], trained[0][0], trained[0][1], titles, output_dir / "feature_tree.png"
+    )
     print(format_table(metrics))
-    print(f"wrote {output_dir / 'metrics.json'}, decoder_cosines.png, parent_child_activations.png")
+    print(
+        f"wrote {output_dir / 'metrics.json'}, decoder_cosines.png, "
+        "parent_child_activations.png, feature_tree.png"
+    )
     return metrics
 
 
@@ -270,8 +287,13 @@ def score(saes: Mapping[str, SAE[Any]], toy: ToyHierarchy, levels: list[int]) ->
         recovery = feature_recovery(sae, toy.directions)
         acts = sae.encode(x)
         best_latent = toy.decoder_cosines(sae).argmax(dim=0)
+        tree = find_hierarchy(sae, x)
+        tree_recovery = edge_recovery(tree.edges, toy.children, toy.decoder_cosines(sae))
         scores[name] = {
             "absorption": absorption["absorption"],
+            "tree_precision": tree_recovery["precision"],
+            "tree_recall": tree_recovery["recall"],
+            "tree": tree.to_json(),
             "min_best_cosine": min(recovery["best_cosine"]),
             "mean_best_cosine": recovery["mean_best_cosine"],
             "mcc": recovery["mcc"],
@@ -497,3 +519,44 @@ def _parent_firing(scores: Mapping[str, Any], parents: Sequence[int]) -> list[li
         rates.setdefault(edge["parent"], [edge["recall_without_children"]])
         rates[edge["parent"]].append(edge["recall_with_child"])
     return [rates[parent] for parent in parents]
+
+
+def plot_feature_trees(
+    run: Mapping[str, Any],
+    toy: ToyHierarchy,
+    saes: Mapping[str, SAE[Any]],
+    titles: Mapping[str, str],
+    path: Path,
+) -> None:
+    """Each SAE's recovered feature tree (``hierarchy.find_hierarchy``) side by side, one seed.
+
+    Every true feature's best latent is drawn, edge or not, labelled with
+    that feature: a Matryoshka SAE shows each parent over its children; in a
+    plain SAE an absorbed child's latent stands without its parent.
+    """
+    plt = _pyplot()
+    labels = toy.labels
+    fig, axes = plt.subplots(1, len(saes), figsize=(7.5 * len(saes), 3.8), squeeze=False)
+    for axis, name in zip(axes[0], saes, strict=True):
+        tree = LatentHierarchy.from_json(run[name]["tree"])
+        cosines = toy.decoder_cosines(saes[name])
+        best_feature = cosines.argmax(dim=1).tolist()
+        latent_labels = {latent: labels[feature] for latent, feature in enumerate(best_feature)}
+        draw_hierarchy(tree, axis, labels=latent_labels, latents=cosines.argmax(dim=0).tolist())
+        axis.set_title(
+            f"{titles[name]}: feature tree (seed {run['seed']})\n"
+            f"true edges recovered: precision {run[name]['tree_precision']:.2f}, "
+            f"recall {run[name]['tree_recall']:.2f}",
+            fontsize=9,
+        )
+    fig.text(
+        0.5,
+        0.01,
+        "node: latent index and its best-matching true feature; edge: parent latent -> child "
+        "latent, found from co-firing alone",
+        ha="center",
+        fontsize=8,
+    )
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
