@@ -16,6 +16,10 @@ from datetime import timedelta
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# one implementation per kernel, not the one a timing on a loaded machine happens to pick:
+# runs compared bit for bit (resumes, processes under torchrun) compute the same way
+# (tests/test_sparse_path.py holds the candidates equal and tests the measured choice)
+os.environ.setdefault("SAE_MATRYOSHKA_KERNELS", "encoder_weight_grad=csr")
 
 from collections.abc import Callable
 from pathlib import Path

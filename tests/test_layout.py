@@ -18,6 +18,7 @@ ORDER = [
     "sae_base",
     # pure tensor functions
     "kernels.selection",
+    "kernels.measured",
     "kernels.encoder_backward",
     "kernels.level_decode",
     "kernels.jumprelu",

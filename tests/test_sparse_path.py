@@ -10,6 +10,7 @@ for the same parameters, for every level configuration.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
@@ -18,8 +19,13 @@ import torch
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS
 from sae_lens_matryoshka.kernels import selection
-from sae_lens_matryoshka.kernels.encoder_backward import SparseEncoderValues, encoder_weight_grad
+from sae_lens_matryoshka.kernels.encoder_backward import (
+    ENCODER_WEIGHT_GRAD,
+    SparseEncoderValues,
+    encoder_weight_grad,
+)
 from sae_lens_matryoshka.kernels.level_decode import RunningLevels, decode_groups, decode_levels
+from sae_lens_matryoshka.kernels.measured import CHOICE_ENV, MeasuredKernel
 from sae_lens_matryoshka.kernels.selection import (
     batch_topk_entries,
     dead_latent_pick,
@@ -266,23 +272,78 @@ def test_running_levels_are_the_cumulative_sum_with_its_gradients(detach: bool) 
     torch.testing.assert_close(low, (exact + b_dec.detach().bfloat16().double()).bfloat16())
 
 
-def test_encoder_weight_gradient_is_the_dense_product(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kernel", sorted(ENCODER_WEIGHT_GRAD.candidates))
+def test_encoder_weight_gradient_is_the_dense_product(
+    monkeypatch: pytest.MonkeyPatch, kernel: str
+) -> None:
+    """Each candidate implementation, in float32, bfloat16 and over uninitialised memory."""
+    monkeypatch.setenv(CHOICE_ENV, f"encoder_weight_grad={kernel}")
     generator = torch.Generator().manual_seed(0)
     sae_in = torch.randn(6, 5, generator=generator)
     grad = torch.randn(len(TOKEN), generator=generator)
     G = torch.zeros(6, 9)
     G[TOKEN, LATENT] = grad
     torch.testing.assert_close(encoder_weight_grad(sae_in, TOKEN, LATENT, grad, 9), sae_in.T @ G)
-    # the product is written over uninitialised memory: whatever it held (NaN here) is ignored
+    # whatever memory the result is written over held (NaN here) is ignored
     new_empty = torch.Tensor.new_empty
-    monkeypatch.setattr(
-        torch.Tensor, "new_empty", lambda self, *a, **kw: new_empty(self, *a, **kw).fill_(torch.nan)
-    )
-    torch.testing.assert_close(encoder_weight_grad(sae_in, TOKEN, LATENT, grad, 9), sae_in.T @ G)
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(
+            torch.Tensor,
+            "new_empty",
+            lambda self, *a, **kw: new_empty(self, *a, **kw).fill_(torch.nan),
+        )
+        got = encoder_weight_grad(sae_in, TOKEN, LATENT, grad, 9)
+    torch.testing.assert_close(got, sae_in.T @ G)
     # bfloat16 inputs are multiplied in float32 (no bfloat16 sparse kernel on CPU)
     low = encoder_weight_grad(sae_in.bfloat16(), TOKEN, LATENT, grad.bfloat16(), 9)
+    assert low.dtype == torch.float32
     torch.testing.assert_close(low, sae_in.T @ G, rtol=2e-2, atol=2e-2)
+    # and at a size with many entries per token, as the dead-latent loss has
+    token, latent = topk_entries(torch.randn(64, 512, generator=generator), 100)
+    grad = torch.randn(len(token), generator=generator)
+    sae_in = torch.randn(64, 24, generator=generator)
+    G = torch.zeros(64, 512)
+    G[token, latent] = grad
+    got = encoder_weight_grad(sae_in, token, latent, grad, 512)
+    torch.testing.assert_close(got, sae_in.T @ G, rtol=1e-5, atol=1e-5)
+
+
+def test_a_measured_kernel_runs_the_faster_candidate_and_keeps_its_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(CHOICE_ENV, raising=False)
+    calls: list[str] = []
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        calls.append("slow")
+        time.sleep(0.02)
+        return x + 1
+
+    def fast(x: torch.Tensor) -> torch.Tensor:
+        calls.append("fast")
+        return x + 1
+
+    kernel = MeasuredKernel("demo", {"slow": slow, "fast": fast})
+    x = torch.zeros(3)
+    torch.testing.assert_close(kernel("shape-a", x), x + 1)
+    assert kernel.chosen == {"shape-a": "fast"}
+    assert set(calls) == {"slow", "fast"}  # both timed on the first call for a key
+    calls.clear()
+    for _ in range(3):
+        kernel("shape-a", x)
+    assert calls == ["fast"] * 3  # then only the chosen one, no more timing
+    kernel("shape-b", x)
+    assert set(kernel.chosen) == {"shape-a", "shape-b"}  # each key measured once
+    # a fixed choice: no timing, whatever was measured
+    monkeypatch.setenv(CHOICE_ENV, "other=x, demo=slow")
+    calls.clear()
+    kernel("shape-c", x)
+    assert calls == ["slow"] and "shape-c" not in kernel.chosen
+    monkeypatch.setenv(CHOICE_ENV, "demo=quick")
+    with pytest.raises(
+        ValueError, match=r"kernel 'demo' has the candidates \['fast', 'slow'\], got 'quick'"
+    ):
+        kernel("shape-d", x)
 
 
 @pytest.mark.parametrize("widths", [[64], [4, 20, 64], [1, 2, 63, 64]])

@@ -16,9 +16,12 @@ product takes the entries as they are.
   ``n_tokens x d_sae`` ranking never runs; the dense TopK; and each token's
   most active dead latents for the aux loss, picked the cheaper of two ways
   for how many are dead;
+- ``measured``: a kernel with several implementations computing the same,
+  the fastest timed on the first call for each shape where it runs;
 - ``encoder_backward``: selected pre-activations with an encoder backward that
   touches only the selected latents (the ``W_enc`` gradient is one
-  sparse-dense product with the token-major CSR gradient matrix);
+  sparse-dense product with the token-major CSR gradient matrix, or one
+  ``embedding_bag`` over the entries sorted by latent, whichever is faster);
 - ``level_decode``: every Matryoshka level at once, densely (one cumulative
   decode) or from the entries (one ``embedding_bag`` over (token, group)
   bags, then a running sum over groups);
