@@ -17,6 +17,9 @@ Besides its two registry entries, the plugin wraps these SAELens routines
   Matryoshka folder, and a checkpoint read as the SAE its run saves.
 - ``NAMED_PRETRAINED_SAE_LOADERS["sae_lens"]`` (``loaders``):
   ``SAE.from_pretrained`` reads a checkpoint on the Hub the same way.
+- ``LanguageModelSAETrainingRunner.__init__`` and ``save_final_sae``
+  (``save_paths``): the output and checkpoint paths are checked before the
+  model loads, and a trained SAE whose final save fails is kept elsewhere.
 - ``SAETrainer._update_pbar`` (``progress``): the progress bar ends at 100%.
 - ``SAETrainer._train_step`` (``kept_outputs``): the step output the trainer
   holds through the next step keeps no ``n_tokens x d_sae`` tensor it will
@@ -38,7 +41,7 @@ from sae_lens_matryoshka.config import (
     MatryoshkaTrainingSAEConfig,
 )
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
-from sae_lens_matryoshka.io import checkpoints, loaders
+from sae_lens_matryoshka.io import checkpoints, loaders, save_paths
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 
@@ -76,6 +79,7 @@ def register() -> None:
     """
     checkpoints.install()
     loaders.install()
+    save_paths.install()
     progress.install()
     kept_outputs.install()
     if dashboard.dashboard_installed():

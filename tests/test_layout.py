@@ -43,6 +43,7 @@ ORDER = [
     "io.interop",
     "io.hub",
     "io.local_sources",
+    "io.save_paths",
     "io",
     "evals",
     "hierarchy",
