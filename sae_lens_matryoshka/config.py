@@ -334,6 +334,12 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
             ``sum_i c_i * [h_i > theta_i]``, same nesting.
         jumprelu_init_threshold, jumprelu_bandwidth: (jumprelu) initial
             threshold and the straight-through estimators' kernel width.
+        divergence_fvu, divergence_patience: a run whose fraction of variance
+            unexplained (full-dictionary MSE over the batch's variance; 1 is the
+            mean's) stays above ``divergence_fvu`` for ``divergence_patience``
+            consecutive steps stops with an error, no checkpoint or final SAE
+            written since it went above (see ``divergence``); patience 0 turns
+            the check off.
         training_path: how a training step is computed. ``"sparse"`` (what
             ``"auto"`` picks for batchtopk and topk) runs only the encoder's
             forward matmul densely and everything else from the ``k`` active
@@ -368,6 +374,8 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
     l0_warm_up_steps: int = 0
     jumprelu_init_threshold: float = 0.01
     jumprelu_bandwidth: float = 0.05
+    divergence_fvu: float = 2.0
+    divergence_patience: int = 100
     training_path: Literal["auto", "sparse", "dense"] = "auto"
 
     def __post_init__(self) -> None:
@@ -475,8 +483,10 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
         ):
             _check_number(f"{name}.{field_name}", getattr(self, field_name), 0.0)
         _check_number(f"{name}.jumprelu_bandwidth", self.jumprelu_bandwidth, 0.0, inclusive=False)
-        for field_name in ("l1_warm_up_steps", "l0_warm_up_steps"):
+        for field_name in ("l1_warm_up_steps", "l0_warm_up_steps", "divergence_patience"):
             _check_int(f"{name}.{field_name}", getattr(self, field_name), 0)
+        # below 1 a sound run (whose reconstruction beats the mean's) could trip it
+        _check_number(f"{name}.divergence_fvu", self.divergence_fvu, 1.0)
 
     @property
     def sparse_training(self) -> bool:

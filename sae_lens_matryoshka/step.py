@@ -16,6 +16,7 @@ functions below it are its parts, used by the SAE's other entry points too.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -37,8 +38,9 @@ def training_step(sae: MatryoshkaTrainingSAE, step_input: TrainStepInput) -> Tra
 
     A step reads one message back from the device (on a GPU, the one point
     where the host waits for it): whether the loss is finite, whether the
-    BatchTopK selection's estimate held, and how many latents of each group
-    are dead (:func:`read_step_numbers`).
+    BatchTopK selection's estimate held, the reconstruction's fraction of
+    variance unexplained (which ``sae.divergence`` watches), and how many
+    latents of each group are dead (:func:`read_step_numbers`).
     """
     # collectives only inside a training step, where every replica runs the same
     # ones: an eval-mode pass may run on one rank alone
@@ -58,15 +60,17 @@ def training_step(sae: MatryoshkaTrainingSAE, step_input: TrainStepInput) -> Tra
 
     # 1-3. encode once (one selection for every level), decode every level, the loss
     forward = reconstruction_loss(sae, step_input, plan, logged, collectives, count_on_host=False)
-    numbers = read_step_numbers(forward, dead_groups)
+    numbers = read_step_numbers(forward, x, dead_groups)
     if numbers.selection_missed:  # the sampled threshold was off: select counting on the host
         forward = reconstruction_loss(
             sae, step_input, plan, logged, collectives, count_on_host=True
         )
-        numbers = read_step_numbers(forward, dead_groups)
+        numbers = read_step_numbers(forward, x, dead_groups)
     encoding, reconstructions = forward.encoding, forward.reconstructions
     losses = {**sae.levels.loss_terms(forward.weighted_mse), **forward.penalties}
     stop_if_not_finite(sae, numbers.loss_finite, losses, step_input)
+    if sae.training:
+        sae.divergence.observe(step_input.n_training_steps, numbers.fvu)
     # the dead-latent loss, whose shapes follow from the dead counts just read
     aux = dead_latent_loss(
         sae, x, encoding, reconstructions, plan, dead_groups, numbers.dead_counts, collectives
@@ -154,25 +158,37 @@ class StepNumbers(NamedTuple):
 
     loss_finite: bool
     selection_missed: bool
+    #: the full dictionary's MSE over the batch's variance (NaN for a batch without variance)
+    fvu: float
     #: how many latents of each dead-latent group are dead
     dead_counts: list[int]
 
 
-def read_step_numbers(forward: ReconstructionLoss, dead_groups: list[torch.Tensor]) -> StepNumbers:
-    """The step's one host read: the loss's finiteness, a missed selection, the dead counts.
+def read_step_numbers(
+    forward: ReconstructionLoss, x: torch.Tensor, dead_groups: list[torch.Tensor]
+) -> StepNumbers:
+    """The step's one host read: the loss, a missed selection, the FVU, the dead counts.
 
-    Stacked on the device and read with one ``tolist``, so that a step waits
-    for the device once, however many of them it needs.
+    Stacked on the device (in float64: the counts stay exact) and read with
+    one ``tolist``, so that a step waits for the device once, however many
+    of them it needs.
     """
-    loss = forward.loss.detach()
     missed = forward.selection_missed
-    flags = [
-        torch.isfinite(loss),
-        loss.new_zeros((), dtype=torch.bool) if missed is None else missed,
+    rows = x.detach().reshape(-1, x.shape[-1]).float()
+    variance = (rows - rows.mean(dim=0)).pow(2).sum(dim=-1).mean()
+    numbers = [
+        forward.loss.detach(),
+        forward.mse.detach()[-1] / variance,
+        variance.new_zeros(()) if missed is None else missed,
+        *[group.sum() for group in dead_groups],
     ]
-    numbers = torch.stack([flag.long() for flag in flags] + [g.sum() for g in dead_groups])
-    finite, selection_missed, *dead_counts = numbers.tolist()
-    return StepNumbers(bool(finite), bool(selection_missed), dead_counts)
+    loss, fvu, selection_missed, *dead_counts = torch.stack(
+        [number.double() for number in numbers]
+    ).tolist()
+    # a batch without variance (constant activations) has no FVU
+    fvu = fvu if math.isfinite(fvu) else math.nan
+    counts = [int(count) for count in dead_counts]
+    return StepNumbers(math.isfinite(loss), bool(selection_missed), fvu, counts)
 
 
 def encode_dense(

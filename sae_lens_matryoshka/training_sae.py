@@ -35,6 +35,7 @@ from sae_lens_matryoshka.activations import TrainingActivation, training_activat
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.decoder import training_decoder
+from sae_lens_matryoshka.divergence import DivergenceWatch
 from sae_lens_matryoshka.encodings import DenseEncoding
 from sae_lens_matryoshka.io import checkpoints
 from sae_lens_matryoshka.io.safe_loading import check_finite_weights
@@ -75,6 +76,8 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         self.b_dec_init = B_DEC_INITS[cfg.b_dec_init]()
         self.decoder = training_decoder(cfg)
         self.decoder.initialize(self.W_dec, self.W_enc)
+        #: stops a run whose reconstruction stays far worse than the mean's (see ``divergence``)
+        self.divergence = DivergenceWatch.from_config(cfg)
         self.save_children_flat(["activation_fn", "levels"])
 
     @classmethod

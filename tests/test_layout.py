@@ -27,6 +27,7 @@ ORDER = [
     "collectives",
     "latent_part",
     "losses",
+    "divergence",
     "parametrization",
     "encodings",
     "inference_activations",

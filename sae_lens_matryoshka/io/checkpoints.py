@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -252,6 +253,16 @@ def install() -> None:
         base = base_path if base_path is not None else self.cfg.checkpoint_path
         if base is None or not trains_matryoshka(self):
             save(self, checkpoint_name, base_path, wandb_aliases)
+            return
+        if self.sae.divergence.suspect:  # keep the last checkpoint from before it
+            watch = self.sae.divergence
+            warnings.warn(
+                f"checkpoint {checkpoint_name!r} not written: since step {watch.streak_start} "
+                f"the run's reconstruction is worse than divergence_fvu={watch.fvu_limit:g} "
+                "times the mean's, so the run may be diverging (see sae_lens_matryoshka."
+                "divergence); the previous checkpoint is kept as the latest.",
+                stacklevel=2,
+            )
             return
         part = self.sae.latent_part.checkpoint_record()
         if part is not None:  # one shard's part, beside the other shards' parts

@@ -9,7 +9,8 @@ that both paths are checked before it loads anything (:func:`check_save_path`:
 a folder, or creatable inside a writable folder, with room for what goes
 there), and ``save_final_sae`` so that when the final save fails anyway the
 trained SAE is written to a fallback folder (:func:`fallback_folders`) and the
-error says where.
+error says where, and so that a run that ends while diverging (see
+``divergence``) saves nothing as if it had succeeded.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 
 from sae_lens_matryoshka.config import ARCHITECTURE
+from sae_lens_matryoshka.divergence import TrainingDiverged
 
 #: what a checkpoint holds per parameter besides the weights: Adam's two moments
 _CHECKPOINT_COPIES = 3
@@ -126,6 +128,15 @@ def install() -> None:
         if not _trains_matryoshka(self.cfg):
             save_final_sae(self, sae, output_path, log_feature_sparsity)
             return
+        watch = sae.divergence
+        if watch.suspect:
+            raise TrainingDiverged(
+                f"Training ended while diverging: since step {watch.streak_start} the "
+                f"reconstruction was worse than divergence_fvu={watch.fvu_limit:g} times the "
+                f"mean's, so the SAE was not saved to output_path={output_path!r}; the last "
+                "checkpoint is from before it. Lower the learning rate, or set "
+                "divergence_patience=0 to save regardless."
+            )
         try:
             save_final_sae(self, sae, output_path, log_feature_sparsity)
         except OSError as error:
