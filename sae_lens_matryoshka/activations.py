@@ -8,8 +8,10 @@ neither SAE class ever asks which activation it has:
 
 - its selection: dense (``forward``) and, for the k-sparse ones, the
   ``(token, latent)`` entries the sparse training path works from (``select``);
-- its sparsity penalty and that penalty's coefficient;
-- its state (BatchTopK's threshold statistics, JumpReLU's thresholds), kept in
+- its sparsity penalty and that penalty's coefficient, which with
+  ``target_l0`` it steers towards that L0 (``TargetL0``);
+- its state (BatchTopK's threshold statistics, JumpReLU's thresholds, the
+  target-L0 coefficient multiplier), kept in
   the precision it needs whatever the SAE's dtype (the SAEs save it under
   SAELens's names, ``threshold`` rather than ``activation_fn.threshold``);
 - how it folds decoder norms and input scaling, and what it saves for inference.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from sae_lens.saes.sae import TrainCoefficientConfig
@@ -48,10 +50,15 @@ class TrainingActivation(nn.Module):
     #: them to a device only; loading keeps the saved precision)
     precise_state: ClassVar[tuple[str, ...]] = ()
 
+    def _precise_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of ``precise_state`` this activation holds (some exist only when configured)."""
+        held = {name: getattr(self, name, None) for name in self.precise_state}
+        return {name: tensor for name, tensor in held.items() if tensor is not None}
+
     @override
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
         # `.data` holds on to the original storage, which conversion replaces
-        kept = {name: getattr(self, name).data for name in self.precise_state}
+        kept = {name: tensor.data for name, tensor in self._precise_tensors().items()}
         super()._apply(fn, recurse)
         for name, before in kept.items():
             converted = getattr(self, name)
@@ -120,9 +127,9 @@ class TrainingActivation(nn.Module):
 
     def prepare_loaded(self, state_dict: dict[str, Any]) -> None:
         """Undo SAELens's cast of every loaded tensor to the SAE dtype for ``precise_state``."""
-        for name in self.precise_state:
+        for name, tensor in self._precise_tensors().items():
             if name in state_dict:
-                state_dict[name] = state_dict[name].to(getattr(self, name).dtype)
+                state_dict[name] = state_dict[name].to(tensor.dtype)
 
 
 class KSparseActivation(TrainingActivation):
@@ -296,7 +303,129 @@ class TopK(KSparseActivation):
         return collectives.topk(hidden_pre, int(self.k))
 
 
-class JumpReLU(TrainingActivation):
+class TargetL0(NamedTuple):
+    """Steers a penalty's coefficient so that the activation fires ``target`` latents per token.
+
+    After every step the coefficient's multiplier ``m`` becomes
+    ``m * exp(rate * clamp(log(L0 / target), -1, 1))``, ``L0`` being the
+    step's mean number of active latents per token. Why this form:
+
+    - multiplicative (a step in ``log m``): the coefficient that gives a
+      target L0 spans orders of magnitude across models, widths and targets,
+      and L0 falls roughly as a power of the coefficient, so the same
+      relative error should move the coefficient by the same relative amount
+      whatever its scale; an additive step would crawl at large coefficients
+      and overshoot at small ones.
+    - integral: ``m`` accumulates the error, so it comes to rest where the
+      L0 *is* the target (a step proportional to the error alone would leave
+      an offset), and each batch's noisy L0 is averaged over about
+      ``1 / rate`` steps.
+    - bounded: the clamp lets the coefficient change by at most a factor
+      ``exp(rate)`` per step. Early in training the L0 is orders of magnitude
+      off (half the dictionary fires at initialisation) for reasons no
+      coefficient fixes at once, and the weights need many steps to answer a
+      change; an unbounded step would wind the coefficient far past where it
+      belongs. Near the target the step is proportional to the relative
+      error, so it settles instead of chattering by ``rate`` around it as a
+      sign-only controller does.
+    """
+
+    target: float
+    #: the largest change of ``log m`` in one step
+    rate: float
+
+    def next_multiplier(self, multiplier: torch.Tensor, l0: torch.Tensor) -> torch.Tensor:
+        """The multiplier after a step that fired ``l0`` latents per token (on the device)."""
+        # L0 = 0 gives log 0 = -inf, which the clamp turns into the largest decrease
+        error = torch.log(l0.to(multiplier.dtype) / self.target).clamp(-1.0, 1.0)
+        return multiplier * torch.exp(self.rate * error)
+
+
+#: the saved name of a penalised activation's coefficient multiplier (only with ``target_l0``)
+TARGET_L0_MULTIPLIER = "target_l0_multiplier"
+
+
+class PenalisedActivation(TrainingActivation):
+    """An activation made sparse by a penalty whose coefficient SAELens schedules: ReLU, JumpReLU.
+
+    With ``target_l0`` (``control``), the penalty uses SAELens's scheduled
+    coefficient (its warm-up included) times ``target_l0_multiplier``, which
+    :class:`TargetL0` moves after every step once the warm-up is over (the low
+    coefficient of the warm-up would wind it up). The multiplier is a float32
+    buffer whatever the SAE dtype (``exp(0.001)`` rounds to 1 in bfloat16), so
+    checkpoints save it and resuming continues from it; the inference SAE
+    drops it. It is computed on the device without a host read, and logged.
+    Without ``target_l0`` the activation has no such buffer.
+    """
+
+    precise_state: ClassVar[tuple[str, ...]] = (TARGET_L0_MULTIPLIER,)
+    #: SAELens's name of the penalty's coefficient (``l1``, ``l0``)
+    coefficient_name: ClassVar[str]
+    #: the multiplier of the scheduled coefficient, float32; a buffer only with ``target_l0``
+    target_l0_multiplier: torch.Tensor
+
+    def __init__(
+        self, coefficient: TrainCoefficientConfig, control: TargetL0 | None, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.coefficient = coefficient
+        self.control = control
+        if control is not None:
+            multiplier = torch.ones((), dtype=torch.float32, device=device)
+            self.register_buffer(TARGET_L0_MULTIPLIER, multiplier)
+
+    @staticmethod
+    def target_l0(cfg: MatryoshkaTrainingSAEConfig) -> TargetL0 | None:
+        """The controller ``cfg`` asks for, if any."""
+        return None if cfg.target_l0 is None else TargetL0(cfg.target_l0, cfg.target_l0_rate)
+
+    @override
+    def coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {self.coefficient_name: self.coefficient}
+
+    def penalty_coefficient(self, coefficients: dict[str, float]) -> float | torch.Tensor:
+        """This step's coefficient: SAELens's scheduled one, times the multiplier with ``target_l0``."""
+        scheduled = coefficients[self.coefficient_name]
+        # a new tensor: the loss's graph never holds the buffer the step then updates
+        return scheduled if self.control is None else scheduled * self.target_l0_multiplier
+
+    @override
+    @torch.no_grad()
+    def update_from_step(
+        self, encoding: Encoding, collectives: Collectives, step: int
+    ) -> dict[str, Any]:
+        if self.control is None:
+            return {}
+        multiplier = self.target_l0_multiplier
+        if step >= self.coefficient.warm_up_steps:
+            fired = (dense_only(encoding).acts.detach() > 0).sum(dim=-1, dtype=torch.float32)
+            # every data-parallel replica's tokens: the replicas keep one multiplier
+            l0, _ = collectives.mean(fired.reshape(-1, 1))
+            multiplier.copy_(self.control.next_multiplier(multiplier, l0[0]))
+        return {TARGET_L0_MULTIPLIER: multiplier}
+
+    @override
+    def prepare_loaded(self, state_dict: dict[str, Any]) -> None:
+        if self.control is not None:
+            # a checkpoint written without target_l0 starts the controller at its coefficient
+            state_dict.setdefault(TARGET_L0_MULTIPLIER, torch.ones((), dtype=torch.float32))
+        elif TARGET_L0_MULTIPLIER in state_dict:
+            multiplier = float(state_dict.pop(TARGET_L0_MULTIPLIER))
+            warnings.warn(
+                f"the checkpoint was trained with target_l0, which multiplied the "
+                f"{self.coefficient_name} coefficient by {multiplier:.4g}; this SAE has "
+                f"target_l0=None, so its penalty uses the scheduled {self.coefficient_name} "
+                "coefficient alone.",
+                stacklevel=4,
+            )
+        super().prepare_loaded(state_dict)
+
+    @override
+    def to_inference(self, state_dict: dict[str, Any]) -> None:
+        state_dict.pop(TARGET_L0_MULTIPLIER, None)
+
+
+class JumpReLU(PenalisedActivation):
     """Learned per-latent thresholds, trained by straight-through estimators (as SAELens's JumpReLU).
 
     The penalty is the nested L0 ``sum_i c_i * [h_i > theta_i]`` (``c_i``: the
@@ -305,7 +434,8 @@ class JumpReLU(TrainingActivation):
     round away in bfloat16.
     """
 
-    precise_state: ClassVar[tuple[str, ...]] = ("threshold",)
+    precise_state: ClassVar[tuple[str, ...]] = ("threshold", TARGET_L0_MULTIPLIER)
+    coefficient_name: ClassVar[str] = "l0"
     threshold: nn.Parameter
 
     def __init__(
@@ -314,11 +444,11 @@ class JumpReLU(TrainingActivation):
         init_threshold: float,
         bandwidth: float,
         l0: TrainCoefficientConfig,
+        control: TargetL0 | None,
         device: torch.device,
     ) -> None:
-        super().__init__()
+        super().__init__(l0, control, device)
         self.bandwidth = bandwidth
-        self.l0 = l0
         self.threshold = nn.Parameter(
             torch.full((d_sae,), init_threshold, dtype=torch.float32, device=device)
         )
@@ -327,17 +457,19 @@ class JumpReLU(TrainingActivation):
     @classmethod
     def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> Self:
         l0 = TrainCoefficientConfig(cfg.l0_coefficient, cfg.l0_warm_up_steps)
-        device = torch.device(cfg.device)
-        return cls(cfg.d_sae, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth, l0, device)
+        return cls(
+            cfg.d_sae,
+            cfg.jumprelu_init_threshold,
+            cfg.jumprelu_bandwidth,
+            l0,
+            cls.target_l0(cfg),
+            torch.device(cfg.device),
+        )
 
     @override
     def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         threshold = self.threshold.to(hidden_pre.dtype)
         return JumpReLUSTE.apply(hidden_pre, threshold, self.bandwidth)
-
-    @override
-    def coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
-        return {"l0": self.l0}
 
     @override
     @torch.no_grad()
@@ -353,7 +485,7 @@ class JumpReLU(TrainingActivation):
         hidden_pre = dense_only(encoding).hidden_pre
         fired = StepSTE.apply(hidden_pre, self.threshold.to(hidden_pre.dtype), self.bandwidth)
         per_token = (fired * plan.latent_multiplicity()).sum(dim=-1)
-        return {"l0_loss": (coefficients["l0"] * per_token).mean()}
+        return {"l0_loss": (self.penalty_coefficient(coefficients) * per_token).mean()}
 
     @override
     @torch.no_grad()
@@ -366,10 +498,11 @@ class JumpReLU(TrainingActivation):
 
     @override
     def to_inference(self, state_dict: dict[str, Any]) -> None:
+        super().to_inference(state_dict)
         state_dict["threshold"] = state_dict["threshold"].to(state_dict["b_enc"].dtype)
 
 
-class ReLU(TrainingActivation):
+class ReLU(PenalisedActivation):
     """ReLU with the nested L1 penalty ``sum_i c_i * a_i * ||d_i||``.
 
     ``c_i`` is the summed weight of the levels containing latent ``i``, ``d_i``
@@ -377,22 +510,17 @@ class ReLU(TrainingActivation):
     measured in unit-norm decoder units).
     """
 
-    def __init__(self, l1: TrainCoefficientConfig) -> None:
-        super().__init__()
-        self.l1 = l1
+    coefficient_name: ClassVar[str] = "l1"
 
     @override
     @classmethod
     def from_config(cls, cfg: MatryoshkaTrainingSAEConfig) -> Self:
-        return cls(TrainCoefficientConfig(cfg.l1_coefficient, cfg.l1_warm_up_steps))
+        l1 = TrainCoefficientConfig(cfg.l1_coefficient, cfg.l1_warm_up_steps)
+        return cls(l1, cls.target_l0(cfg), torch.device(cfg.device))
 
     @override
     def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         return hidden_pre.relu()
-
-    @override
-    def coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
-        return {"l1": self.l1}
 
     @override
     def sparsity_loss(
@@ -401,7 +529,7 @@ class ReLU(TrainingActivation):
         dense = dense_only(encoding)
         magnitude = dense.decoder.l1_magnitude(dense.acts, dense.decoder_norms)
         per_token = (magnitude.abs() * plan.latent_multiplicity()).sum(dim=-1)
-        return {"l1_loss": (coefficients["l1"] * per_token).mean()}
+        return {"l1_loss": (self.penalty_coefficient(coefficients) * per_token).mean()}
 
 
 #: ``MatryoshkaTrainingSAEConfig.activation`` -> its class (``config.TRAINING_ACTIVATIONS``: its kind)

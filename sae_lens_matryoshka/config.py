@@ -53,6 +53,8 @@ def trains_matryoshka(trainer: Any) -> bool:
 
 #: activations that fix the number of active latents (and need ``k``)
 K_ACTIVATIONS = tuple(name for name, kind in TRAINING_ACTIVATIONS.items() if kind.k_sparse)
+#: activations made sparse by a penalty, whose coefficient ``target_l0`` can steer
+PENALISED_ACTIVATIONS = tuple(name for name in TRAINING_ACTIVATIONS if name not in K_ACTIVATIONS)
 
 #: SAELens activation normalisations whose output is rescaled per token; the
 #: dead-latent aux loss compares a normalised reconstruction against a raw
@@ -332,6 +334,22 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
             that contains it) and ``d_i`` its decoder vector as used in decoding.
         l0_coefficient, l0_warm_up_steps: (jumprelu) the nested L0 penalty
             ``sum_i c_i * [h_i > theta_i]``, same nesting.
+        target_l0: (relu, jumprelu) adapt the penalty's coefficient during
+            training so that the SAE fires this many latents per token on
+            average (Nabeshima's L1 controller; ``None``: the coefficient is
+            only SAELens's schedule). After every step past the coefficient's
+            warm-up, a multiplier of the scheduled ``l1_coefficient`` /
+            ``l0_coefficient`` moves by the factor
+            ``exp(target_l0_rate * clamp(log(L0 / target_l0), -1, 1))``, ``L0``
+            being the step's (see ``activations.TargetL0`` for why). The
+            configured coefficient is then only the starting point; the
+            multiplier is logged (``target_l0_multiplier``) and saved in
+            checkpoints, not in the inference SAE.
+        target_l0_rate: (with ``target_l0``) the largest change of the
+            coefficient's logarithm in one step, in ``(0, 1]``: the default
+            0.01 lets it change 2.7-fold in 100 steps. Lower it if the L0
+            oscillates around the target (the weights answer slowly, e.g. at a
+            small learning rate); raise it for a short run.
         jumprelu_init_threshold, jumprelu_bandwidth: (jumprelu) initial
             threshold and the straight-through estimators' kernel width.
         divergence_fvu, divergence_patience: a run whose fraction of variance
@@ -372,6 +390,8 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
     l1_warm_up_steps: int = 0
     l0_coefficient: float = 1.0
     l0_warm_up_steps: int = 0
+    target_l0: float | None = None
+    target_l0_rate: float = 0.01
     jumprelu_init_threshold: float = 0.01
     jumprelu_bandwidth: float = 0.05
     divergence_fvu: float = 2.0
@@ -406,6 +426,7 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
             )
         self._check_levels(name)
         self._check_coefficients(name)
+        self._check_target_l0(name)
         if self.dtype in ("float16", "torch.float16"):
             warnings.warn(
                 f"{name}.dtype={self.dtype!r}: Adam cannot train float16 parameters (its "
@@ -487,6 +508,28 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
             _check_int(f"{name}.{field_name}", getattr(self, field_name), 0)
         # below 1 a sound run (whose reconstruction beats the mean's) could trip it
         _check_number(f"{name}.divergence_fvu", self.divergence_fvu, 1.0)
+
+    def _check_target_l0(self, name: str) -> None:
+        _check_number(f"{name}.target_l0_rate", self.target_l0_rate, 0.0, inclusive=False)
+        if self.target_l0_rate > 1:
+            raise ValueError(
+                f"{name}.target_l0_rate must be in (0, 1] (the largest change of the "
+                f"coefficient's logarithm in one step), got {self.target_l0_rate!r}."
+            )
+        if self.target_l0 is None:
+            return
+        if self.activation not in PENALISED_ACTIVATIONS:
+            raise ValueError(
+                f"{name}.target_l0 adapts the penalty coefficient of activation "
+                f"{' / '.join(PENALISED_ACTIVATIONS)}; activation={self.activation!r} fixes its "
+                f"L0 with k instead, so leave target_l0 unset (got {self.target_l0!r})."
+            )
+        _check_number(f"{name}.target_l0", self.target_l0, 0.0, inclusive=False)
+        if self.target_l0 > self.d_sae:
+            raise ValueError(
+                f"{name}.target_l0 must be in (0, d_sae={self.d_sae}] (active latents per "
+                f"token), got {self.target_l0!r}."
+            )
 
     @property
     def sparse_training(self) -> bool:

@@ -294,6 +294,8 @@ PREFIX_DRAW = ["tolist@levels.py:sample_prefix_widths"]
         {"activation": "topk"},
         {"activation": "jumprelu"},
         {"activation": "relu"},
+        {"activation": "jumprelu", "target_l0": 40.0},
+        {"activation": "relu", "target_l0": 40.0},
         {"use_matryoshka_aux_loss": True},
         {"level_weights": [2.0, 1.0, 1.0]},
         {"prefix_sampling": "pareto", "n_sampled_prefixes": 4},

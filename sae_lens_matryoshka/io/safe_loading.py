@@ -50,8 +50,9 @@ _ITEM_SIZES = {
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 #: tensors that hold SAE weights and so must be floating point
 _WEIGHT_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "topk_threshold", "last_cutoff")
-#: tensors whose saved precision exceeds the SAE dtype (see ``MatryoshkaTrainingSAE``)
-_THRESHOLD_NAMES = ("threshold", "topk_threshold", "last_cutoff")
+#: tensors whose saved precision exceeds the SAE dtype (see ``MatryoshkaTrainingSAE``; the
+#: last is a penalised activation's target-L0 multiplier)
+_THRESHOLD_NAMES = ("threshold", "topk_threshold", "last_cutoff", "target_l0_multiplier")
 #: a header larger than this is not one SAELens wrote (it guards the read below)
 _MAX_HEADER_BYTES = 100 * 2**20
 
