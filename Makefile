@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint clean test-clients
+.PHONY: setup demo test test-slow lint clean test-clients
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/sae-lens-matryoshka toy
 
+# the suite without the tests marked slow (under 10 minutes on 2 cores), then those
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 lint: setup
 	$(BIN)/ruff check .

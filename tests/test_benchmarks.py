@@ -84,6 +84,7 @@ def test_contenders_can_be_chosen(
         step_time.parse_args(["--contenders", "nobody"])
 
 
+@pytest.mark.slow
 def test_step_time_benchmark_reports_every_contender_as_json() -> None:
     size = [*TINY, "--repeats", "1", "--warmup", "2"]
     options = ["--e2e-tokens", "4096", "--keep-freed-memory", "--json"]
@@ -120,6 +121,7 @@ def test_step_time_benchmark_reports_every_contender_as_json() -> None:
     assert all(rate > 0 for rate in rates.values())
 
 
+@pytest.mark.slow
 def test_eval_memory_benchmark_stays_below_one_cosine_matrix() -> None:
     """At 32,768 latents one full cosine matrix is 4 GiB; blocks of 256 MiB are used."""
     completed = subprocess.run(

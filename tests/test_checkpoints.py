@@ -215,6 +215,7 @@ def _run_and_kill(folder: Path, during_write: bool, rng: random.Random) -> str:
     return "finished" if child.returncode == 0 else "killed"
 
 
+@pytest.mark.slow
 def test_runs_killed_at_random_moments_leave_no_checkpoint_that_loads_half_written(
     tmp_path: Path,
 ) -> None:

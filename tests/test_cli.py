@@ -151,6 +151,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.slow
 def test_train_under_torchrun_shards_the_latents(token_dataset, tmp_path: Path) -> None:
     """Two ranks hold half the latents each (data parallelism is the same path, one shard)."""
     data_dir = tmp_path / "tokens"
@@ -184,6 +185,7 @@ def test_train_under_torchrun_shards_the_latents(token_dataset, tmp_path: Path) 
         [str(Path(sys.executable).parent / "sae-lens-matryoshka")],
     ],
 )
+@pytest.mark.slow
 def test_entry_points_run(command: list[str]) -> None:
     top = subprocess.run([*command, "--help"], capture_output=True, text=True, check=True)
     assert "train" in top.stdout

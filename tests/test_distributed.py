@@ -99,6 +99,7 @@ def _exactness_rank(rank: int, folder: Path) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_on_the_concatenated_batches(tmp_path: Path) -> None:
     spawn_ranks(_exactness_rank, (tmp_path,), WORLD, timeout_s=240)
     for variant in VARIANTS:
@@ -129,6 +130,7 @@ def _dying_rank(rank: int, folder: Path) -> None:
         (folder / "survivor.json").write_text(json.dumps(report))
 
 
+@pytest.mark.slow
 def test_a_dead_rank_makes_the_others_stop_with_a_clear_error(tmp_path: Path) -> None:
     context = mp.spawn(_dying_rank, args=(tmp_path,), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 120
@@ -174,6 +176,7 @@ def _cutoff_rank(rank: int, folder: Path) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_the_global_cutoff_is_the_exact_kth_largest_of_every_ranks_values(tmp_path: Path) -> None:
     """The bisection over bit patterns (counts only) finds what gathering every value would."""
     spawn_ranks(_cutoff_rank, (tmp_path,), CUTOFF_WORLD, timeout_s=120)

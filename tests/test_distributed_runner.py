@@ -212,6 +212,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_two_ranks_train_one_sae_from_disjoint_shards(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,6 +71,7 @@ def test_hub_example_without_the_hub_says_so_in_one_line(tmp_path: Path) -> None
     assert last.endswith("or run this example with --offline.")
 
 
+@pytest.mark.slow
 def test_toy_variants_example_prints_every_variant() -> None:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "toy_variants.py"), "--steps", "40"],
@@ -132,6 +133,7 @@ def test_real_model_example_runs_offline_and_plots_levels(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("latent_shards", [1, 2])
+@pytest.mark.slow
 def test_distributed_example_runs_under_torchrun(tmp_path: Path, latent_shards: int) -> None:
     script = [str(EXAMPLES / "train_data_parallel.py"), "--output-dir", str(tmp_path / "dp")]
     flags = ["--training-tokens", "10240", "--latent-shards", str(latent_shards)]

@@ -170,6 +170,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 
 
 @pytest.mark.parametrize(("n_shards", "n_replicas"), LAYOUTS)
+@pytest.mark.slow
 def test_sharded_training_equals_one_process(
     tmp_path: Path, n_shards: int, n_replicas: int
 ) -> None:
