@@ -71,6 +71,35 @@ def _check_dimensions(cfg: SAEConfig) -> None:
             )
 
 
+#: float32's smallest normal number: a positive weight below it vanishes from the loss
+_FLOAT32_TINY = 1.1754943508222875e-38
+#: the Pareto prefix powers whose length probabilities stay representable at any d_sae
+_PARETO_POWERS = (1e-3, 10.0)
+#: the dtypes SAELens builds SAEs in (``sae_lens.util.str_to_dtype``)
+_DTYPES = tuple(
+    f"{prefix}{name}"
+    for prefix in ("", "torch.")
+    for name in ("float32", "float64", "float16", "bfloat16")
+)
+
+
+def _check_training_numbers(cfg: TrainingSAEConfig, name: str) -> None:
+    """SAELens's own training fields that would build an SAE that cannot train.
+
+    Checked with the config, before a runner loads its model: SAELens itself
+    refuses a bad ``dtype`` only when it builds the SAE, and accepts a
+    ``decoder_init_norm`` of 0 (nothing ever changes) or NaN.
+    """
+    if str(cfg.dtype) not in _DTYPES:  # a torch.dtype prints as "torch.float32"
+        raise ValueError(f"{name}.dtype must be one of {list(_DTYPES)}, got {cfg.dtype!r}.")
+    norm = cfg.decoder_init_norm
+    if norm is not None and not (_is_number(norm) and math.isfinite(norm) and norm > 0):
+        raise ValueError(
+            f"{name}.decoder_init_norm must be a finite number > 0 (the decoder rows' "
+            f"starting norm; 0 would leave every latent silent for good), or None, got {norm!r}."
+        )
+
+
 def _check_booleans(cfg: SAEConfig) -> None:
     """Every boolean field must hold ``True`` or ``False``.
 
@@ -402,6 +431,7 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
         name = type(self).__name__
         _check_dimensions(self)
         _check_booleans(self)
+        _check_training_numbers(self, name)
         _check_choice(f"{name}.activation", self.activation, tuple(TRAINING_ACTIVATIONS))
         _check_choice(f"{name}.prefix_sampling", self.prefix_sampling, ("fixed", "pareto"))
         if self.prefix_sampling == "pareto" and not self.matryoshka_widths:
@@ -465,6 +495,12 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
                 )
             for position, weight in enumerate(weights):
                 _check_number(f"{name}.level_weights[{position}]", weight, 0.0)
+                if 0 < weight < _FLOAT32_TINY:  # the loss is computed in float32
+                    raise ValueError(
+                        f"{name}.level_weights[{position}]={weight!r} rounds to 0 in float32 (its "
+                        f"smallest normal number is {_FLOAT32_TINY:.3g}), so its level would "
+                        "train nothing; give 0 for that, or a weight of at least that."
+                    )
             if not any(weights):
                 raise ValueError(f"{name}.level_weights are all zero: nothing would be trained.")
             self.level_weights = [float(w) for w in weights]
@@ -475,7 +511,19 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
                 "the sampled prefix lengths must be distinct."
             )
         _check_number(f"{name}.pareto_power", self.pareto_power, 0.0, inclusive=False)
+        low, high = _PARETO_POWERS
+        if not low <= self.pareto_power <= high:
+            raise ValueError(
+                f"{name}.pareto_power must be in [{low}, {high}] (0.5 in Nabeshima's code; "
+                "below, every prefix length but 1 gets a probability that rounds to 0; above, "
+                f"the weights overflow), got {self.pareto_power!r}."
+            )
         _check_int(f"{name}.prefix_sampling_seed", self.prefix_sampling_seed, 0)
+        if self.prefix_sampling_seed >= 2**64:
+            raise ValueError(
+                f"{name}.prefix_sampling_seed must be below 2**64 (a torch generator's "
+                f"seed), got {self.prefix_sampling_seed!r}."
+            )
 
     def _check_coefficients(self, name: str) -> None:
         _check_number(f"{name}.topk_threshold_lr", self.topk_threshold_lr, 0.0, inclusive=False)

@@ -84,6 +84,20 @@ def make(**fields: Any) -> MatryoshkaTrainingSAEConfig:
         ),
         ({"pareto_power": 0.0}, r"pareto_power must be a finite number > 0.0, got 0.0"),
         ({"prefix_sampling_seed": -1}, r"prefix_sampling_seed must be an integer >= 0, got -1"),
+        # configurations that used to be accepted and could not train (issue 25)
+        (
+            {"level_weights": [1.0, 1e-320, 1.0]},
+            r"level_weights\[1\]=1e-320 rounds to 0 in float32",
+        ),
+        (
+            {"pareto_power": 1e-300, "prefix_sampling": "pareto"},
+            r"pareto_power must be in \[0.001, 10.0\].*got 1e-300",
+        ),
+        ({"pareto_power": 1e300}, r"pareto_power must be in \[0.001, 10.0\].*got 1e\+300"),
+        ({"prefix_sampling_seed": 2**70}, r"prefix_sampling_seed must be below 2\*\*64"),
+        ({"dtype": "fp32"}, r"dtype must be one of \['float32', .*got 'fp32'"),
+        ({"decoder_init_norm": 0.0}, r"decoder_init_norm must be a finite number > 0.*got 0.0"),
+        ({"decoder_init_norm": float("nan")}, r"decoder_init_norm must be a finite number > 0"),
         ({"l1_coefficient": -0.1}, r"l1_coefficient must be a finite number >= 0.0, got -0.1"),
         ({"jumprelu_bandwidth": 0.0}, r"jumprelu_bandwidth must be a finite number > 0.0"),
         ({"l0_warm_up_steps": -5}, r"l0_warm_up_steps must be an integer >= 0, got -5"),
@@ -95,6 +109,7 @@ def make(**fields: Any) -> MatryoshkaTrainingSAEConfig:
     ],
 )
 def test_bad_training_config_fails_at_construction(fields: dict[str, Any], message: str) -> None:
+    """Each refused with the field, what was expected and what was given, before any model loads."""
     with pytest.raises(ValueError, match=message) as info:
         make(**fields)
     assert "MatryoshkaTrainingSAEConfig" in str(info.value)
@@ -239,3 +254,13 @@ def test_suggested_widths_are_valid_for_tiny_dictionaries() -> None:
         MatryoshkaTrainingSAEConfig(d_in=4, d_sae=2, k=1, matryoshka_widths=[2])
     with pytest.raises(ValueError, match=r"e\.g\. \[1, 2\] for d_sae=2"):
         MatryoshkaTrainingSAEConfig(d_in=4, d_sae=2, k=1, matryoshka_widths=[])
+
+
+def test_the_limits_of_the_new_checks_still_train() -> None:
+    """The edges of each range are accepted: a 0 level weight, float32's smallest, every dtype."""
+    make(level_weights=[1.0, 0.0, 1.2e-38])
+    make(prefix_sampling="pareto", pareto_power=1e-3)
+    make(prefix_sampling="pareto", pareto_power=10.0, prefix_sampling_seed=2**64 - 1)
+    for dtype in ("float32", "torch.bfloat16", "float64"):
+        assert make(dtype=dtype).dtype == dtype
+    assert make(decoder_init_norm=None).decoder_init_norm is None
