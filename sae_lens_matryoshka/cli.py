@@ -177,9 +177,45 @@ def _latent_shards(args: Sequence[str]) -> tuple[list[str], int]:
     return rest, parsed.latent_shards
 
 
+#: the runner's counts, and the least each can be: SAELens accepts a negative or zero one
+#: and fails on it later (a ZeroDivisionError, an empty run, a crash after saving)
+RUN_COUNTS = {
+    "training_tokens": 1,
+    "train_batch_size_tokens": 1,
+    "context_size": 1,
+    "store_batch_size_prompts": 1,
+    "n_batches_in_buffer": 1,
+    "n_checkpoints": 0,
+    "n_eval_batches": 1,
+}
+
+
+def check_run_counts(args: Sequence[str]) -> None:
+    """Refuse, naming the flag, a count below what a run needs, as given on the command line.
+
+    Read from the flags themselves, before SAELens builds its config (which
+    divides by ``--train_batch_size_tokens`` as it does); a value that is not
+    an integer is left to the parser's own message.
+    """
+    for position, arg in enumerate(args):
+        name, equals, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or name not in RUN_COUNTS:
+            continue
+        text = text if equals else (args[position + 1] if position + 1 < len(args) else "")
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        if value < RUN_COUNTS[name]:
+            raise SystemExit(
+                f"{TRAIN_PROG}: error: --{name} must be at least {RUN_COUNTS[name]}, got {value}."
+            )
+
+
 def train(args: Sequence[str]) -> None:
     """``sae-lens-matryoshka train ARGS``: check, load (local folders too), train, report."""
     args, latent_shards = _latent_shards(args)
+    check_run_counts(args)
     cfg = parse_train_args(args)
     launched_rank = os.environ.get("RANK", "0")  # under torchrun, before the ranks meet
     if cfg.logger.log_to_wandb and launched_rank == "0":

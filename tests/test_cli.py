@@ -301,3 +301,24 @@ def test_hub_failures_are_told_apart_from_other_errors() -> None:
     assert hub_unreachable(ConnectionError("Couldn't reach 'a/b' on the Hub")) is not None
     assert hub_unreachable(ValueError("d_in must be positive")) is None
     assert hub_unreachable(FileNotFoundError("/data/tokens")) is None
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "least"),
+    [
+        ("--training_tokens", "-5", 1),
+        ("--train_batch_size_tokens", "0", 1),
+        ("--n_checkpoints", "-1", 0),
+        ("--n_eval_batches", "0", 1),
+    ],
+)
+def test_a_count_a_run_cannot_use_is_one_line_before_anything_loads(
+    flag: str, value: str, least: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SAELens takes these and fails later (ZeroDivisionError, a crash after saving)."""
+    flags = [*SAE_FLAGS, "--model_name", "no-such-model", "--hook_name", HOOK]
+    with pytest.raises(SystemExit) as raised:
+        main(["train", *flags, "--log_to_wandb", "false", flag, value])
+    assert str(raised.value) == (
+        f"sae-lens-matryoshka train: error: {flag} must be at least {least}, got {value}."
+    )
