@@ -170,8 +170,7 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
         return self.hook_sae_acts_post(acts)
 
     def _unit_acts(self, feature_acts: torch.Tensor, width: int) -> torch.Tensor:
-        self.check_latents(feature_acts, self.cfg.d_sae, width)
-        feature_acts = feature_acts[..., :width]
+        feature_acts = self.decodable(feature_acts, self.cfg.d_sae, width)[..., :width]
         return self.decoder.decoding_acts(feature_acts, lambda: self.W_dec[:width].norm(dim=-1))
 
     @override

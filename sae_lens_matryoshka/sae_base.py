@@ -47,8 +47,14 @@ class MatryoshkaSAEParts:
         processed: torch.Tensor = cast(Any, super()).process_sae_in(sae_in)
         return processed
 
-    def check_latents(self, feature_acts: torch.Tensor, *widths: int) -> None:
-        """``feature_acts`` must hold one of ``widths`` latents (``d_sae`` if none given)."""
+    def decodable(self, feature_acts: torch.Tensor, *widths: int) -> torch.Tensor:
+        """``feature_acts`` as decoding multiplies them: dense, in the decoder's dtype.
+
+        Takes what training hands out (the sparse path's COO activations) and
+        any floating dtype (cast, as a matmul with the weights needs); refuses
+        activations of neither of ``widths`` latents (``d_sae`` if none
+        given), and integer or boolean ones (token ids, masks), saying so.
+        """
         accepted = widths or (self.cfg.d_sae,)
         if feature_acts.shape[-1] not in accepted:
             expected = " or ".join(str(width) for width in sorted(set(accepted)))
@@ -56,6 +62,14 @@ class MatryoshkaSAEParts:
                 f"expected activations of {expected} latents in the last dimension, got shape "
                 f"{tuple(feature_acts.shape)}: are they from this SAE (d_sae={self.cfg.d_sae})?"
             )
+        if not feature_acts.is_floating_point():
+            raise TypeError(
+                f"latent activations must be floating point, got {feature_acts.dtype} (token "
+                "ids or a mask?): decode takes what encode returns."
+            )
+        if feature_acts.is_sparse:
+            feature_acts = feature_acts.to_dense()
+        return feature_acts.to(cast(Any, self).W_dec.dtype)
 
     def save_children_flat(self, children: Sequence[str]) -> None:
         """Save and load the tensors of ``children`` under this SAE's own names."""

@@ -282,6 +282,11 @@ def dead_latent_groups(
             f"the dead-latent mask must have shape ({sae.cfg.d_sae},) (one flag per "
             f"latent), got {tuple(dead.shape)}."
         )
+    if dead.dtype != torch.bool:  # 0.5 would count as dead
+        raise TypeError(
+            f"the dead-latent mask must be boolean (one flag per latent, as SAELens's "
+            f"trainer hands it), got {dead.dtype}."
+        )
     dead = collectives.dead_everywhere(dead)
     if not sae.cfg.use_matryoshka_aux_loss:
         return [dead]

@@ -145,9 +145,7 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
 
     def _decoding_acts(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """Activations as they multiply decoder rows (see ``decoder``)."""
-        self.check_latents(feature_acts)
-        if feature_acts.is_sparse:
-            feature_acts = feature_acts.to_dense()
+        feature_acts = self.decodable(feature_acts)
         return self.decoder.decoding_acts(feature_acts, lambda: self.W_dec.norm(dim=-1))
 
     @override

@@ -29,6 +29,7 @@ from sae_lens_matryoshka import (
     MatryoshkaTrainingSAEConfig,
     distributed,
     load_sae,
+    to_inference,
 )
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
@@ -269,3 +270,37 @@ def test_a_missing_peer_fails_within_the_rendezvous_timeout(
     assert float(seconds) < 10  # not the 600 s collective timeout
     assert f"rank {rank} of 2" in error
     assert re.search(message, error), error
+
+
+def test_decode_takes_what_training_hands_out_and_refuses_integers() -> None:
+    """The sparse step's COO activations and any floating dtype decode; token ids do not (issue 25)."""
+    torch.manual_seed(0)
+    sae = MatryoshkaTrainingSAE(
+        MatryoshkaTrainingSAEConfig(d_in=8, d_sae=32, k=2, matryoshka_widths=[4, 32])
+    )
+    x = torch.randn(16, 8)
+    coo = step_output(sae, x).feature_acts
+    assert coo.is_sparse  # what the sparse training path hands SAELens
+    with torch.no_grad():
+        torch.testing.assert_close(sae.decode(coo), sae.decode(coo.to_dense()))
+        inference = to_inference(sae)
+        acts = inference.encode(x)
+        expected = inference.decode(acts)
+        torch.testing.assert_close(inference.decode(acts.to_sparse()), expected)
+        torch.testing.assert_close(inference.decode(acts.double()), expected)
+        assert inference.decode(acts.double()).dtype == torch.float32
+        torch.testing.assert_close(
+            inference.decode(acts[:, :4], width=4), inference.decode(acts, 4)
+        )
+    for bad in (acts.long(), acts > 0):
+        with pytest.raises(TypeError, match=rf"must be floating point, got {bad.dtype}"):
+            inference.decode(bad)
+
+
+def test_a_dead_latent_mask_of_floats_is_refused() -> None:
+    """A float mask would count 0.5 as dead (issue 25)."""
+    sae = MatryoshkaTrainingSAE(
+        MatryoshkaTrainingSAEConfig(d_in=8, d_sae=32, k=2, matryoshka_widths=[4, 32])
+    )
+    with pytest.raises(TypeError, match=r"dead-latent mask must be boolean .*got torch.float32"):
+        step_output(sae, torch.randn(16, 8), torch.full((32,), 0.5))
