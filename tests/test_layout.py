@@ -50,6 +50,7 @@ ORDER = [
     "hierarchy",
     "recipes",
     "progress",
+    "hook_check",
     "kept_outputs",
     "dashboard",
     "distributed.mesh",
