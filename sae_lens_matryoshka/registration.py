@@ -20,7 +20,7 @@ Besides its two registry entries, the plugin wraps these SAELens routines
 - ``LanguageModelSAETrainingRunner.__init__`` and ``save_final_sae``
   (``save_paths``): the output and checkpoint paths are checked before the
   model loads, and a trained SAE whose final save fails is kept elsewhere;
-  and ``LanguageModelSAETrainingRunner.__init__`` once more (``hook_check``):
+  and ``LanguageModelSAETrainingRunner.__init__`` once more (``run_checks``):
   once the model is loaded, its hook exists and gives ``d_in`` values per token.
 - ``SAETrainer._update_pbar`` (``progress``): the progress bar ends at 100%.
 - ``SAETrainer._train_step`` (``kept_outputs``): the step output the trainer
@@ -36,7 +36,7 @@ from typing import Any
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-from sae_lens_matryoshka import dashboard, hook_check, kept_outputs, progress
+from sae_lens_matryoshka import dashboard, kept_outputs, progress, run_checks
 from sae_lens_matryoshka.config import (
     ARCHITECTURE,
     MatryoshkaSAEConfig,
@@ -82,7 +82,7 @@ def register() -> None:
     checkpoints.install()
     loaders.install()
     save_paths.install()
-    hook_check.install()
+    run_checks.install()
     progress.install()
     kept_outputs.install()
     if dashboard.dashboard_installed():

@@ -50,7 +50,7 @@ ORDER = [
     "hierarchy",
     "recipes",
     "progress",
-    "hook_check",
+    "run_checks",
     "kept_outputs",
     "dashboard",
     "distributed.mesh",

@@ -1,4 +1,4 @@
-"""A misspelt hook or a d_in that is not the hook's width: a clear error before any step (issue 25)."""
+"""Settings a run cannot use and a hook it cannot read: clear errors before any step (issues 25, 30)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from sae_lens import LanguageModelSAETrainingRunner
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.hook_check import check_hook, hook_width
+from sae_lens_matryoshka.run_checks import check_hook, hook_width
 
 from .conftest import HOOK, tiny_runner_cfg
 
@@ -56,3 +56,30 @@ def test_a_sound_run_is_untouched(tiny_model: Any, token_dataset: Any) -> None:
         tiny_runner_cfg(), override_dataset=token_dataset, override_model=tiny_model
     )
     assert runner.sae.cfg.d_in == tiny_model.cfg.d_model
+
+
+def test_cuda_on_a_torch_without_it_is_refused_before_the_model_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tiny_runner_cfg(device="cuda", model_name="no-such-model")
+    with pytest.raises(
+        ValueError, match=r"device='cuda', but this torch \(.*\) is a .*use device='cpu'"
+    ):
+        LanguageModelSAETrainingRunner(cfg)
+
+
+def test_a_buffer_smaller_than_a_batch_is_refused_before_the_model_loads() -> None:
+    """SAELens's own defaults (context 128 x 20 batches = 2,560 < 4,096) trip it at 0%."""
+    cfg = tiny_runner_cfg(
+        model_name="no-such-model",
+        context_size=32,
+        n_batches_in_buffer=20,
+        train_batch_size_tokens=4096,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"n_batches_in_buffer \* context_size = 20 \* 32 = 640 "
+        r"tokens, fewer than one batch \(train_batch_size_tokens=4096\).*at least 128",
+    ):
+        LanguageModelSAETrainingRunner(cfg)
