@@ -221,7 +221,10 @@ def train(args: Sequence[str]) -> None:
     if cfg.logger.log_to_wandb and launched_rank == "0":
         check_wandb_login()
     with hub_errors_in_one_line(LOCAL_FOLDERS_HINT), overrides_named_by_config():
-        run = distributed.build_runner(cfg, latent_shards, **local_overrides(cfg))
+        try:
+            run = distributed.build_runner(cfg, latent_shards, **local_overrides(cfg))
+        except ValueError as error:  # a setting the run cannot use, named by its check
+            raise SystemExit(f"{TRAIN_PROG}: error: {error}") from None
     sae = distributed.train(run)
     if distributed.rank() == 0:
         report(run, sae)

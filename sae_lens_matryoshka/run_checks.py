@@ -10,7 +10,8 @@ Matryoshka run the plugin wraps ``LanguageModelSAETrainingRunner.__init__``:
 :func:`check_settings` runs before anything loads, and :func:`check_hook`
 once the model is there (it asks the model for the hook, suggesting the
 nearest names, and runs it on one token to measure its width), before any
-activation is stored or any step taken. Each error names the setting.
+activation is stored or any step taken; a run from cached activations, which
+never runs the model, skips it. Each error names the setting.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def install() -> None:
         if checked:
             check_settings(cfg)
         init(self, cfg, *args, **kwargs)
-        if checked:
+        # a run from cached activations never runs the model (nor should this check)
+        if checked and not cfg.use_cached_activations:
             check_hook(self.model, cfg.hook_name, cfg.sae.d_in, cfg.hook_head_index)
 
     runner.__init__ = __init__

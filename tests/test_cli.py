@@ -271,6 +271,7 @@ def test_wandb_without_credentials_fails_before_the_model_loads(tmp_path: Path) 
 
 def test_a_model_the_hub_cannot_give_is_one_line(tmp_path: Path) -> None:
     flags = [*SAE_FLAGS, "--model_name", "tiny-stories-1M", "--hook_name", HOOK]
+    flags += ["--n_batches_in_buffer", "32"]  # SAELens's default buffer is refused first
     start = time.perf_counter()
     completed = subprocess.run(
         [SCRIPT, "train", *flags, "--log_to_wandb", "false"],
@@ -321,4 +322,14 @@ def test_a_count_a_run_cannot_use_is_one_line_before_anything_loads(
         main(["train", *flags, "--log_to_wandb", "false", flag, value])
     assert str(raised.value) == (
         f"sae-lens-matryoshka train: error: {flag} must be at least {least}, got {value}."
+    )
+
+
+def test_a_buffer_smaller_than_a_batch_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """SAELens's own defaults (20 batches of 128 tokens < 4,096) fail at 0%; here, before loading."""
+    flags = [*SAE_FLAGS, "--model_name", "no-such-model", "--hook_name", HOOK]
+    with pytest.raises(SystemExit) as raised:
+        main(["train", *flags, "--log_to_wandb", "false"])
+    assert str(raised.value).startswith(
+        "sae-lens-matryoshka train: error: n_batches_in_buffer * context_size = 20 * 128 = 2560"
     )
