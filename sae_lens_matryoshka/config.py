@@ -42,13 +42,18 @@ TRAINING_ACTIVATIONS: dict[str, ActivationKind] = {
 INFERENCE_ACTIVATIONS = ("jumprelu", "topk", "relu")
 
 
-def trains_matryoshka(trainer: Any) -> bool:
-    """Whether a SAELens ``SAETrainer`` trains a Matryoshka SAE.
+def is_matryoshka(sae_cfg: Any) -> bool:
+    """Whether an SAE config (or None) is a Matryoshka one.
 
     By architecture name, not class: a reloaded plugin defines new classes.
     """
-    architecture = getattr(trainer.sae.cfg, "architecture", None)
+    architecture = getattr(sae_cfg, "architecture", None)
     return architecture is not None and architecture() == ARCHITECTURE
+
+
+def trains_matryoshka(trainer: Any) -> bool:
+    """Whether a SAELens ``SAETrainer`` trains a Matryoshka SAE."""
+    return is_matryoshka(trainer.sae.cfg)
 
 
 #: activations that fix the number of active latents (and need ``k``)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 
-from sae_lens_matryoshka.config import ARCHITECTURE
+from sae_lens_matryoshka.config import is_matryoshka
 
 
 def hook_width(activation: torch.Tensor, head_index: int | None) -> int:
@@ -84,11 +84,6 @@ def check_settings(cfg: Any) -> None:
         )
 
 
-def _trains_matryoshka(cfg: Any) -> bool:
-    architecture = getattr(getattr(cfg, "sae", None), "architecture", None)
-    return architecture is not None and architecture() == ARCHITECTURE
-
-
 def install() -> None:
     """Check a Matryoshka run's settings before its runner loads, its hook after. Idempotent."""
     runner = LanguageModelSAETrainingRunner
@@ -100,7 +95,7 @@ def install() -> None:
     def __init__(
         self: LanguageModelSAETrainingRunner[Any], cfg: Any, *args: Any, **kwargs: Any
     ) -> None:
-        checked = _trains_matryoshka(cfg)
+        checked = is_matryoshka(cfg.sae)
         if checked:
             check_settings(cfg)
         init(self, cfg, *args, **kwargs)

@@ -10,6 +10,7 @@ import torch
 from sae_lens import SAE, LanguageModelSAETrainingRunner
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, to_inference
+from sae_lens_matryoshka.config import is_matryoshka
 from sae_lens_matryoshka.io import save_paths
 
 from .conftest import small_sae_cfg, tiny_runner_cfg
@@ -60,8 +61,8 @@ def test_a_writable_new_folder_passes_and_other_architectures_are_not_checked(
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError):
         save_paths.check_save_path(tmp_path / "file", "output_path", 1)
-    assert not save_paths._trains_matryoshka(
-        tiny_runner_cfg(sae=_standard_sae_cfg(), output_path=str(tmp_path / "file"))
+    assert not is_matryoshka(
+        tiny_runner_cfg(sae=_standard_sae_cfg(), output_path=str(tmp_path / "file")).sae
     )
 
 

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
+from sae_lens.util import str_to_dtype
 
-from sae_lens_matryoshka.config import ARCHITECTURE
+from sae_lens_matryoshka.config import is_matryoshka
 from sae_lens_matryoshka.divergence import TrainingDiverged
 
 #: what a checkpoint holds per parameter besides the weights: Adam's two moments
@@ -36,13 +37,8 @@ _CHECKPOINT_COPIES = 3
 
 def sae_bytes(cfg: Any) -> int:
     """The size of one saved SAE of ``cfg`` (encoder, decoder, biases, a threshold), in bytes."""
-    itemsize = torch.empty(0, dtype=_dtype(cfg.dtype)).element_size()
+    itemsize = torch.empty(0, dtype=str_to_dtype(cfg.dtype)).element_size()
     return (2 * cfg.d_in * cfg.d_sae + 2 * cfg.d_sae + cfg.d_in) * itemsize
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def check_save_path(path: str | Path, field: str, needed_bytes: int) -> None:
@@ -85,11 +81,6 @@ def fallback_folders(output_path: str | Path) -> Iterator[Path]:
         yield Path(base) / name
 
 
-def _trains_matryoshka(cfg: Any) -> bool:
-    architecture = getattr(getattr(cfg, "sae", None), "architecture", None)
-    return architecture is not None and architecture() == ARCHITECTURE
-
-
 def _check_runner_paths(cfg: Any) -> None:
     size = sae_bytes(cfg.sae)
     if cfg.output_path is not None:
@@ -114,7 +105,7 @@ def install() -> None:
     def __init__(
         self: LanguageModelSAETrainingRunner[Any], cfg: Any, *args: Any, **kwargs: Any
     ) -> None:
-        if _trains_matryoshka(cfg):
+        if is_matryoshka(cfg.sae):
             _check_runner_paths(cfg)
         init(self, cfg, *args, **kwargs)
 
@@ -125,7 +116,7 @@ def install() -> None:
         output_path: str,
         log_feature_sparsity: torch.Tensor | None = None,
     ) -> None:
-        if not _trains_matryoshka(self.cfg):
+        if not is_matryoshka(self.cfg.sae):
             save_final_sae(self, sae, output_path, log_feature_sparsity)
             return
         watch = sae.divergence
