@@ -115,6 +115,10 @@ class TrainingActivation(nn.Module):
         """Learn state from a finished step's activations (``step`` counts from 0); returns metrics."""
         return {}
 
+    def why_nothing_fired(self, largest_pre_activation: float) -> str:  # noqa: ARG002
+        """What in this activation's setting could explain a first batch on which nothing fired."""
+        return ""
+
     def fold_scaling_factor(self, scaling_factor: float) -> None:
         """Activations (measured in unit-norm decoder units) shrank by ``scaling_factor``."""
 
@@ -486,6 +490,19 @@ class JumpReLU(PenalisedActivation):
         fired = StepSTE.apply(hidden_pre, self.threshold.to(hidden_pre.dtype), self.bandwidth)
         per_token = (fired * plan.latent_multiplicity()).sum(dim=-1)
         return {"l0_loss": (self.penalty_coefficient(coefficients) * per_token).mean()}
+
+    @override
+    def why_nothing_fired(self, largest_pre_activation: float) -> str:
+        lowest = self.threshold.min().item()
+        if lowest < largest_pre_activation:
+            return ""
+        return (
+            f"every latent's starting threshold (jumprelu_init_threshold, at least {lowest:.3g}) "
+            "is above every pre-activation, and JumpReLU's threshold learns only from "
+            f"pre-activations within jumprelu_bandwidth={self.bandwidth:g} of it. Start it below "
+            "the pre-activations' scale (SAELens's default is 0.01, for activations normalised "
+            "to norm sqrt(d_in))."
+        )
 
     @override
     @torch.no_grad()

@@ -26,7 +26,7 @@ from sae_lens_matryoshka.inference_activations import (
 )
 from sae_lens_matryoshka.io.safe_loading import check_finite_weights
 from sae_lens_matryoshka.kernels.level_decode import decode_levels
-from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts
+from sae_lens_matryoshka.sae_base import MatryoshkaSAEParts, warn_non_finite
 
 
 class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
@@ -161,6 +161,7 @@ class MatryoshkaSAE(MatryoshkaSAEParts, SAE[MatryoshkaSAEConfig]):
         # topk selects among all latents, so it needs all pre-activations
         columns = self.cfg.d_sae if self.activation_fn.selects_among_all_latents else width
         sae_in = self.process_sae_in(x)
+        warn_non_finite(x, "the activations to encode")
         hidden_pre = sae_in @ self.W_enc[:, :columns] + self.b_enc[:columns]
         hidden_pre = self.hook_sae_acts_pre(hidden_pre)
         hidden_pre = self.decoder.scale_pre_activations(

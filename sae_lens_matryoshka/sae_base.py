@@ -12,6 +12,7 @@ installed here translate in both directions, so ``state_dict``,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, cast
@@ -51,7 +52,8 @@ class MatryoshkaSAEParts:
         """``feature_acts`` as decoding multiplies them: dense, in the decoder's dtype.
 
         Takes what training hands out (the sparse path's COO activations) and
-        any floating dtype (cast, as a matmul with the weights needs); refuses
+        any floating dtype (cast, as a matmul with the weights needs); warns
+        about NaN or infinite values (``warn_non_finite``); refuses
         activations of neither of ``widths`` latents (``d_sae`` if none
         given), and integer or boolean ones (token ids, masks), saying so.
         """
@@ -69,6 +71,7 @@ class MatryoshkaSAEParts:
             )
         if feature_acts.is_sparse:
             feature_acts = feature_acts.to_dense()
+        warn_non_finite(feature_acts, "the latent activations to decode")
         return feature_acts.to(cast(Any, self).W_dec.dtype)
 
     def save_children_flat(self, children: Sequence[str]) -> None:
@@ -87,14 +90,38 @@ def check_activations(x: Any, d_in: int, heads_flattened: bool = False) -> None:
             f"activations must be floating point, got {x.dtype}: pass the model's "
             "activations at the hook, not token ids."
         )
+    if x.dim() == 0:
+        raise ValueError(
+            f"expected activations with d_in={d_in} in the last dimension, got a scalar "
+            f"({x.item()!r}): pass a [..., d_in] tensor."
+        )
     width = x.shape[-2:].numel() if heads_flattened and x.dim() >= 2 else x.shape[-1]
-    if x.dim() == 0 or width != d_in:
+    if width != d_in:
         raise ValueError(
             f"expected activations with d_in={d_in} in the last dimension, got shape "
             f"{tuple(x.shape)}: is this SAE for another hook or model?"
         )
     if x.numel() == 0:
         raise ValueError(f"the activation batch is empty (shape {tuple(x.shape)}).")
+
+
+def warn_non_finite(x: torch.Tensor, what: str) -> None:
+    """Warn, with the count, when ``x`` holds NaN or infinite values.
+
+    SAELens encodes and decodes them silently into NaN latents and
+    reconstructions far from the input. One host read per call, on inference
+    calls only: a training step counts them itself with its one read.
+    """
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    n_bad = int(finite.numel() - finite.sum())
+    warnings.warn(
+        f"{what} of shape {tuple(x.shape)} holds {n_bad} NaN or infinite value(s) of "
+        f"{finite.numel()}: what comes out for those tokens is not meaningful. Drop or fix them "
+        "first (overflowed activations? padding filled with NaN?).",
+        stacklevel=3,
+    )
 
 
 def _lift(

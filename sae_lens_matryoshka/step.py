@@ -24,6 +24,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
+from sae_lens_matryoshka.first_batch import check_first_batch
 from sae_lens_matryoshka.kernels.selection import dead_latent_pick
 from sae_lens_matryoshka.levels import LevelPlan
 from sae_lens_matryoshka.losses import aux_k, level_metrics, level_mse
@@ -70,6 +71,8 @@ def training_step(sae: MatryoshkaTrainingSAE, step_input: TrainStepInput) -> Tra
     losses = {**sae.levels.loss_terms(forward.weighted_mse), **forward.penalties}
     stop_if_not_finite(sae, numbers.loss_finite, losses, step_input)
     if sae.training:
+        if step_input.n_training_steps == 0:
+            check_first_batch(x, encoding, sae.activation_fn)
         sae.divergence.observe(step_input.n_training_steps, numbers.fvu)
     # the dead-latent loss, whose shapes follow from the dead counts just read
     aux = dead_latent_loss(

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,7 @@ WRONG_INPUTS = {
         r"floating point, got torch.int64",
     ),
     "not a tensor": ([[0.0] * D_IN], TypeError, r"a torch.Tensor of activations, got list"),
+    "a scalar": (torch.tensor(1.5), ValueError, rf"d_in={D_IN}.*got a scalar \(1.5\)"),
 }
 
 
@@ -304,3 +306,25 @@ def test_a_dead_latent_mask_of_floats_is_refused() -> None:
     )
     with pytest.raises(TypeError, match=r"dead-latent mask must be boolean .*got torch.float32"):
         step_output(sae, torch.randn(16, 8), torch.full((32,), 0.5))
+
+
+def test_non_finite_inference_input_is_warned_with_its_count(tmp_path: Path) -> None:
+    """SAELens encodes and decodes NaN silently; the count comes with a warning (issue 25)."""
+    inference = _inference_sae(tmp_path)
+    training = _training_sae()
+    x = torch.randn(6, D_IN)
+    x[1, 2] = float("nan")
+    x[4, 0] = float("inf")
+    with pytest.warns(UserWarning, match=r"activations to encode of shape \(6, 8\) holds 2 NaN"):
+        acts = inference.encode(x)
+    assert not torch.isfinite(acts[1]).all()  # what is warned about: a token's latents spoilt
+    bad_acts = inference.encode(torch.randn(6, D_IN))
+    bad_acts[0, 0] = float("nan")
+    for decode in (inference.decode, inference.decode_levels, training.decode):
+        with pytest.warns(UserWarning, match=r"latent activations to decode .* holds 1 NaN"):
+            decode(bad_acts)
+    with pytest.warns(UserWarning, match=r"holds 1 NaN"):
+        inference.decode(bad_acts.to_sparse())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inference.decode(inference.encode(torch.randn(6, D_IN)))

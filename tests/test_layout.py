@@ -28,6 +28,7 @@ ORDER = [
     "latent_part",
     "losses",
     "divergence",
+    "first_batch",
     "parametrization",
     "encodings",
     "inference_activations",
