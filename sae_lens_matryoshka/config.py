@@ -324,6 +324,20 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
             ``l - 1`` lacked, so later levels cannot bend earlier latents
             (early latents then serve only the small levels, which costs
             full-width reconstruction).
+        order_latents_every: keep latents ordered by how often they fire, as
+            Nabeshima's Matryoshka SAEs do (``0``, the default: never). Every
+            this many steps, and once more after the last step (so the saved
+            SAE is ordered), SAELens's trainer permutes the latents by their
+            firing counts since the previous ordering, most frequent first:
+            encoder columns, decoder rows, ``b_enc``, JumpReLU thresholds,
+            their Adam state and the trainer's per-latent statistics move
+            together. With fixed widths each group between two widths is
+            ordered on its own (a global order would move latents between
+            levels and change the objective), so the run is the unordered
+            run, relabelled. With ``"pareto"`` prefixes the order is global:
+            a latent's position is what the sampler trains it by, and moving
+            the frequent latents forward is the point. See ``latent_order``.
+            Not with latent sharding (refused when a shard is built).
         topk_threshold_lr: (batchtopk) rate of the EMA of the cut-off (the
             smallest kept activation of each batch), logged as
             ``topk_threshold``; ``1 - threshold_beta`` in dictionary_learning.
@@ -411,6 +425,7 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
     pareto_power: float = 0.5
     prefix_sampling_seed: int = 0
     detach_between_levels: bool = False
+    order_latents_every: int = 0
     topk_threshold_lr: float = 0.01
     topk_threshold_start_step: int = 0
     inference_threshold: Literal["last_batch", "ema"] = "last_batch"
@@ -522,6 +537,12 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
                 f"{name}.pareto_power must be in [{low}, {high}] (0.5 in Nabeshima's code; "
                 "below, every prefix length but 1 gets a probability that rounds to 0; above, "
                 f"the weights overflow), got {self.pareto_power!r}."
+            )
+        every = self.order_latents_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(
+                f"{name}.order_latents_every must be an integer >= 0 (the steps between two "
+                f"orderings of the latents by firing frequency; 0 never orders), got {every!r}."
             )
         _check_int(f"{name}.prefix_sampling_seed", self.prefix_sampling_seed, 0)
         if self.prefix_sampling_seed >= 2**64:

@@ -25,7 +25,9 @@ Besides its two registry entries, the plugin wraps these SAELens routines
 - ``SAETrainer._update_pbar`` (``progress``): the progress bar ends at 100%.
 - ``SAETrainer._train_step`` (``kept_outputs``): the step output the trainer
   holds through the next step keeps no ``n_tokens x d_sae`` tensor it will
-  not read.
+  not read; and once more (``latent_order``): with ``order_latents_every``,
+  the latents are ordered by firing frequency every that many steps and
+  after the last, with their optimizer state and the trainer's statistics.
 - SAEDashboard's ``FeatureMaskingContext.__enter__`` (``dashboard``), when
   ``sae_dashboard`` is installed: its architecture check accepts Matryoshka SAEs.
 """
@@ -36,7 +38,7 @@ from typing import Any
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-from sae_lens_matryoshka import dashboard, kept_outputs, progress, run_checks
+from sae_lens_matryoshka import dashboard, kept_outputs, latent_order, progress, run_checks
 from sae_lens_matryoshka.config import (
     ARCHITECTURE,
     MatryoshkaSAEConfig,
@@ -76,7 +78,8 @@ def register() -> None:
     ``checkpoints``), SAELens's loaders check Matryoshka folders and read
     checkpoints as the SAE their run would save (see ``loaders``), and its
     progress bar count every step (see ``progress``), and its step outputs keep
-    no pre-activations into the next step (see ``kept_outputs``). With
+    no pre-activations into the next step (see ``kept_outputs``), and it orders
+    latents by firing frequency when asked (see ``latent_order``). With
     SAEDashboard installed, SAEDashboard renders Matryoshka SAEs (see ``dashboard``).
     """
     checkpoints.install()
@@ -85,6 +88,7 @@ def register() -> None:
     run_checks.install()
     progress.install()
     kept_outputs.install()
+    latent_order.install()
     if dashboard.dashboard_installed():
         dashboard.install()
     _register(SAE_TRAINING_CLASS_REGISTRY, (MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig))

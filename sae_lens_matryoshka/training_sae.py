@@ -95,7 +95,19 @@ class MatryoshkaTrainingSAE(MatryoshkaSAEParts, TrainingSAE[MatryoshkaTrainingSA
         biases). The rows come from the global random stream one shard's block
         at a time, so every shard draws the same sequence and keeps its own
         block, and no two shards start alike.
+
+        Latent ordering (``order_latents_every``) is refused: ordering moves
+        latents, their optimizer state and the trainer's statistics across the
+        whole dictionary, which a shard does not hold (see ``latent_order``).
         """
+        if cfg.order_latents_every:
+            raise ValueError(
+                f"{type(cfg).__name__}.order_latents_every={cfg.order_latents_every} cannot "
+                "be used with latent sharding: ordering would move latents (with their "
+                "optimizer state) between the ranks that hold them. Train with "
+                "order_latents_every=0 and order the saved SAE with "
+                "latent_order.order_latents, or train without latent sharding."
+            )
         on_meta = copy.copy(cfg)
         on_meta.device = "meta"
         sae = cls(on_meta)

@@ -53,6 +53,7 @@ ORDER = [
     "progress",
     "run_checks",
     "kept_outputs",
+    "latent_order",
     "dashboard",
     "distributed.mesh",
     "distributed.sharding",
