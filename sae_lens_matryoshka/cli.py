@@ -20,6 +20,10 @@ Beyond SAELens's own command line it
 - trains from local folders (``--model_name`` a ``save_pretrained`` folder,
   ``--dataset_path`` a ``save_to_disk`` or data-file folder: see
   ``local_sources``), and says in one line when the Hub cannot be reached;
+- refuses what it can before anything loads, as argparse refuses a bad flag
+  (the usage line, then one ``error:`` line, exit status 2, no traceback): a
+  config field the SAE or runner config rejects, a path that leads nowhere, a
+  count a run cannot use, a setting ``run_checks`` or ``save_paths`` refuses;
 - prints where the SAE was saved and each level's explained variance and L0.
 
 Under ``torchrun`` the same command trains data-parallel (see ``distributed``);
@@ -36,7 +40,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import simple_parsing
 from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
@@ -45,10 +49,16 @@ from sae_lens.saes.sae import TrainingSAEConfig
 
 import sae_lens_matryoshka  # noqa: F401  (registers the architecture)
 from sae_lens_matryoshka import distributed
-from sae_lens_matryoshka.config import ARCHITECTURE
+from sae_lens_matryoshka.config import ARCHITECTURE, is_matryoshka
 from sae_lens_matryoshka.evals import evaluate_levels
 from sae_lens_matryoshka.io.hub import OFFLINE_HINT, hub_errors_in_one_line
-from sae_lens_matryoshka.io.local_sources import local_overrides, overrides_named_by_config
+from sae_lens_matryoshka.io.local_sources import (
+    local_overrides,
+    looks_like_a_path,
+    overrides_named_by_config,
+)
+from sae_lens_matryoshka.io.save_paths import check_runner_paths
+from sae_lens_matryoshka.run_checks import check_settings
 from sae_lens_matryoshka.toy import ToyHierarchy
 from sae_lens_matryoshka.toy import demo as toy_demo
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
@@ -58,6 +68,21 @@ LOCAL_FOLDERS_HINT = (
     f"{OFFLINE_HINT}, or train from local folders: --model_name /path/to/model "
     "(save_pretrained) and --dataset_path /path/to/tokens (Dataset.save_to_disk)"
 )
+#: ``train``'s usage line, in its help and above each error: argparse's own lists every
+#: runner flag, 90 lines that buried the one line saying what was wrong
+TRAIN_USAGE = (
+    "%(prog)s --d_in N --d_sae N --model_name NAME_OR_FOLDER --hook_name HOOK "
+    "--dataset_path NAME_OR_FOLDER [FLAG VALUE ...]  (--help lists every flag)"
+)
+
+
+def usage_error(message: str) -> NoReturn:
+    """Stop ``train`` as argparse stops on a bad flag: the usage line, ``prog: error: message``, exit 2.
+
+    ``message`` is put on one line (a config's message may span several).
+    """
+    parser = argparse.ArgumentParser(prog=TRAIN_PROG, usage=TRAIN_USAGE, add_help=False)
+    parser.error(" ".join(line.strip() for line in message.splitlines() if line.strip()))
 
 
 class _RunnerFlagParser(simple_parsing.ArgumentParser):
@@ -100,6 +125,7 @@ def parse_train_args(args: Sequence[str]) -> LanguageModelSAERunnerConfig[Any]:
     )
     parser = _RunnerFlagParser(
         prog=TRAIN_PROG,
+        usage=TRAIN_USAGE,
         description="Train a Matryoshka SAE with SAELens's runner (every runner flag is "
         "accepted). Under torchrun, --latent_shards N splits the SAE's latents over N ranks "
         "(default 1); the other ranks are data-parallel replicas, and --training_tokens and "
@@ -171,7 +197,9 @@ def report(run: distributed.TrainingRun, sae: TrainingSAE[Any]) -> None:
 
 def _latent_shards(args: Sequence[str]) -> tuple[list[str], int]:
     """``--latent_shards N`` taken out of the runner flags (default 1)."""
-    parser = argparse.ArgumentParser(prog=TRAIN_PROG, add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog=TRAIN_PROG, usage=TRAIN_USAGE, add_help=False, allow_abbrev=False
+    )
     parser.add_argument("--latent_shards", type=_positive(int), default=1)
     parsed, rest = parser.parse_known_args(list(args))
     return rest, parsed.latent_shards
@@ -207,24 +235,64 @@ def check_run_counts(args: Sequence[str]) -> None:
         except ValueError:
             continue
         if value < RUN_COUNTS[name]:
-            raise SystemExit(
-                f"{TRAIN_PROG}: error: --{name} must be at least {RUN_COUNTS[name]}, got {value}."
+            usage_error(f"--{name} must be at least {RUN_COUNTS[name]}, got {value}.")
+
+
+#: what each flag that may name a local folder expects there, for the error when it does not
+LOCAL_PATH_FLAGS = {
+    "model_name": "a folder written by model.save_pretrained (and tokenizer.save_pretrained), "
+    "or a model name TransformerLens knows, such as gpt2",
+    "dataset_path": "a folder written by Dataset.save_to_disk or holding parquet / JSON / arrow "
+    "files, or a Hub dataset id (owner/name)",
+}
+
+
+def check_local_paths(cfg: LanguageModelSAERunnerConfig[Any]) -> None:
+    """Refuse a ``--model_name`` or ``--dataset_path`` that is a path to nothing, before anything loads.
+
+    Only what can only be a path (``./``, ``/``, ``~``, two or more ``/``:
+    ``local_sources.looks_like_a_path``): SAELens would take it for a Hub
+    name and fail after the model has loaded (the dataset) or list every
+    model TransformerLens knows (the model). A model folder without
+    ``config.json`` is refused too: nothing could load it.
+    """
+    for field, expected in LOCAL_PATH_FLAGS.items():
+        name = getattr(cfg, field)
+        path = Path(name).expanduser()
+        if looks_like_a_path(name) and not path.exists():
+            usage_error(
+                f"--{field} {name}: no such file or folder ({path.absolute()}). Give {expected}."
             )
+    model = Path(cfg.model_name).expanduser()
+    if model.is_dir() and not (model / "config.json").is_file():
+        usage_error(
+            f"--model_name {cfg.model_name}: the folder has no config.json. Write the model "
+            "there with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)."
+        )
 
 
 def train(args: Sequence[str]) -> None:
     """``sae-lens-matryoshka train ARGS``: check, load (local folders too), train, report."""
     args, latent_shards = _latent_shards(args)
     check_run_counts(args)
-    cfg = parse_train_args(args)
+    try:
+        cfg = parse_train_args(args)
+    except ValueError as error:  # a field the SAE or runner config refuses, named by it
+        usage_error(str(error))
+    check_local_paths(cfg)
     launched_rank = os.environ.get("RANK", "0")  # under torchrun, before the ranks meet
     if cfg.logger.log_to_wandb and launched_rank == "0":
         check_wandb_login()
     with hub_errors_in_one_line(LOCAL_FOLDERS_HINT), overrides_named_by_config():
         try:
+            if is_matryoshka(cfg.sae):
+                # the runner checks these before it loads a model, but local_overrides
+                # loads a model folder before the runner is built
+                check_settings(cfg)
+                check_runner_paths(cfg)
             run = distributed.build_runner(cfg, latent_shards, **local_overrides(cfg))
         except ValueError as error:  # a setting the run cannot use, named by its check
-            raise SystemExit(f"{TRAIN_PROG}: error: {error}") from None
+            usage_error(str(error))
     sae = distributed.train(run)
     if distributed.rank() == 0:
         report(run, sae)

@@ -71,11 +71,14 @@ def build_token_dataset() -> Dataset:
     return Dataset.from_dict({"input_ids": tokens.tolist()})
 
 
-def save_hf_model_folder(folder: Path) -> Path:
+def save_hf_model_folder(folder: Path, config: Any = None) -> Path:
     """A tiny random GPT-2 and its word-level tokenizer, as ``save_pretrained`` writes them.
 
     What a user has on disk after downloading a model once; built here from
-    configs, with no download. Same width, context and vocabulary as the tiny model.
+    configs, with no download. By default the tiny model's width, context and
+    vocabulary, with the ``n_ctx`` the Hub's GPT-2 configs hold; ``config``
+    (a ``GPT2Config`` of vocabulary ``VOCAB``) builds another, e.g. one as a
+    user builds it with today's transformers, which has and writes no ``n_ctx``.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -88,9 +91,15 @@ def save_hf_model_folder(folder: Path) -> Path:
         tokenizer_object=words, bos_token=end, eos_token=end, unk_token="w0"
     )
     torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_positions=CONTEXT, n_ctx=CONTEXT, n_embd=D_MODEL, n_layer=1, n_head=4
-    )
+    if config is None:
+        config = GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=CONTEXT,
+            n_ctx=CONTEXT,
+            n_embd=D_MODEL,
+            n_layer=1,
+            n_head=4,
+        )
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -25,6 +25,7 @@ from .conftest import (
     run_torchrun,
     save_hf_model_folder,
 )
+from .test_local_sources import save_long_tokens, save_users_gpt2
 
 SCRIPT = str(Path(sys.executable).parent / "sae-lens-matryoshka")
 
@@ -318,18 +319,146 @@ def test_a_count_a_run_cannot_use_is_one_line_before_anything_loads(
 ) -> None:
     """SAELens takes these and fails later (ZeroDivisionError, a crash after saving)."""
     flags = [*SAE_FLAGS, "--model_name", "no-such-model", "--hook_name", HOOK]
-    with pytest.raises(SystemExit) as raised:
-        main(["train", *flags, "--log_to_wandb", "false", flag, value])
-    assert str(raised.value) == (
-        f"sae-lens-matryoshka train: error: {flag} must be at least {least}, got {value}."
-    )
+    error = usage_error_of(["train", *flags, "--log_to_wandb", "false", flag, value], capsys)
+    assert error == f"{flag} must be at least {least}, got {value}."
 
 
 def test_a_buffer_smaller_than_a_batch_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     """SAELens's own defaults (20 batches of 128 tokens < 4,096) fail at 0%; here, before loading."""
     flags = [*SAE_FLAGS, "--model_name", "no-such-model", "--hook_name", HOOK]
+    error = usage_error_of(["train", *flags, "--log_to_wandb", "false"], capsys)
+    assert error.startswith("n_batches_in_buffer * context_size = 20 * 128 = 2560")
+
+
+USAGE = "usage: sae-lens-matryoshka train --d_in N --d_sae N --model_name NAME_OR_FOLDER "
+
+
+def usage_error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The error ``main(argv)`` stops with, after checking its form: argparse's, two lines, exit 2.
+
+    The usage line (not the 90 lines argparse would make of SAELens's runner
+    flags), then ``sae-lens-matryoshka train: error: ...``; returns what follows ``error: ``.
+    """
+    capsys.readouterr()
     with pytest.raises(SystemExit) as raised:
-        main(["train", *flags, "--log_to_wandb", "false"])
-    assert str(raised.value).startswith(
-        "sae-lens-matryoshka train: error: n_batches_in_buffer * context_size = 20 * 128 = 2560"
+        main(argv)
+    assert raised.value.code == 2
+    usage, error = capsys.readouterr().err.splitlines()
+    assert usage.startswith(USAGE)
+    prefix = "sae-lens-matryoshka train: error: "
+    assert error.startswith(prefix)
+    return error.removeprefix(prefix)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (  # the SAE config's own check
+            ["--matryoshka_widths", "24", "8", "64"],
+            "MatryoshkaTrainingSAEConfig.matryoshka_widths must be strictly increasing",
+        ),
+        (  # the runner config's own check
+            ["--use_chat_formatting", "true", "--is_dataset_tokenized", "true"],
+            "use_chat_formatting and is_dataset_tokenized cannot both be True",
+        ),
+        (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+        (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
+    ],
+)
+def test_a_config_error_is_the_usage_line_and_one_error_line(
+    flags: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a traceback from the config, nor a 90-line usage before argparse's own errors."""
+    widths = ["--d_in", str(D_MODEL), "--d_sae", "64", "--k", "4"]
+    if "--matryoshka_widths" not in flags:
+        widths += ["--matryoshka_widths", "8", "24", "64"]
+    argv = ["train", *widths, "--model_name", "no-such-model", "--hook_name", HOOK, *flags]
+    assert expected in usage_error_of(argv, capsys)
+
+
+@pytest.mark.parametrize(
+    ("flag", "path", "expected"),
+    [
+        ("--dataset_path", "./no/such/tokens", "no/such/tokens"),
+        ("--dataset_path", "~/no-such-tokens", "no-such-tokens"),
+        ("--dataset_path", "data/no/such-tokens", "data/no/such-tokens"),
+        ("--model_name", "./no-such-model", "no-such-model"),
+    ],
+)
+def test_a_path_to_nothing_is_one_line_before_anything_loads(
+    flag: str, path: str, expected: str, capsys: pytest.CaptureFixture[str], monkeypatch, tmp_path
+) -> None:
+    """SAELens takes a missing dataset folder for a Hub id and fails after the model has loaded."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr("sae_lens_matryoshka.cli.local_overrides", _nothing_may_load)
+    flags = {"--model_name": "tiny-random", "--dataset_path": "owner/tokens", flag: path}
+    argv = ["train", *SAE_FLAGS, "--hook_name", HOOK, *(x for pair in flags.items() for x in pair)]
+    error = usage_error_of([*argv, "--n_batches_in_buffer", "32"], capsys)
+    assert error.startswith(f"{flag} {path}: no such file or folder ({tmp_path}/")
+    assert expected in error
+    what = "Dataset.save_to_disk" if flag == "--dataset_path" else "model.save_pretrained"
+    assert what in error
+
+
+def test_a_model_folder_without_a_config_is_one_line(capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("sae_lens_matryoshka.cli.local_overrides", _nothing_may_load)
+    argv = ["train", *SAE_FLAGS, "--hook_name", HOOK, "--model_name", str(tmp_path)]
+    error = usage_error_of(argv, capsys)
+    assert error.startswith(f"--model_name {tmp_path}: the folder has no config.json.")
+
+
+def test_settings_are_checked_before_a_local_model_folder_loads(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch
+) -> None:
+    """The runner checks the buffer before it loads a model; a local folder loads before the runner."""
+    model = save_hf_model_folder(tmp_path / "model")
+    monkeypatch.setattr("sae_lens_matryoshka.cli.local_overrides", _nothing_may_load)
+    argv = ["train", *SAE_FLAGS, "--hook_name", HOOK, "--model_name", str(model)]
+    error = usage_error_of([*argv, "--log_to_wandb", "false"], capsys)
+    assert error.startswith("n_batches_in_buffer * context_size = 20 * 128 = 2560")
+
+
+def _nothing_may_load(*args: object, **kwargs: object) -> None:
+    pytest.fail("a local folder was loaded before the checks")
+
+
+@pytest.mark.slow  # a fresh process imports everything: 10-40 s
+def test_the_installed_script_says_a_missing_dataset_in_two_lines(tmp_path: Path) -> None:
+    """As a user sees it: the real script's whole stderr and exit status, from a fresh process."""
+    flags = [*SAE_FLAGS, "--model_name", "tiny-stories-1M", "--hook_name", HOOK]
+    completed = subprocess.run(
+        [SCRIPT, "train", *flags, "--dataset_path", "./my-tokens", "--log_to_wandb", "false"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_bare_environment(tmp_path),
+        timeout=120,
     )
+    assert completed.returncode == 2
+    usage, error = completed.stderr.splitlines()
+    assert usage.startswith(USAGE)
+    assert error.startswith(
+        f"sae-lens-matryoshka train: error: --dataset_path ./my-tokens: no such file or folder "
+        f"({tmp_path}/my-tokens). Give a folder written by Dataset.save_to_disk"
+    )
+
+
+def test_train_from_a_gpt2_folder_saved_by_todays_transformers(tmp_path: Path, capfd) -> None:
+    """``GPT2Config(...)`` + ``save_pretrained`` with the installed transformers writes no n_ctx."""
+    model = save_users_gpt2(tmp_path / "my-gpt2")
+    tokens = save_long_tokens(tmp_path / "tokens")
+    output = tmp_path / "output"
+    flags = ["--d_in", "64", "--d_sae", "64", "--k", "4", "--matryoshka_widths", "16", "64"]
+    flags += ["--model_name", str(model), "--hook_name", "blocks.1.hook_resid_post"]
+    flags += ["--dataset_path", str(tokens), "--is_dataset_tokenized", "true"]
+    flags += ["--context_size", "128", "--training_tokens", "512"]
+    flags += ["--train_batch_size_tokens", "128", "--store_batch_size_prompts", "4"]
+    flags += ["--n_batches_in_buffer", "4", "--n_eval_batches", "1"]
+    flags += ["--output_path", str(output), "--checkpoint_path", str(tmp_path / "ckpt")]
+    main(["train", *flags, "--log_to_wandb", "false"])
+    out, err = capfd.readouterr()
+    assert f"saved to {output.resolve()}" in out
+    assert "Training SAE: 100%" in err
+    loaded = SAE.load_from_disk(output)
+    assert isinstance(loaded, MatryoshkaSAE) and loaded.matryoshka_widths == [16, 64]

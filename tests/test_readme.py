@@ -47,7 +47,7 @@ temporary folder with ``HF_HUB_OFFLINE`` set, so the real download side runs
 
 Training blocks
 ---------------
-A real training run (a Hub model and dataset, ``device="cuda"``, 50M tokens)
+A real training run (a Hub model and dataset, 50M tokens, on a GPU for speed)
 cannot run here in seconds, and shrinking it silently would be a fake. The
 README therefore shows such a run as a config block, which runs exactly as shown
 (building the config downloads nothing), followed by a run block whose config
@@ -115,6 +115,7 @@ from .conftest import (
 )
 from .test_hub import FakeHub
 from .test_imports import write_dictionary_learning
+from .test_local_sources import save_long_tokens, save_users_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -582,6 +583,9 @@ FILE_STAND_INS: dict[str, Callable[[World, Path], Any]] = {
         path, "BatchTopKSAE", d_in=4, group_sizes=[16384], **README_TRAINER
     ),
     "checkpoints/run/layers.6": lambda world, path: _sparsify_folder(path),
+    # a GPT-2 as a user saves one with the installed transformers (no n_ctx), and its tokens
+    "models/my-gpt2": lambda world, path: save_users_gpt2(path),
+    "data/my-tokens": lambda world, path: save_long_tokens(path, rows=64),
 }
 
 
@@ -612,7 +616,7 @@ def _after_config(ns: dict[str, Any], world: World) -> None:
     cfg = ns["cfg"]
     assert isinstance(cfg.sae, MatryoshkaTrainingSAEConfig)
     assert cfg.sae.matryoshka_widths == README_WIDTHS
-    assert (cfg.model_name, cfg.device) == ("tiny-stories-1L-21M", "cuda")
+    assert (cfg.model_name, cfg.device) == ("tiny-stories-1L-21M", "cpu")
 
 
 def _after_training(ns: dict[str, Any], world: World) -> None:
@@ -636,6 +640,13 @@ def _after_offline(ns: dict[str, Any], world: World) -> None:
     assert isinstance(ns["sae"], MatryoshkaTrainingSAE)
     saved = SAE.load_from_disk(ns["cfg"].output_path)
     assert isinstance(saved, MatryoshkaSAE) and saved.matryoshka_widths == [32, 96, 224, 512]
+
+
+def _after_local_folders(ns: dict[str, Any], world: World) -> None:
+    assert isinstance(ns["sae"], MatryoshkaTrainingSAE)
+    saved = SAE.load_from_disk(ns["cfg"].output_path)
+    assert isinstance(saved, MatryoshkaSAE) and saved.matryoshka_widths == [32, 128, 256]
+    assert saved.cfg.metadata.model_name == "models/my-gpt2"
 
 
 def _after_levels(ns: dict[str, Any], world: World) -> None:
@@ -678,6 +689,7 @@ CHECKS: dict[str, Callable[[dict[str, Any], World], None]] = {
     "LanguageModelSAETrainingRunner(cfg).run()": _after_training,
     "LanguageModelSAERunnerConfig.from_dict(": _after_from_dict,
     "override_model=model, override_dataset=dataset": _after_offline,
+    "**local_overrides(cfg)": _after_local_folders,
     "sae.decode_levels(sae.encode(x))": _after_levels,
     "upload_to_huggingface(": _after_sharing,
     "CacheActivationsRunner(cache_cfg).run()": _after_caching,

@@ -81,7 +81,13 @@ def fallback_folders(output_path: str | Path) -> Iterator[Path]:
         yield Path(base) / name
 
 
-def _check_runner_paths(cfg: Any) -> None:
+def check_runner_paths(cfg: Any) -> None:
+    """Refuse a runner config's ``output_path`` or ``checkpoint_path`` (when it checkpoints).
+
+    What the wrapped runner checks first; public for callers that load
+    something themselves before building the runner (the CLI, with a local
+    model folder).
+    """
     size = sae_bytes(cfg.sae)
     if cfg.output_path is not None:
         check_save_path(cfg.output_path, "output_path", size)
@@ -106,7 +112,7 @@ def install() -> None:
         self: LanguageModelSAETrainingRunner[Any], cfg: Any, *args: Any, **kwargs: Any
     ) -> None:
         if is_matryoshka(cfg.sae):
-            _check_runner_paths(cfg)
+            check_runner_paths(cfg)
         init(self, cfg, *args, **kwargs)
 
     @functools.wraps(save_final_sae)
