@@ -57,6 +57,7 @@ ORDER = [
     "dashboard",
     "distributed.mesh",
     "distributed.sharding",
+    "distributed.agreement",
     "distributed.launch",
     "distributed",
     "toy.model",

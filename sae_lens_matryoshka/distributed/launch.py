@@ -28,6 +28,11 @@ replica writes its own part). Ranks meet within
 never arrive; collectives time out after ``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT``
 seconds (default 600), so a rank that dies makes the others stop with
 :class:`CollectiveError` instead of hanging.
+
+**The ranks agree before they train** (``agreement``): each posts what it
+was launched with at the rendezvous and compares it with the others', so a
+rank launched with other settings is an error on every rank naming the
+fields, never a diverged copy or a hang.
 """
 
 from __future__ import annotations
@@ -39,9 +44,8 @@ import logging
 import math
 import os
 import sys
-import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -55,6 +59,12 @@ from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunne
 from sae_lens.constants import RUNNER_CFG_FILENAME
 
 from sae_lens_matryoshka.config import MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka.distributed.agreement import (
+    RENDEZVOUS_TIMEOUT_ENV,
+    Board,
+    agree_in_group,
+    run_settings,
+)
 from sae_lens_matryoshka.distributed.mesh import (
     TIMEOUT_ENV,
     CollectiveError,
@@ -72,8 +82,13 @@ from sae_lens_matryoshka.progress import hidden_trainer_bar
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 DEFAULT_TIMEOUT_S = 600.0
-RENDEZVOUS_TIMEOUT_ENV = "SAE_MATRYOSHKA_RENDEZVOUS_TIMEOUT"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 120.0
+#: the longest timeout taken, in seconds (a year): ``timedelta`` refuses more than about
+#: 8.6e13 s, and torch's store and process groups, which add the timeout to the clock in
+#: nanoseconds, time out at once or hang from about 9e9 s; a year is beyond any real wait
+MAX_TIMEOUT_S = 365 * 24 * 3600
+#: the TCP ports ``MASTER_PORT`` can name
+PORTS = (1, 65535)
 
 
 def world_size() -> int:
@@ -101,20 +116,40 @@ def quiet_other_ranks() -> Iterator[None]:
         sae_lens_logger.setLevel(level)
 
 
-def _env_int(name: str, default: int | None, minimum: int) -> int:
+def _env_int(name: str, default: int | None, minimum: int, maximum: int | None = None) -> int:
+    """The whole number in environment variable ``name``, refused by name outside its range.
+
+    Torch would take an out-of-range value and fail later with a bare
+    ``TypeError`` or ``OverflowError`` (a ``MASTER_PORT`` of 99999) that
+    names no variable.
+    """
     raw = os.environ.get(name)
     if raw is None:
         if default is None:
             raise ValueError(f"environment variable {name} is not set; torchrun sets it.")
         return default
+    allowed = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
     try:
         value = int(raw)
     except ValueError:
         raise ValueError(
-            f"environment variable {name}={raw!r} must be a whole number >= {minimum}."
+            f"environment variable {name}={raw!r} must be a whole number {allowed}."
         ) from None
-    if value < minimum:
-        raise ValueError(f"environment variable {name}={raw!r} must be >= {minimum}.")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"environment variable {name}={raw!r} must be {allowed}.")
+    return value
+
+
+def _checked_seconds(value: float, what: str) -> float:
+    """``value`` as a timeout in seconds, refused naming ``what`` unless torch can wait that long.
+
+    ``timedelta`` raises a bare ``OverflowError`` above about 8.6e13 s, and
+    torch misbehaves far below that (see :data:`MAX_TIMEOUT_S`).
+    """
+    if not math.isfinite(value) or value <= 0 or value > MAX_TIMEOUT_S:
+        raise ValueError(
+            f"{what} must be a positive number of seconds, at most {MAX_TIMEOUT_S} (a year)."
+        )
     return value
 
 
@@ -126,14 +161,12 @@ def _env_seconds(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"environment variable {name}={raw!r} must be a positive number of seconds."
-        )
-    return value
+    return _checked_seconds(value, f"environment variable {name}={raw!r}")
 
 
-def init_from_env(timeout_s: float | None = None) -> bool:
+def init_from_env(
+    timeout_s: float | None = None, settings: Mapping[str, str] | None = None
+) -> bool:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ...), if any.
 
     Returns whether training is data-parallel. NCCL on GPUs (each rank on
@@ -142,11 +175,19 @@ def init_from_env(timeout_s: float | None = None) -> bool:
     fails naming the ranks that never arrived; collectives then time out after
     ``timeout_s`` (default ``SAE_MATRYOSHKA_COLLECTIVE_TIMEOUT``, 600 s), long
     enough for rank 0's evals and checkpoints between steps.
+
+    ``settings`` (:func:`run_settings`: what this rank was launched with) are
+    compared with every other rank's at the rendezvous, or over the process
+    group where it already exists; ``WORLD_SIZE`` is compared either way. A
+    difference is a ``ValueError`` on every rank naming each field and its
+    value per rank, before any collective can hang or train a diverged copy.
     """
     n_ranks = _env_int("WORLD_SIZE", 1, minimum=1)
     if n_ranks <= 1:
         return False
     if dist.is_initialized():
+        if settings is not None and world_size() > 1:
+            agree_in_group(settings)
         return world_size() > 1
     this_rank = _env_int("RANK", None, minimum=0)
     if this_rank >= n_ranks:
@@ -156,9 +197,10 @@ def init_from_env(timeout_s: float | None = None) -> bool:
     local_rank = _env_int("LOCAL_RANK", 0, minimum=0)
     if timeout_s is None:
         timeout_s = _env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
-    store = _rendezvous(
-        this_rank, n_ranks, _env_seconds(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S)
-    )
+    else:
+        timeout_s = _checked_seconds(timeout_s, f"timeout_s={timeout_s!r}")
+    rendezvous_s = _env_seconds(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S)
+    store = _rendezvous(this_rank, n_ranks, rendezvous_s, {} if settings is None else settings)
     backend = "gloo"
     if torch.cuda.is_available():
         backend = "nccl"
@@ -173,12 +215,14 @@ def init_from_env(timeout_s: float | None = None) -> bool:
     return world_size() > 1
 
 
-def _rendezvous(this_rank: int, n_ranks: int, timeout_s: float) -> dist.Store:
-    """Meet the other ranks at ``MASTER_ADDR:MASTER_PORT``, naming any that do not come."""
+def _rendezvous(
+    this_rank: int, n_ranks: int, timeout_s: float, settings: Mapping[str, str]
+) -> dist.Store:
+    """Meet the other ranks at ``MASTER_ADDR:MASTER_PORT``: all come, with the same settings."""
     address = os.environ.get("MASTER_ADDR")
     if not address:
         raise ValueError("environment variable MASTER_ADDR is not set; torchrun sets it.")
-    port = _env_int("MASTER_PORT", None, minimum=1)
+    port = _env_int("MASTER_PORT", None, minimum=PORTS[0], maximum=PORTS[1])
     # under torchrun the launcher hosts the store (as torch's own env:// rendezvous assumes)
     agent_hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     timeout = timedelta(seconds=timeout_s)
@@ -200,20 +244,14 @@ def _rendezvous(this_rank: int, n_ranks: int, timeout_s: float) -> dist.Store:
     if agent_hosted:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"/worker/attempt_{attempt}", client)
-    arrivals = dist.PrefixStore("sae_matryoshka_rendezvous", store)
-    arrivals.set(str(this_rank), "here")
-    deadline = time.monotonic() + timeout_s
-    missing = list(range(n_ranks))
-    while missing:
-        missing = [r for r in missing if not arrivals.check([str(r)])]
-        if missing and time.monotonic() > deadline:
-            raise CollectiveError(
-                f"rank {this_rank} of {n_ranks}: ranks {missing} did not join within "
-                f"{timeout_s:g} s ({RENDEZVOUS_TIMEOUT_ENV}); they failed to start, or were "
-                "not launched."
-            )
-        if missing:
-            time.sleep(0.05)
+    board = Board(
+        dist.PrefixStore("sae_matryoshka_rendezvous", store),
+        this_rank,
+        n_ranks,
+        f"{address}:{port}",
+        hosting=this_rank == 0 and not agent_hosted,
+    )
+    board.meet(settings, timeout_s)
     return store
 
 
@@ -433,7 +471,7 @@ def build_runner(
     """
     if latent_shards < 1:
         raise ValueError(f"latent_shards must be a whole number >= 1, got {latent_shards!r}.")
-    if not init_from_env():
+    if not init_from_env(settings=run_settings(cfg, latent_shards)):
         if latent_shards > 1:
             raise ValueError(
                 f"latent_shards={latent_shards} splits the SAE over {latent_shards} ranks: "
