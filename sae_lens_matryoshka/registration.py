@@ -16,7 +16,11 @@ Besides its two registry entries, the plugin wraps these SAELens routines
 - ``SAE.load_from_disk`` (``loaders``): the plugin's file checks on every
   Matryoshka folder, and a checkpoint read as the SAE its run saves.
 - ``NAMED_PRETRAINED_SAE_LOADERS["sae_lens"]`` (``loaders``):
-  ``SAE.from_pretrained`` reads a checkpoint on the Hub the same way.
+  ``SAE.from_pretrained`` reads a checkpoint on the Hub the same way; and
+  beneath that wrapper (``hub_misses``), a file neither cached nor
+  downloadable (``HF_HUB_OFFLINE=1``, no network) fails naming its repo, the
+  file and the download that brings it, for any architecture (which one is
+  unknown until ``cfg.json`` is read).
 - ``LanguageModelSAETrainingRunner.__init__`` and ``save_final_sae``
   (``save_paths``): the output and checkpoint paths are checked before the
   model loads, and a trained SAE whose final save fails is kept elsewhere;
@@ -45,7 +49,7 @@ from sae_lens_matryoshka.config import (
     MatryoshkaTrainingSAEConfig,
 )
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
-from sae_lens_matryoshka.io import checkpoints, loaders, save_paths
+from sae_lens_matryoshka.io import checkpoints, hub_misses, loaders, save_paths
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 
@@ -83,6 +87,7 @@ def register() -> None:
     SAEDashboard installed, SAEDashboard renders Matryoshka SAEs (see ``dashboard``).
     """
     checkpoints.install()
+    hub_misses.install()  # first: beneath loaders' wrapper of the same Hub loader
     loaders.install()
     save_paths.install()
     run_checks.install()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,14 @@ import httpx2
 import huggingface_hub.constants
 import pytest
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import RepositoryNotFoundError
 from sae_lens import SAE, LanguageModelSAETrainingRunner, upload_saes_to_huggingface
+from sae_lens.loading.pretrained_saes_directory import (
+    PretrainedSAELookup,
+    get_pretrained_saes_directory,
+)
 
 from sae_lens_matryoshka import (
     MatryoshkaSAE,
@@ -20,7 +27,9 @@ from sae_lens_matryoshka import (
     MatryoshkaTrainingSAEConfig,
     upload_to_huggingface,
 )
-from sae_lens_matryoshka.io.interop import to_inference
+from sae_lens_matryoshka.io.hub import hub_errors_in_one_line, hub_unreachable
+from sae_lens_matryoshka.io.hub_misses import HubFileNotCached, hub_misses_named
+from sae_lens_matryoshka.io.interop import from_saelens_release, to_inference
 
 from .conftest import HOOK, quick_train
 
@@ -201,3 +210,168 @@ def test_uploading_a_missing_folder_fails_before_sending_anything(hub, tmp_path:
     with pytest.raises(FileNotFoundError, match=r"cfg\.json does not exist"):
         upload_to_huggingface({"x": tmp_path / "nowhere"}, REPO, show_progress=False)
     assert hub.repos == {}
+
+
+# ---------------------------------------------------------------- offline misses
+
+
+def _cache(hub: FakeHub, files: dict[str, bytes]) -> Path:
+    """``files`` of REPO in the offline cache, as a download of only those would leave it."""
+    hub.repos[REPO] = dict(files)
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    hub.place_in_cache(cache, REPO)
+    return cache
+
+
+def _assert_names_the_miss(message: str, file: str, cache: Path) -> None:
+    """One line naming the repo, the file, the cache looked in and the download that brings it."""
+    assert "\n" not in message
+    named = f"repo '{REPO}' file '{file}' is not in the local Hugging Face cache ({cache})"
+    assert named in message
+    assert "HF_HUB_OFFLINE=1 is set" in message and "run once with network" in message
+    folder = file.rsplit("/", 1)[0]
+    assert f"`hf download {REPO} --include '{folder}/*'`" in message
+    assert "point HF_HUB_CACHE (or HF_HOME) at a cache that has it" in message
+    assert "revision" not in message  # main is not named
+
+
+@pytest.mark.parametrize("cached", ["nothing", "cfg.json only"])
+def test_from_pretrained_offline_names_the_repo_and_the_missing_file(
+    hub: FakeHub, tmp_path: Path, cached: str
+) -> None:
+    """Offline, SAELens's own error names neither; the first file not cached is named here.
+
+    With nothing cached that is ``cfg.json``; with only ``cfg.json`` (a
+    download cut short) the weights, which ``SAE.from_pretrained`` asks for next.
+    """
+    folder = to_inference(_trained("relu")).save_model(tmp_path / "sae")[0].parent
+    files = (
+        {} if cached == "nothing" else {"layer/relu/cfg.json": (folder / "cfg.json").read_bytes()}
+    )
+    cache = _cache(hub, files)
+    missing = "layer/relu/cfg.json" if cached == "nothing" else "layer/relu/sae_weights.safetensors"
+    with pytest.raises(HubFileNotCached) as caught:
+        SAE.from_pretrained(REPO, "layer/relu")
+    assert isinstance(caught.value, LocalEntryNotFoundError)  # what callers caught before
+    _assert_names_the_miss(str(caught.value), missing, cache)
+    miss = caught.value.miss
+    assert miss is not None and (miss.repo_id, miss.filename) == (REPO, missing)
+    copy = pickle.loads(pickle.dumps(caught.value))  # e.g. out of a DataLoader worker
+    assert str(copy) == str(caught.value) and copy.miss == miss
+
+
+def test_from_saelens_release_offline_names_the_call_the_repo_and_the_file(
+    hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hub repo id, and a registered release whatever SAELens converter it uses."""
+    cache = _cache(hub, {})
+    with pytest.raises(HubFileNotCached) as caught:
+        from_saelens_release(REPO, "layer/relu")
+    message = str(caught.value)
+    assert message.startswith(f"from_saelens_release('{REPO}', 'layer/relu'): ")
+    _assert_names_the_miss(message, "layer/relu/cfg.json", cache)
+
+    lookup = PretrainedSAELookup(
+        release="tiny-dictionary-learning",
+        repo_id=REPO,
+        model="tiny-lm",
+        conversion_func="dictionary_learning_1",  # not the loader the plugin wraps
+        saes_map={"trainer_0": "layer/trainer_0"},
+        expected_var_explained={},
+        expected_l0={},
+        neuronpedia_id={},
+        norm_scaling_factor={},
+        config_overrides=None,
+    )
+    monkeypatch.setitem(get_pretrained_saes_directory(), lookup.release, lookup)
+    with pytest.raises(HubFileNotCached) as caught:
+        from_saelens_release(lookup.release, "trainer_0", matryoshka_widths=[24])
+    message = str(caught.value)
+    assert message.startswith("from_saelens_release('tiny-dictionary-learning', 'trainer_0'): ")
+    _assert_names_the_miss(message, "layer/trainer_0/config.json", cache)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named", "command"),
+    [
+        (
+            {"revision": "v1.0"},
+            f"repo '{REPO}' file 'a/b.json' at revision 'v1.0'",
+            "--revision v1.0",
+        ),
+        ({"repo_type": "dataset"}, f"dataset repo '{REPO}' file 'a/b.json'", "--repo-type dataset"),
+    ],
+    ids=["revision", "dataset"],
+)
+def test_a_miss_names_a_revision_other_than_main_and_a_repo_type(
+    hub: FakeHub, kwargs: dict[str, str], named: str, command: str
+) -> None:
+    _cache(hub, {})
+    with pytest.raises(HubFileNotCached) as caught, hub_misses_named():
+        hf_hub_download(REPO, "a/b.json", **kwargs)
+    assert named in str(caught.value)
+    assert f"`hf download {REPO} {command} --include 'a/*'`" in str(caught.value)
+
+
+def test_a_miss_without_network_says_the_hub_could_not_be_reached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not offline mode: the connection failed (built here: a real one retries for 20 s)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    url = f"https://huggingface.co/{REPO}/resolve/main/layer/cfg.json"
+    refused = httpx2.ConnectError(
+        "[Errno 111] Connection refused", request=httpx2.Request("HEAD", url)
+    )
+    with pytest.raises(HubFileNotCached) as caught, hub_misses_named():
+        try:
+            raise refused
+        except httpx2.ConnectError as error:
+            raise LocalEntryNotFoundError(
+                "An error happened while trying to locate the file"
+            ) from error
+    message = str(caught.value)
+    assert f"repo '{REPO}' file 'layer/cfg.json' is not in the local Hugging Face cache" in message
+    reached = "could not be reached (ConnectError: [Errno 111] Connection refused)"
+    assert f"the Hub (https://huggingface.co) {reached}" in message
+    assert "check the network, proxy and HF_ENDPOINT" in message
+    assert "HF_HUB_OFFLINE" not in message
+
+
+def test_errors_not_about_the_hub_pass_through_unchanged(hub: FakeHub) -> None:
+    with pytest.raises(FileNotFoundError, match=r"^/data/tokens$"), hub_misses_named(repo_id=REPO):
+        raise FileNotFoundError("/data/tokens")
+
+
+def test_the_one_line_of_scripts_names_the_repo_and_file(hub: FakeHub) -> None:
+    """What the CLI and the examples print (``hub_errors_in_one_line``), for a Hub SAE."""
+    cache = _cache(hub, {})
+    with pytest.raises(SystemExit) as caught, hub_errors_in_one_line("or use a local folder"):
+        SAE.from_pretrained(REPO, "layer/relu")
+    line = str(caught.value.code)
+    assert line.startswith("Could not reach the Hugging Face Hub (")
+    assert line.endswith("; or use a local folder.")
+    _assert_names_the_miss(line, "layer/relu/cfg.json", cache)
+    # a miss whose chain records no repo keeps the error's own first line
+    assert hub_unreachable(LocalEntryNotFoundError("not in the cache")) == (
+        "Could not reach the Hugging Face Hub (not in the cache); without network, download "
+        "once where there is one (HF_HUB_OFFLINE=1 then reads the cache)."
+    )
+
+
+@pytest.mark.parametrize("revision", ["main", "dev"])
+def test_an_offline_upload_names_the_repo_and_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, revision: str
+) -> None:
+    """Through the real HfApi (no fake): offline, SAELens's uploader's first request fails."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    sae = to_inference(_trained("relu"))
+    with pytest.raises(ConnectionError) as caught:
+        upload_to_huggingface({"layer/relu": sae}, REPO, revision=revision, show_progress=False)
+    message = str(caught.value)
+    at = "" if revision == "main" else " (revision 'dev')"
+    assert message.startswith(
+        f"Could not upload to the Hub repo '{REPO}'{at}: HF_HUB_OFFLINE=1 is set."
+    )
+    assert "unset HF_HUB_OFFLINE and run upload_to_huggingface again" in message
+    assert "upload_to_huggingface takes those folders" in message

@@ -34,6 +34,7 @@ ORDER = [
     "inference_activations",
     "activations",
     # files the SAE classes check
+    "io.hub_misses",
     "io.checkpoints",
     "io.safe_loading",
     # the step, and the two SAELens classes

@@ -10,7 +10,9 @@ uploaded loads back with ``SAE.from_pretrained(repo_id, sae_id)`` as a
 
 ``hub_errors_in_one_line`` turns a download that fails for want of the Hub
 (no network, or ``HF_HUB_OFFLINE=1`` and nothing cached) into one line saying
-so and what to do, instead of a chain of tracebacks through four libraries.
+so, naming the repo and file where the error's chain records them (see
+``hub_misses``), and what to do, instead of a chain of tracebacks through four
+libraries. An upload that cannot reach the Hub names the repo and revision.
 """
 
 from __future__ import annotations
@@ -18,27 +20,21 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import huggingface_hub.constants
 from huggingface_hub import HfApi
-from huggingface_hub.errors import LocalEntryNotFoundError
 from sae_lens import SAE, upload_saes_to_huggingface
 from sae_lens.constants import SAE_CFG_FILENAME
 
 from sae_lens_matryoshka.config import ARCHITECTURE
+from sae_lens_matryoshka.io.hub_misses import HUB_UNREACHABLE, find_hub_miss
 from sae_lens_matryoshka.io.loaders import to_inference
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 SaeRef: TypeAlias = "SAE[Any] | Path | str"
-
-#: what a download raises, somewhere in its chain, when the Hub cannot be reached:
-#: nothing cached offline (huggingface_hub), a refused or failed connection
-#: (``ConnectionError``, also ``datasets``' and ``OfflineModeIsEnabled``), an
-#: unresolvable host name
-_HUB_UNREACHABLE = (LocalEntryNotFoundError, ConnectionError, socket.gaierror)
 
 #: what to do without network, wherever a download fails
 OFFLINE_HINT = (
@@ -47,10 +43,18 @@ OFFLINE_HINT = (
 
 
 def hub_unreachable(error: BaseException, hint: str = OFFLINE_HINT) -> str | None:
-    """One line saying the Hub could not be reached and ``hint``, if that is why ``error`` was raised."""
+    """One line saying the Hub could not be reached and ``hint``, if that is why ``error`` was raised.
+
+    When the error's chain records the repo and file (``find_hub_miss``), the
+    line names them and the download that brings them; otherwise it quotes
+    the error's first line.
+    """
+    miss = find_hub_miss(error)
+    if miss is not None:
+        return f"Could not reach the Hugging Face Hub ({miss.what()}); {miss.remedy()}; {hint}."
     cause: BaseException | None = error
     while cause is not None:
-        if isinstance(cause, _HUB_UNREACHABLE):
+        if isinstance(cause, HUB_UNREACHABLE):
             message = str(error).strip()
             what = message.splitlines()[0][:200] if message else type(error).__name__
             return f"Could not reach the Hugging Face Hub ({what}); {hint}."
@@ -98,22 +102,56 @@ def upload_to_huggingface(
         for sae_id, ref in saes.items()
     }
     cards = {sae_id: _read_cfg(ref) for sae_id, ref in prepared.items()}
-    upload_saes_to_huggingface(
-        dict(prepared),
-        hf_repo_id=repo_id,
-        hf_revision=revision,
-        show_progress=show_progress,
-        add_default_readme=False,
-    )
     card = model_card(repo_id, cards, level_metrics or {})
-    HfApi().upload_file(
-        path_or_fileobj=io.BytesIO(card.encode("utf-8")),
-        path_in_repo="README.md",
-        repo_id=repo_id,
-        revision=revision,
-        commit_message="Add Matryoshka SAE model card",
-    )
+    with _upload_errors_named(repo_id, revision):
+        upload_saes_to_huggingface(
+            dict(prepared),
+            hf_repo_id=repo_id,
+            hf_revision=revision,
+            show_progress=show_progress,
+            add_default_readme=False,
+        )
+        HfApi().upload_file(
+            path_or_fileobj=io.BytesIO(card.encode("utf-8")),
+            path_in_repo="README.md",
+            repo_id=repo_id,
+            revision=revision,
+            commit_message="Add Matryoshka SAE model card",
+        )
     return card
+
+
+@contextlib.contextmanager
+def _upload_errors_named(repo_id: str, revision: str) -> Iterator[None]:
+    """Say which repo an upload that cannot reach the Hub was for, and what to do.
+
+    Offline, huggingface_hub's error is ``Cannot reach
+    https://huggingface.co/api/models/<repo>: offline mode is enabled`` (and
+    without network a connection error naming no repo at all), from the first
+    request SAELens's uploader makes; neither says that nothing of the upload
+    needs the Hub until then, nor that it can simply be run again.
+    """
+    try:
+        yield
+    except Exception as error:
+        miss = find_hub_miss(error, repo_id)
+        if miss is None:
+            raise
+        at = "" if revision == "main" else f" (revision {revision!r})"
+        if miss.reason == "unreachable":
+            endpoint = huggingface_hub.constants.ENDPOINT
+            why = (
+                f"the Hub ({endpoint}) could not be reached ({miss.detail or 'connection failed'})"
+            )
+            first = "check the network, proxy and HF_ENDPOINT"
+        else:
+            why, first = "HF_HUB_OFFLINE=1 is set", "unset HF_HUB_OFFLINE"
+        raise ConnectionError(
+            f"Could not upload to the Hub repo {repo_id!r}{at}: {why}. Uploading needs the Hub: "
+            f"{first} and run upload_to_huggingface again (files already uploaded are "
+            "replaced); meanwhile sae.save_model(folder) keeps each SAE, and "
+            "upload_to_huggingface takes those folders."
+        ) from error
 
 
 def _read_cfg(ref: SaeRef) -> dict[str, Any]:

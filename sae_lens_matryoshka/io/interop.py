@@ -23,15 +23,26 @@ The levels are ``matryoshka_widths`` when given, else what the source records.
 SAELens SAEs without recorded levels are refused (a release published as
 Matryoshka would silently lose them); plain TopK / BatchTopK files become one
 level. Every tensor is checked before use: a missing one, a shape other than
-the source's config gives, or NaN/Inf is refused naming the file. Only
-safetensors, JSON and ``torch.load(weights_only=True)`` are read: no loading
-path executes code from the files.
+the source's config gives, integer values or NaN/Inf is refused naming the
+file. Only safetensors, JSON and ``torch.load(weights_only=True)`` are read:
+no loading path executes code from the files.
+
+Other libraries' files reach users copied, downloaded and hand-edited, so a
+damaged one is expected, not exceptional: an empty, truncated or garbled
+``ae.pt`` / ``sae.safetensors``, a config that is not JSON, lacks a field or
+gives one of the wrong type, a folder where a file belongs. Each is one
+:class:`~sae_lens_matryoshka.io.safe_loading.SAEFileError` (a ``ValueError``)
+naming the file, what was expected there, what was found and what to do, not
+the ``JSONDecodeError``, ``EOFError``, ``UnpicklingError`` or
+``AttributeError`` the reading code would raise several frames away from the
+file. A file that is not there is a ``FileNotFoundError``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,11 +59,13 @@ from sae_lens import (
     TopKSAE,
     TopKSAEConfig,
 )
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file
 
 from sae_lens_matryoshka.config import MatryoshkaSAEConfig, validate_widths
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
+from sae_lens_matryoshka.io.hub_misses import hub_misses_named
 from sae_lens_matryoshka.io.loaders import to_inference
 from sae_lens_matryoshka.io.safe_loading import SAEFileError, read_safetensors_header
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
@@ -135,6 +148,16 @@ _DICTIONARY_LEARNING_ACTIVATIONS: dict[str, _ImportedActivation] = {
     "AutoEncoderTopK": "topk",
 }
 
+#: ``cfg.json`` as sparsify's ``SparseCoder.save_to_disk`` writes it, with the fields read here
+_SPARSIFY_CFG = (
+    "sparsify's SparseCoder.save_to_disk writes it beside sae.safetensors, a JSON object of "
+    'the SparseCoderConfig and d_in: {"d_in", "k", "num_latents", "expansion_factor", ...}'
+)
+#: ``sae.safetensors``, likewise
+_SPARSIFY_WEIGHTS = (
+    "sparsify's SparseCoder.save_to_disk writes the coder's weights there, beside cfg.json"
+)
+
 #: sparsify settings whose SparseCoder a MatryoshkaSAE cannot compute, and why
 _SPARSIFY_UNSUPPORTED = {
     "transcode": "it is a transcoder (it predicts another module's output from this one's "
@@ -143,34 +166,57 @@ _SPARSIFY_UNSUPPORTED = {
 }
 
 
+#: what to do when weights and the config that sizes them disagree, for files
+_MISMATCH_REMEDY = (
+    "the weights and the config are not of the same SAE: use the pair one run wrote together"
+)
+
+
 def _import(
-    state: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any],
     layout: _Layout,
     cfg: MatryoshkaSAEConfig,
     source: str,
     config: str,
+    remedy: str = _MISMATCH_REMEDY,
 ) -> MatryoshkaSAE:
     """A ``MatryoshkaSAE`` of ``cfg`` holding the source's weights, each checked first.
 
-    A tensor that is missing, has another shape than ``cfg`` needs, or holds
-    NaN/Inf is refused with a message naming ``source`` (where the weights
-    come from) and ``config`` (what sets their shapes), in the source's own
-    tensor names: a wrong or damaged file should not surface as a bare
-    ``load_state_dict`` error, nor load and compute garbage.
+    A tensor that is missing, not a tensor, not floating point, has another
+    shape than ``cfg`` needs, or holds NaN/Inf is refused with a message
+    naming ``source`` (where the weights come from) and ``config`` (what sets
+    their shapes), in the source's own tensor names, and ``remedy``: a wrong
+    or damaged file should not surface as a bare ``load_state_dict`` or
+    ``AttributeError``, nor load and compute garbage (integer weights would
+    be cast silently).
     """
     sae = MatryoshkaSAE(cfg)
     shapes = {name: tensor.shape for name, tensor in sae.state_dict().items()}
     missing = [layout[name][0] for name in shapes if layout[name][0] not in state]
     if missing:
-        raise ValueError(f"{source} lacks {missing}, which {config} requires.")
+        held = sorted(str(key) for key in state)
+        shown = f"{held[:12]}{' ...' if len(held) > 12 else ''}"
+        raise SAEFileError(
+            f"{source} lacks {missing}, which {config} requires; it holds {shown}: {remedy}."
+        )
     weights = {}
     for name, shape in shapes.items():
         theirs, transposed = layout[name]
         tensor, expected = state[theirs], shape[::-1] if transposed else shape
+        if not isinstance(tensor, torch.Tensor):
+            raise SAEFileError(
+                f"{source}: {theirs} is a {type(tensor).__name__}, expected a tensor of shape "
+                f"{list(expected)}: {remedy}."
+            )
         if tensor.shape != expected:
-            raise ValueError(
+            raise SAEFileError(
                 f"{source}: {theirs} has shape {list(tensor.shape)}, but {config} needs "
-                f"{list(expected)}."
+                f"{list(expected)}: {remedy}."
+            )
+        if not tensor.is_floating_point():
+            raise SAEFileError(
+                f"{source}: {theirs} holds {tensor.dtype} values, expected floating-point "
+                f"weights (integers would be cast and compute garbage): {remedy}."
             )
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
@@ -207,22 +253,115 @@ def _file_config(
     return cfg
 
 
-def _read_json(path: Path, why: str) -> dict[str, Any]:
-    """The JSON object at ``path``; ``why`` tells, when it is missing, what writes it."""
+#: what to do about a damaged file: nothing in it can be trusted, so get it again
+_COPY_AGAIN = "copy it again from the run that wrote it (or download it again)"
+
+#: JSON's names for what ``json.loads`` returns
+_JSON_TYPES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _check_file(path: Path, expected: str, hint: str = "") -> None:
+    """Refuse a missing path (``FileNotFoundError``), and at once a folder, FIFO or device.
+
+    ``expected`` says what writes the file and what it holds; ``hint``
+    (e.g. the checkpoint folders found nearby) is added to a missing file's
+    message. Reading a FIFO could block forever, and reading a folder fails
+    with an error that does not say which file was expected.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {expected}.{hint}")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {why}.")
-    content = json.loads(path.read_text(encoding="utf-8"))
+        found = "a folder" if path.is_dir() else "not a regular file (a FIFO or device)"
+        raise SAEFileError(
+            f"{path} is {found}; {expected}. Put that file at this path, or give the "
+            "folder that holds it."
+        )
+
+
+def _read_json(path: Path, expected: str, hint: str = "") -> dict[str, Any]:
+    """The JSON object at ``path``, or one error saying what the file should hold and what it holds.
+
+    ``expected`` says what writes the file and what it holds.
+    """
+    _check_file(path, expected, hint)
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise SAEFileError(
+            f"{path} is empty ({len(raw)} bytes); {expected}. The write was "
+            f"interrupted or the copy cut short: {_COPY_AGAIN}."
+        )
+    try:
+        content = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise SAEFileError(
+            f"{path} is not UTF-8 text (byte {error.start} is {raw[error.start]:#04x}); "
+            f"{expected}. It is damaged or another file: {_COPY_AGAIN}."
+        ) from error
+    except json.JSONDecodeError as error:
+        raise SAEFileError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column "
+            f"{error.colno}; the file is {len(raw)} bytes); {expected}. It is truncated "
+            f"or damaged: {_COPY_AGAIN}."
+        ) from error
     if not isinstance(content, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(content).__name__}.")
+        raise SAEFileError(
+            f"{path} holds a JSON {_json_type(content)}; {expected}. Is it the right file?"
+        )
     return content
 
 
-def _fields(config: dict[str, Any], names: tuple[str, ...], where: str) -> list[Any]:
-    """The values of ``names`` in ``config``, refusing it when any is missing."""
+def _fields(
+    config: Mapping[str, Any], names: tuple[str, ...], where: str, expected: str
+) -> list[Any]:
+    """The values of ``names`` in ``config``, refusing it when any is missing.
+
+    ``expected`` says what writes ``config`` and what it holds, for the message.
+    """
     missing = [name for name in names if config.get(name) is None]
     if missing:
-        raise ValueError(f"{where} lacks {missing}.")
+        present = sorted(config)
+        raise SAEFileError(
+            f"{where} lacks {missing}; it has {present[:20]}{' ...' if len(present) > 20 else ''}: "
+            f"{expected}. It is not such a file, or was edited: {_COPY_AGAIN}."
+        )
     return [config[name] for name in names]
+
+
+def _whole(value: Any, name: str, where: str, least: int = 1) -> int:
+    """``value`` as a count: a JSON integer of at least ``least``, else one error naming the field.
+
+    A string ``"24"`` or a float would otherwise reach tensor code as a size,
+    or be repeated as a string (``"8" * 3``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise SAEFileError(
+            f"{where}: {name} is {json.dumps(value)} (a JSON {_json_type(value)}), expected a "
+            f"whole number of at least {least}. Fix the field, or {_COPY_AGAIN}."
+        )
+    return value
+
+
+def _subfolders_with(folder: Path, filename: str) -> str:
+    """A sentence naming ``folder``'s subfolders that hold ``filename`` (for a missing file's message)."""
+    if not folder.is_dir():
+        return ""
+    found = sorted(child.name for child in folder.iterdir() if (child / filename).is_file())
+    if not found:
+        return ""
+    shown = ", ".join(found[:8]) + (", ..." if len(found) > 8 else "")
+    return f" {folder} holds {len(found)} folders that do ({shown}): give one of them."
 
 
 def _widths_from_metadata(sae: SAE[Any]) -> list[int] | None:
@@ -315,10 +454,18 @@ def from_saelens_release(
     release's ``cfg.json`` or metadata (``training_architecture_details`` for
     SAELens's ``matryoshka_batchtopk`` saves); a release recording none, such
     as SAELens's conversions of dictionary_learning checkpoints, needs them given.
+
+    A file neither in the local Hugging Face cache nor downloadable
+    (``HF_HUB_OFFLINE=1``, no network) fails as ``HubFileNotCached`` naming
+    this call, the repo, the file and the download that brings it, whichever
+    of SAELens's converters the release uses.
     """
-    sae, cfg_dict, _ = SAE.from_pretrained_with_cfg_and_sparsity(
-        release, sae_id, device=device, dtype=dtype
-    )
+    directory = get_pretrained_saes_directory()
+    repo_id = directory[release].repo_id if release in directory else release
+    with hub_misses_named(f"from_saelens_release({release!r}, {sae_id!r})", repo_id):
+        sae, cfg_dict, _ = SAE.from_pretrained_with_cfg_and_sparsity(
+            release, sae_id, device=device, dtype=dtype
+        )
     if matryoshka_widths is None:
         # SAELens keeps only the fields its config class knows; cfg_dict has them all
         matryoshka_widths = cfg_dict.get("matryoshka_widths")
@@ -326,7 +473,7 @@ def from_saelens_release(
 
 
 def _group_widths(
-    state: dict[str, torch.Tensor], trainer: dict[str, Any], weights_path: Path, config_path: Path
+    state: Mapping[str, Any], trainer: dict[str, Any], weights_path: Path, config_path: Path
 ) -> list[int]:
     """A ``MatryoshkaBatchTopKSAE``'s levels: its cumulative ``group_sizes``.
 
@@ -334,19 +481,96 @@ def _group_widths(
     only in the trainer's config.
     """
     in_weights = "group_sizes" in state
-    group_sizes = state["group_sizes"].tolist() if in_weights else trainer.get("group_sizes")
+    raw = state["group_sizes"] if in_weights else trainer.get("group_sizes")
     source = weights_path if in_weights else config_path
-    if group_sizes is None:
-        raise ValueError(
-            f"Neither {weights_path} nor {config_path} gives the group_sizes of the levels."
+    if raw is None:
+        raise SAEFileError(
+            f"Neither {weights_path} nor {config_path} gives the group_sizes of the levels "
+            "(MatryoshkaBatchTopKSAE saves them as a buffer, its trainer in its config): pass "
+            "matryoshka_widths=[...] to declare them."
+        )
+    integral = isinstance(raw, torch.Tensor) and raw.dim() == 1 and not raw.is_floating_point()
+    group_sizes = raw.tolist() if integral else raw
+    if not (
+        isinstance(group_sizes, list)
+        and group_sizes
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in group_sizes)
+    ):
+        found = repr(raw)[:200]
+        if isinstance(raw, torch.Tensor):
+            shown = raw.tolist() if raw.numel() <= 20 else "..."
+            found = f"a {raw.dtype} tensor of shape {list(raw.shape)} ({shown})"
+        raise SAEFileError(
+            f"{source}: group_sizes is {found}, expected a list of positive whole numbers, the "
+            f"latents of each level in order: {_COPY_AGAIN}, or pass matryoshka_widths=[...]."
         )
     widths = torch.tensor(group_sizes).cumsum(0).tolist()
     if widths[-1] != trainer["dict_size"]:
-        raise ValueError(
+        raise SAEFileError(
             f"{source}: group_sizes {group_sizes} sum to {widths[-1]}, but {config_path} has "
-            f"dict_size={trainer['dict_size']}."
+            f"dict_size={trainer['dict_size']}: {_MISMATCH_REMEDY}."
         )
     return widths
+
+
+#: ``ae.pt`` as dictionary_learning 0.1.0's ``trainSAE`` writes it
+_AE_PT = (
+    "dictionary_learning's trainSAE saves the SAE there as a PyTorch state dict of tensors "
+    "(torch.save(ae.state_dict()))"
+)
+#: ``config.json`` as ``trainSAE`` writes it, with the fields read here
+_DL_CONFIG = (
+    "dictionary_learning's trainSAE writes it beside ae.pt, a JSON object "
+    '{"trainer": {"dict_class", "activation_dim", "dict_size", "k", ...}, "buffer": {...}}'
+)
+#: what torch.load's weights-only unpickler says is wrong, after its preamble
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", re.DOTALL)
+
+
+def _load_state_dict(path: Path) -> Mapping[str, Any]:
+    """``ae.pt`` as ``torch.load(weights_only=True)`` reads it, onto the CPU, or one error.
+
+    Read onto the CPU so that every failure here is about the file itself
+    (the SAE is built on ``device`` and the weights copied there). An empty
+    file gives ``EOFError``, a truncated one a zip ``RuntimeError`` or an
+    ``IndexError``, other bytes an ``UnpicklingError``; a pickle of objects
+    other than tensors (a whole module) is refused by the weights-only
+    unpickler, whose message this keeps (loading it would run code from the
+    file).
+    """
+    _check_file(path, _AE_PT)
+    size = path.stat().st_size
+    if size == 0:
+        raise SAEFileError(
+            f"{path} is empty (0 bytes); {_AE_PT}. The save was interrupted or the "
+            f"copy cut short: {_COPY_AGAIN}."
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        text = str(error).strip()
+        first = re.split(r"(?<=\.)\s", text, maxsplit=1)[0] if text else ""
+        unpickler = _UNPICKLER_ERROR.search(text)
+        detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        if unpickler is not None:
+            detail += f" {unpickler[1].splitlines()[0]}"
+        if unpickler is not None and "Unsupported global" in unpickler[1]:
+            found = (
+                "pickled objects other than tensors, which are not loaded (unpickling them "
+                "could run code from the file)"
+            )
+            remedy = "save the SAE's state_dict() rather than the object, as trainSAE does"
+        else:
+            found = f"{size} bytes that are not a readable torch.save checkpoint"
+            remedy = f"it is truncated, damaged or another kind of file: {_COPY_AGAIN}"
+        raise SAEFileError(
+            f"{path} holds {found} ({detail}); {_AE_PT}. {remedy[0].upper()}{remedy[1:]}."
+        ) from error
+    if not isinstance(loaded, Mapping):
+        raise SAEFileError(
+            f"{path} holds a {type(loaded).__name__}; {_AE_PT}. Is it the right file?"
+        )
+    return loaded
 
 
 def from_dictionary_learning(
@@ -374,29 +598,49 @@ def from_dictionary_learning(
     """
     path = Path(path)
     weights_path = path / "ae.pt" if path.is_dir() else path
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"No dictionary_learning checkpoint at {weights_path}.")
+    if not weights_path.exists():
+        raise FileNotFoundError(
+            f"No dictionary_learning checkpoint at {weights_path}: {_AE_PT}, and its "
+            f"config.json beside it.{_subfolders_with(path, 'ae.pt')}"
+        )
     folder = weights_path.parent
     # trainSAE writes config.json once per trainer; intermediate saves go to checkpoints/
     config_path = (folder.parent if folder.name == "checkpoints" else folder) / "config.json"
-    config = _read_json(config_path, "dictionary_learning's trainSAE writes it beside ae.pt")
-    trainer = config.get("trainer") or {}
+    config = _read_json(config_path, _DL_CONFIG)
+    trainer = config.get("trainer")
+    where = f"{config_path} ['trainer']"
+    if not isinstance(trainer, dict):
+        found = "absent" if trainer is None else f"a JSON {_json_type(trainer)}"
+        raise SAEFileError(
+            f"{where} is {found}, not an object; {_DL_CONFIG}. It is not such a file, or "
+            f"was edited: {_COPY_AGAIN}."
+        )
     dict_class, d_in, d_sae, k = _fields(
-        trainer, ("dict_class", "activation_dim", "dict_size", "k"), f"{config_path} ['trainer']"
+        trainer, ("dict_class", "activation_dim", "dict_size", "k"), where, _DL_CONFIG
     )
-    activation = _DICTIONARY_LEARNING_ACTIVATIONS.get(dict_class)
+    d_in = _whole(d_in, "activation_dim", where)
+    d_sae = _whole(d_sae, "dict_size", where)
+    k = _whole(k, "k", where)
+    activation = (
+        _DICTIONARY_LEARNING_ACTIVATIONS.get(dict_class) if isinstance(dict_class, str) else None
+    )
     if activation is None:
         raise ValueError(
             f"{config_path}: dict_class {dict_class!r} is not one this reads; supported: "
             f"{', '.join(_DICTIONARY_LEARNING_ACTIVATIONS)}."
         )
-    state = torch.load(weights_path, map_location=device, weights_only=True)
+    state = dict(_load_state_dict(weights_path))
     is_matryoshka = dict_class == "MatryoshkaBatchTopKSAE"
     if matryoshka_widths is None:
         matryoshka_widths = (
             _group_widths(state, trainer, weights_path, config_path) if is_matryoshka else [d_sae]
         )
     threshold = state.get("threshold")
+    if threshold is not None and not isinstance(threshold, torch.Tensor):
+        raise SAEFileError(
+            f"{weights_path}: threshold is a {type(threshold).__name__}, expected a tensor (the "
+            f"learned BatchTopK threshold, a scalar): {_COPY_AGAIN}."
+        )
     if activation == "jumprelu" and threshold is not None and threshold.dim() == 0:
         if threshold < 0:
             warnings.warn(
@@ -421,7 +665,11 @@ def from_dictionary_learning(
     )
     layout = _SAELENS_LAYOUT if is_matryoshka else _LINEAR_LAYOUT
     description = f"{config_path} ({dict_class}, activation_dim={d_in}, dict_size={d_sae})"
-    return _import(state, layout, cfg, str(weights_path), description)
+    remedy = (
+        f"{_MISMATCH_REMEDY} (ae.pt, or checkpoints/ae_<step>.pt, and the config.json of its "
+        "trainer folder)"
+    )
+    return _import(state, layout, cfg, str(weights_path), description, remedy)
 
 
 def from_sparsify(
@@ -444,9 +692,15 @@ def from_sparsify(
     unless ``matryoshka_widths`` declares levels.
     """
     folder = Path(folder)
+    if folder.is_file():
+        parent = f"; give {folder.parent}" if folder.name in ("cfg.json", "sae.safetensors") else ""
+        raise SAEFileError(
+            f"{folder} is a file: from_sparsify takes the folder that sparsify's "
+            f"SparseCoder.save_to_disk writes for one hookpoint (cfg.json and sae.safetensors)"
+            f"{parent}."
+        )
     cfg_path, weights_path = folder / "cfg.json", folder / "sae.safetensors"
-    written_by = "sparsify's SparseCoder.save_to_disk writes cfg.json and sae.safetensors"
-    coder = _read_json(cfg_path, written_by)
+    coder = _read_json(cfg_path, _SPARSIFY_CFG, _subfolders_with(folder, "cfg.json"))
     refused = [why for name, why in _SPARSIFY_UNSUPPORTED.items() if coder.get(name)]
     if coder.get("activation", "topk") != "topk":
         refused.append(
@@ -455,13 +709,27 @@ def from_sparsify(
         )
     if refused:
         raise ValueError(f"{cfg_path} cannot be read as a MatryoshkaSAE: {'; '.join(refused)}.")
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} is missing: {written_by}.")
-    read_safetensors_header(weights_path)  # a truncated or damaged file fails naming it
+    _check_file(weights_path, _SPARSIFY_WEIGHTS)
+    where = str(cfg_path)
     d_in, k, num_latents, expansion_factor = _fields(
-        coder, ("d_in", "k", "num_latents", "expansion_factor"), str(cfg_path)
+        coder, ("d_in", "k", "num_latents", "expansion_factor"), where, _SPARSIFY_CFG
     )
+    d_in, k = _whole(d_in, "d_in", where), _whole(k, "k", where)
+    num_latents = _whole(num_latents, "num_latents", where, least=0)
+    expansion_factor = _whole(expansion_factor, "expansion_factor", where, least=0)
     d_sae = num_latents or d_in * expansion_factor  # as sparsify sizes the coder
+    if d_sae == 0:
+        raise SAEFileError(
+            f"{where}: num_latents and expansion_factor are both 0, so the coder has no "
+            "latents; expected num_latents of at least 1 or, with num_latents 0, an "
+            f"expansion_factor of at least 1 (latents = d_in * expansion_factor): {_COPY_AGAIN}."
+        )
+    try:
+        read_safetensors_header(weights_path)  # without reading the tensors
+    except SAEFileError as error:
+        # safe_loading's message says what is wrong; say what belongs there and what to do
+        remedy = "" if "copy it again" in str(error) else f": {_COPY_AGAIN}"
+        raise SAEFileError(f"{error} ({_SPARSIFY_WEIGHTS}{remedy}.)") from error
     cfg = _file_config(
         d_in,
         d_sae,
@@ -472,6 +740,14 @@ def from_sparsify(
         dtype,
         {"source_format": "sparsify SparseCoder", "source_config": coder},
     )
-    state = load_file(weights_path, device=device)
+    try:
+        # onto the CPU, so a failure here is about the file; the SAE is built on device
+        state = load_file(weights_path, device="cpu")
+    except Exception as error:  # what the header check above cannot see
+        raise SAEFileError(
+            f"{weights_path} cannot be read as safetensors ({type(error).__name__}: {error}): "
+            f"{_SPARSIFY_WEIGHTS}. It is damaged: {_COPY_AGAIN}."
+        ) from error
     description = f"{cfg_path} (d_in={d_in}, num_latents={d_sae})"
-    return _import(state, _SPARSIFY_LAYOUT, cfg, str(weights_path), description)
+    remedy = f"{_MISMATCH_REMEDY} (cfg.json and sae.safetensors of one hookpoint's folder)"
+    return _import(state, _SPARSIFY_LAYOUT, cfg, str(weights_path), description, remedy)
