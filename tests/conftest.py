@@ -318,3 +318,36 @@ def hand_built_sae(toy: ToyHierarchy, absorbed_parent: int | None) -> Matryoshka
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae
+
+
+def flip_bytes(path: Path, count: int = 4) -> None:
+    """Invert ``count`` bytes in the middle of ``path``'s data, in place, its size unchanged.
+
+    In a safetensors file the middle of what follows the header (tensor data),
+    as a disk or a copy would damage it; elsewhere the middle of the file.
+    """
+    with path.open("r+b") as file:
+        size = path.stat().st_size
+        start = 0
+        if path.suffix == ".safetensors":
+            start = 8 + int.from_bytes(file.read(8), "little")
+        file.seek((start + size) // 2)
+        original = file.read(count)
+        file.seek((start + size) // 2)
+        file.write(bytes(byte ^ 0xFF for byte in original))
+
+
+def record_hashed_files(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files checkpoint checks hash from now on (a remembered digest is not hashed again)."""
+    from sae_lens_matryoshka.io import checkpoints
+
+    hashed: list[Path] = []
+    digest = checkpoints.file_digest
+
+    def noting(path: str | Path) -> str:
+        if checkpoints._identity(path) not in checkpoints._remembered:
+            hashed.append(Path(path))
+        return digest(path)
+
+    monkeypatch.setattr(checkpoints, "file_digest", noting)
+    return hashed

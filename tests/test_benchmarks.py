@@ -121,6 +121,31 @@ def test_step_time_benchmark_reports_every_contender_as_json() -> None:
     assert all(rate > 0 for rate in rates.values())
 
 
+def test_checksum_cost_benchmark_times_writing_hashing_and_verifying(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At a toy size, in this process (a fresh one spends seconds importing SAELens)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    checksum_cost = importlib.import_module("checksum_cost")
+    size = ["--d-in", "16", "--d-sae", "256", "--dir", str(tmp_path)]
+    result = checksum_cost.run(
+        checksum_cost.parse_args([*size, "--algorithms", "sha256", "blake2b", "crc32"])
+    )
+    assert list(tmp_path.iterdir()) == []  # the checkpoint is removed
+    files = ("sae_weights.safetensors", "trainer_state.pt")
+    for measured in ("file_bytes", "write", "sha256", "reread"):
+        assert tuple(result[measured]) == files, measured
+    # Adam's two moments of each parameter: twice the weights
+    assert result["file_bytes"]["trainer_state.pt"] > 2 * result["file_bytes"][files[0]]
+    assert result["hash_on_weights"].keys() == {"sha256", "blake2b", "crc32"}
+    for measured in ("mark_complete", "verify", "trainer_state_inline_hash"):
+        assert result[measured]["wall"] > 0, measured
+    checksum_cost.report(result)
+    out = capsys.readouterr().out
+    assert f"on {result['cpu']}" in out and "mark_complete" in out and "verify" in out
+    json.dumps(result)  # --json prints it
+
+
 @pytest.mark.slow
 def test_eval_memory_benchmark_stays_below_one_cosine_matrix() -> None:
     """At 32,768 latents one full cosine matrix is 4 GiB; blocks of 256 MiB are used."""

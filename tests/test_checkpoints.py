@@ -5,12 +5,15 @@ the wrapped routine, and real runs killed with SIGKILL at random moments and
 in the middle of checkpoint writes: no incomplete checkpoint is ever loaded or
 resumed, every one is refused naming what is missing and the latest complete
 checkpoint, and resuming from the latest complete one ends at the weights of
-an uninterrupted run.
+an uninterrupted run. A complete checkpoint whose bytes change afterwards (its
+size unchanged) is refused by its SHA-256 digests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import random
 import signal
@@ -25,14 +28,18 @@ import torch
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, load_sae
+from sae_lens_matryoshka.io import checkpoints
 from sae_lens_matryoshka.io.checkpoints import (
     MARKER,
+    ChangedCheckpointError,
     IncompleteCheckpointError,
     check_complete,
     latest_complete,
     mark_complete,
 )
 from sae_lens_matryoshka.toy import short_run_trainer_config
+
+from .conftest import flip_bytes, record_hashed_files
 
 D_IN, D_SAE, BATCH, STEPS, N_CHECKPOINTS = 10, 48, 32, 30, 5
 
@@ -130,6 +137,139 @@ def test_the_marker_lists_every_file_and_its_size(tmp_path: Path) -> None:
         check_complete(folder)
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_marker_records_each_files_sha256_and_a_changed_byte_is_refused(
+    tmp_path: Path,
+) -> None:
+    older = _folder_with_files(tmp_path / "128", cfg__json=10, sae_weights__safetensors=64)
+    mark_complete(older)
+    folder = _folder_with_files(
+        tmp_path / "256", cfg__json=10, sae_weights__safetensors=100, trainer_state__pt=50
+    )
+    (folder / "sae_weights.safetensors").write_bytes(bytes(range(100)))
+    record = json.loads(mark_complete(folder).read_text())
+    assert record["files"]["trainer_state.pt"] == 50
+    assert record["sha256"] == {name: _sha256(folder / name) for name in record["files"]}
+    check_complete(folder)
+    written = record["sha256"]["trainer_state.pt"]
+    flip_bytes(folder / "trainer_state.pt", count=1)  # same size: only the digest can tell
+    found = _sha256(folder / "trainer_state.pt")
+    with pytest.raises(ChangedCheckpointError) as error:
+        check_complete(folder)
+    message = str(error.value)
+    assert message.startswith(f"{folder} changed after it was written: trainer_state.pt's sha256")
+    assert f"is {found[:16]}... where {written[:16]}... was written" in message
+    assert f"The latest complete checkpoint beside it is {older}" in message
+    assert "mark_complete(folder)" in message
+    assert isinstance(error.value, IncompleteCheckpointError)  # caught where torn ones are
+    check_complete(folder, read=["cfg.json", "sae_weights.safetensors"])  # not read: passes
+    assert latest_complete(tmp_path) == older
+    mark_complete(folder)  # changed on purpose: recorded as it is now
+    check_complete(folder)
+
+
+def test_a_marker_without_digests_is_checked_on_sizes_as_before(tmp_path: Path) -> None:
+    """Checkpoints an earlier version marked (sizes only) stay loadable and resumable."""
+    folder = _folder_with_files(tmp_path / "256", cfg__json=10, trainer_state__pt=50)
+    marker = mark_complete(folder)
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({"files": record["files"]}))
+    check_complete(folder)
+    assert latest_complete(tmp_path) == folder
+    (folder / "trainer_state.pt").write_bytes(b"y" * 49)
+    with pytest.raises(IncompleteCheckpointError, match="has 49 bytes where 50 were written"):
+        check_complete(folder)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"sha256": {"cfg.json": "00"}},  # a file without a digest
+        {"sha256": {"cfg.json": 1, "trainer_state.pt": "00"}},
+        {"sha256": ["00", "00"]},
+        {"files": {"cfg.json": "10", "trainer_state.pt": 50}},
+    ],
+)
+def test_a_damaged_digest_table_is_a_damaged_marker(tmp_path: Path, damage: dict[str, Any]) -> None:
+    folder = _folder_with_files(tmp_path / "256", cfg__json=10, trainer_state__pt=50)
+    marker = mark_complete(folder)
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), **damage}))
+    with pytest.raises(IncompleteCheckpointError, match=f"its {MARKER} is damaged"):
+        check_complete(folder)
+
+
+def test_latest_complete_hashes_only_the_checkpoint_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scanning many checkpoints reads sizes; digests only of the chosen one, then the next."""
+    for samples in (128, 256, 384):
+        mark_complete(_folder_with_files(tmp_path / str(samples), cfg__json=3, trainer_state__pt=9))
+    flip_bytes(tmp_path / "384" / "trainer_state.pt")
+    hashed = record_hashed_files(monkeypatch)
+    assert latest_complete(tmp_path) == tmp_path / "256"
+    assert sorted({path.parent.name for path in hashed}) == ["256", "384"]
+    assert len(hashed) == 4  # two files each, once
+
+
+def test_a_digest_is_remembered_only_while_its_file_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resuming checks a checkpoint twice (trainer state, then weights) and hashes it once.
+
+    A file changed less than ``_RACY_NS`` before hashing is hashed each time
+    (the file system's timestamps may not yet tell a change); here the margin
+    is lifted to test remembering at all.
+    """
+    folder = _folder_with_files(tmp_path / "256", cfg__json=3, trainer_state__pt=9)
+    mark_complete(folder)
+    hashed = record_hashed_files(monkeypatch)
+    check_complete(folder)
+    check_complete(folder)
+    assert len(hashed) == 4  # just written: racy, so hashed again
+    monkeypatch.setattr(checkpoints, "_RACY_NS", -(10**15))
+    hashed.clear()
+    for _ in range(3):
+        check_complete(folder)
+    assert len(hashed) == 2
+    state = folder / "trainer_state.pt"
+    before = state.stat().st_mtime_ns
+    flip_bytes(state)
+    os.utime(state, ns=(before + 10**9, before + 10**9))
+    with pytest.raises(ChangedCheckpointError, match=r"trainer_state\.pt's sha256"):
+        check_complete(folder)
+    assert [path.name for path in hashed[2:]] == ["trainer_state.pt"]
+
+
+def test_a_latent_sharded_checkpoints_parts_carry_their_own_digests(tmp_path: Path) -> None:
+    """Each shard marks its own part (the parts' folder has no marker); both checks cover them."""
+    older = tmp_path / "128"
+    for shard in range(2):
+        mark_complete(_folder_with_files(older / f"shard-{shard}-of-2", cfg__json=3, x__pt=5))
+    checkpoint = tmp_path / "256"
+    for shard in range(2):
+        part = _folder_with_files(checkpoint / f"shard-{shard}-of-2", cfg__json=3)
+        (part / "sae_weights.safetensors").write_bytes(b"\x08" + bytes(7) + b"{}      " + bytes(32))
+        mark_complete(part)
+    check_complete(checkpoint)
+    flip_bytes(checkpoint / "shard-1-of-2" / "sae_weights.safetensors")
+    with pytest.raises(
+        ChangedCheckpointError,
+        match=rf"{checkpoint} changed .*: shard-1-of-2/sae_weights\.safetensors's sha256",
+    ):
+        check_complete(checkpoint)
+    check_complete(checkpoint / "shard-0-of-2")  # resuming rank 0 reads its part alone
+    with pytest.raises(ChangedCheckpointError) as error:
+        check_complete(checkpoint / "shard-1-of-2")
+    message = str(error.value)
+    assert ": sae_weights.safetensors's sha256" in message
+    # beside the checkpoint, not the other shard's part of the same one
+    assert f"The latest complete checkpoint beside it is {older}." in message
+    assert latest_complete(tmp_path) == older
+
+
 def test_a_folder_without_marker_is_incomplete_and_names_the_latest_complete(
     tmp_path: Path,
 ) -> None:
@@ -179,6 +319,35 @@ def test_resuming_from_a_damaged_checkpoint_names_the_damage(tmp_path: Path) -> 
         resumed.sae.load_weights_from_checkpoint(latest)
     with pytest.raises(IncompleteCheckpointError):
         MatryoshkaTrainingSAE.load_from_disk(latest)
+
+
+def test_a_checkpoint_changed_after_writing_is_refused_by_resuming_and_loading(
+    tmp_path: Path,
+) -> None:
+    """Bytes flipped inside a complete checkpoint (size unchanged) used to resume silently."""
+    run = _namespace()
+    run["trainer"](run["sae"](0), 0, str(tmp_path)).fit()
+    latest = latest_complete(tmp_path)
+    assert latest is not None
+    resumed = run["trainer"](run["sae"](1), int(latest.name), None)
+    for name in ("sae_weights.safetensors", "trainer_state.pt"):
+        original = (latest / name).read_bytes()
+        flip_bytes(latest / name)
+        pattern = rf"{latest} changed after it was written: {name.replace('.', '[.]')}'s sha256"
+        with pytest.raises(ChangedCheckpointError, match=pattern):
+            resumed.load_trainer_state(latest)
+        with pytest.raises(ChangedCheckpointError, match=pattern):
+            resumed.sae.load_weights_from_checkpoint(latest)
+        assert latest_complete(tmp_path) not in (latest, None)
+        if name == "trainer_state.pt":  # loading the SAE alone does not read it
+            assert isinstance(load_sae(latest), torch.nn.Module)
+        else:
+            for loader in (MatryoshkaTrainingSAE.load_from_disk, load_sae):
+                with pytest.raises(ChangedCheckpointError, match=pattern):
+                    loader(latest)
+        (latest / name).write_bytes(original)
+    resumed.load_trainer_state(latest)  # as written: resumes
+    resumed.sae.load_weights_from_checkpoint(latest)
 
 
 def _run_and_kill(folder: Path, during_write: bool, rng: random.Random) -> str:

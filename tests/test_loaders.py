@@ -31,10 +31,15 @@ from sae_lens_matryoshka import (
     load_sae,
     to_inference,
 )
-from sae_lens_matryoshka.io.checkpoints import IncompleteCheckpointError
+from sae_lens_matryoshka.io.checkpoints import (
+    MARKER,
+    ChangedCheckpointError,
+    IncompleteCheckpointError,
+    mark_complete,
+)
 from sae_lens_matryoshka.io.loaders import is_training_form
 
-from .conftest import D_MODEL, quick_train
+from .conftest import D_MODEL, flip_bytes, quick_train, record_hashed_files
 
 REPO = "someone/matryoshka-loaders"
 
@@ -272,6 +277,80 @@ def test_a_torn_checkpoint_is_refused_by_every_loader_naming_the_latest_complete
         with pytest.raises(IncompleteCheckpointError, match=f"latest complete.*{complete}"):
             loader(torn)
     assert isinstance(SAE.load_from_disk(complete), MatryoshkaSAE)
+
+
+@pytest.fixture
+def checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Two complete checkpoints (100 and 200 samples), marked as the trainer marks them.
+
+    Also in a Hub cache (offline), as folders uploaded whole: ``SAE.from_pretrained(REPO, "200")``.
+    """
+    torch.manual_seed(0)
+    sae = MatryoshkaTrainingSAE(
+        MatryoshkaTrainingSAEConfig(d_in=8, d_sae=32, k=2, matryoshka_widths=[4, 32])
+    )
+    quick_train(sae, steps=2)
+    for samples in ("100", "200"):
+        folder = tmp_path / "checkpoints" / samples
+        sae.save_model(folder)
+        torch.save({"n_training_samples": int(samples)}, folder / "trainer_state.pt")
+        mark_complete(folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "checkpoints"
+
+
+def _checkpoint_loaders() -> dict[str, Callable[[Path], Any]]:
+    """Every loader, by name: each reads a checkpoint folder (from_pretrained: its Hub copy)."""
+    return {
+        "load_sae": load_sae,
+        "SAE.load_from_disk": SAE.load_from_disk,
+        "MatryoshkaSAE.load_from_disk": MatryoshkaSAE.load_from_disk,
+        "MatryoshkaTrainingSAE.load_from_disk": MatryoshkaTrainingSAE.load_from_disk,
+        "SAE.from_pretrained": lambda folder: SAE.from_pretrained(REPO, folder.name),
+    }
+
+
+def test_a_checkpoint_whose_weights_changed_is_refused_by_every_loader_naming_the_file(
+    checkpoints: Path,
+) -> None:
+    """Bytes flipped inside the weights (size unchanged) used to load as other weights."""
+    folder = checkpoints / "200"
+    flip_bytes(folder / "sae_weights.safetensors")
+    _place_in_hub_cache(folder, Path(huggingface_hub.constants.HF_HUB_CACHE), "200")
+    changed = "changed after it was written: sae_weights.safetensors's sha256 is "
+    for name, loader in _checkpoint_loaders().items():
+        with pytest.raises(ChangedCheckpointError) as error:
+            loader(folder)
+        message = str(error.value)
+        where = f"{REPO}/200" if name == "SAE.from_pretrained" else str(folder)
+        assert message.startswith(f"{where} {changed}"), name
+        assert "... was written" in message and "mark_complete(folder)" in message, name
+        if name != "SAE.from_pretrained":
+            latest = f"The latest complete checkpoint beside it is {checkpoints / '100'}."
+            assert latest in message, name
+
+
+@pytest.mark.parametrize("marker", ["sizes and digests", "sizes only (an earlier version)"])
+def test_an_untouched_checkpoint_loads_through_every_loader_hashing_what_it_reads_once(
+    checkpoints: Path, marker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = checkpoints / "200"
+    if marker.startswith("sizes only"):
+        record = json.loads((folder / MARKER).read_text())
+        (folder / MARKER).write_text(json.dumps({"files": record["files"]}))
+    _place_in_hub_cache(folder, Path(huggingface_hub.constants.HF_HUB_CACHE), "200")
+    hashed = record_hashed_files(monkeypatch)
+    for name, loader in _checkpoint_loaders().items():
+        hashed.clear()
+        loaded = loader(folder)
+        training = name.startswith("MatryoshkaTraining")
+        assert isinstance(loaded, MatryoshkaTrainingSAE if training else MatryoshkaSAE), name
+        if marker.startswith("sizes only"):
+            assert hashed == [], name
+        else:  # the files it reads, each once; not the trainer's state
+            read = ["cfg.json", "sae_weights.safetensors"]
+            assert sorted(path.name for path in hashed) == read, name
 
 
 def test_other_architectures_keep_saelens_behaviour(tmp_path: Path) -> None:

@@ -7,12 +7,14 @@ the last checkpoint with the calls SAELens's runner makes for
 ``resume_from_checkpoint`` and must end with the weights of an uninterrupted
 run. SAELens's activation store does not checkpoint its shuffle buffer, so the
 test feeds the trainer batches indexed by sample count, as a deterministic
-activation source would.
+activation source would. A checkpoint whose bytes changed after it was
+written is refused (its SHA-256 digests), each file hashed once per resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,11 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka.io import checkpoints as checkpoint_files
+from sae_lens_matryoshka.io.checkpoints import ChangedCheckpointError
 from sae_lens_matryoshka.toy import short_run_trainer_config
+
+from .conftest import flip_bytes, record_hashed_files
 
 D_IN, D_SAE, BATCH, STEPS, CRASH_AT = 10, 48, 32, 40, 33
 
@@ -157,3 +163,46 @@ def test_the_runner_restores_every_piece_of_matryoshka_state(
     state = resumed.state_dict()
     for name, value in saved.items():
         assert torch.equal(state[name].to(value.dtype), value), name
+
+
+def test_the_runner_refuses_to_resume_from_a_checkpoint_changed_after_writing(
+    runner_cfg: Callable[..., Any], tiny_model: Any, token_dataset: Any, tmp_path: Path
+) -> None:
+    """Bytes flipped in the weights (size unchanged) used to resume silently."""
+    checkpoints = tmp_path / "checkpoints"
+    first = runner_cfg(checkpoint_path=str(checkpoints), n_checkpoints=1, training_tokens=64 * 4)
+    LanguageModelSAETrainingRunner(
+        first, override_dataset=token_dataset, override_model=tiny_model
+    ).run()
+    checkpoint = _latest(checkpoints)
+    flip_bytes(checkpoint / "sae_weights.safetensors")  # trainer_state.pt: test_checkpoints.py
+    resumed_cfg = runner_cfg(
+        training_tokens=int(checkpoint.name) + 64, resume_from_checkpoint=str(checkpoint)
+    )
+    runner = LanguageModelSAETrainingRunner(
+        resumed_cfg, override_dataset=token_dataset, override_model=tiny_model
+    )
+    changed = f"{checkpoint} changed after it was written: sae_weights.safetensors's sha256"
+    with pytest.raises(ChangedCheckpointError, match=re.escape(changed)):
+        runner.run()
+
+
+def test_resuming_hashes_each_file_of_the_checkpoint_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SAELens reads the trainer state, then the weights: both check the folder, one hashes it."""
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(DataSourceDied):
+        _trainer(_sae("topk", seed=0), _batches(0, crash_at=CRASH_AT), checkpoints).fit()
+    checkpoint = _latest(checkpoints)
+    # as for a checkpoint written more than _RACY_NS ago (this one is seconds old)
+    monkeypatch.setattr(checkpoint_files, "_RACY_NS", -(10**15))
+    hashed = record_hashed_files(monkeypatch)
+    resumed_sae = _sae("topk", seed=123)
+    trainer = _trainer(resumed_sae, _batches(int(checkpoint.name)), None)
+    trainer.load_trainer_state(checkpoint)
+    resumed_sae.load_weights_from_checkpoint(checkpoint)
+    written = sorted(
+        path.name for path in checkpoint.iterdir() if path.name != "checkpoint_complete.json"
+    )
+    assert sorted(path.name for path in hashed) == written

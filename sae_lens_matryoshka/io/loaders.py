@@ -19,7 +19,10 @@ SAELens's own loaders are wrapped for Matryoshka folders only, the way
   :func:`inference_form`. ``MatryoshkaTrainingSAE.load_from_disk`` gets the
   checks but keeps the training form (it resumes from it).
 - ``SAE.from_pretrained``'s SAELens-format Hub loader reads a training-form
-  folder through :func:`inference_form` too.
+  folder through :func:`inference_form` too, and when the repo holds the
+  checkpoint's completion marker (a checkpoint folder uploaded whole), refuses
+  a downloaded file whose SHA-256 is not the one the marker records
+  (:func:`~sae_lens_matryoshka.io.checkpoints.check_digests`).
 
 Folders of any other architecture go to SAELens's code untouched.
 """
@@ -27,14 +30,17 @@ Folders of any other architecture go to SAELens's code untouched.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from sae_lens import SAE, TrainingSAE
-from sae_lens.constants import SAE_CFG_FILENAME
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
 from sae_lens.loading.pretrained_sae_loaders import (
     NAMED_PRETRAINED_SAE_LOADERS,
     PretrainedSaeDiskLoader,
@@ -138,6 +144,29 @@ def is_matryoshka_folder(path: str | Path) -> bool:
     return isinstance(cfg, dict) and cfg.get("architecture") == ARCHITECTURE
 
 
+def check_hub_checkpoint(repo_id: str, folder_name: str, force_download: bool = False) -> None:
+    """Refuse a checkpoint's files downloaded from the Hub unless they have its marker's digests.
+
+    SAELens's Hub loader downloads ``cfg.json``, the weights and the sparsity,
+    not the completion marker; a checkpoint folder uploaded whole has one
+    beside them. A repo without it (SAELens's upload sends none) passes.
+    """
+    try:
+        marker = hf_hub_download(
+            repo_id=repo_id,
+            filename=f"{folder_name}/{checkpoints.MARKER}",
+            force_download=force_download,
+        )
+    except (EntryNotFoundError, LocalEntryNotFoundError):  # none, or offline and not cached
+        return
+    downloaded = {}
+    for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME):
+        path = try_to_load_from_cache(repo_id, f"{folder_name}/{name}")
+        if isinstance(path, str):
+            downloaded[name] = path
+    checkpoints.check_digests(f"{repo_id}/{folder_name}", marker, downloaded)
+
+
 def load_sae(path: str | Path, device: str = "cpu", dtype: str | None = None) -> SAE[Any]:
     """Any saved SAE folder, its files checked first (:func:`check_sae_folder`), any architecture.
 
@@ -179,12 +208,21 @@ def install() -> None:
         loaded: SAE[Any] = load_from_disk(cls, path, device, dtype, converter, fold_W_dec_norm)
         return loaded
 
+    hub_loader_signature = inspect.signature(hub_loader)
+
     @functools.wraps(hub_loader)
     def hub_loader_reading_inference_form(
         *args: Any, **kwargs: Any
     ) -> tuple[dict[str, Any], StateDict, torch.Tensor | None]:
         cfg_dict, state_dict, log_sparsity = hub_loader(*args, **kwargs)
         if cfg_dict.get("architecture") == ARCHITECTURE and is_training_form(cfg_dict):
+            call = hub_loader_signature.bind(*args, **kwargs)
+            call.apply_defaults()
+            check_hub_checkpoint(
+                call.arguments["repo_id"],
+                call.arguments["folder_name"],
+                bool(call.arguments.get("force_download", False)),
+            )
             cfg_dict, state_dict = _training_to_inference(cfg_dict, state_dict)
         return cfg_dict, state_dict, log_sparsity
 

@@ -6,9 +6,12 @@ download surfaces as a Rust deserialisation error, an unknown architecture as
 a bare ``KeyError``, and a malformed ``metadata`` as a ``TypeError``.
 :func:`check_sae_folder` inspects the files first, reading only JSON (the
 config, and the safetensors header, parsed by hand), and raises
-:class:`SAEFileError` naming the file and what is wrong. ``SAE.load_from_disk``
-runs it on every Matryoshka folder, and ``load_sae`` on any folder (see
-``loaders``). Nothing here can execute code from the files.
+:class:`SAEFileError` naming the file and what is wrong. A training
+checkpoint's files are also checked against its completion marker (sizes,
+and the SHA-256 of the files a loader reads: see ``checkpoints``), so a file
+changed after the run wrote it is refused rather than loaded as other weights.
+``SAE.load_from_disk`` runs it on every Matryoshka folder, and ``load_sae`` on
+any folder (see ``loaders``). Nothing here can execute code from the files.
 Config values and weight shapes are then checked by the Matryoshka classes
 themselves, whichever loader is used.
 """
@@ -55,6 +58,8 @@ _WEIGHT_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "topk_threshol
 _THRESHOLD_NAMES = ("threshold", "topk_threshold", "last_cutoff", "target_l0_multiplier")
 #: a header larger than this is not one SAELens wrote (it guards the read below)
 _MAX_HEADER_BYTES = 100 * 2**20
+#: the files of a checkpoint that loading an SAE from it reads (not the trainer's state)
+_READ_BY_LOADERS = (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME)
 
 
 class SAEFileError(ValueError):
@@ -198,15 +203,19 @@ def check_sae_folder(path: str | Path) -> dict[str, Any]:
     Raises :class:`SAEFileError` for a missing or malformed ``cfg.json``, an
     architecture nobody registered, an unknown dtype, and a truncated, damaged
     or non-floating-point ``sae_weights.safetensors`` (and
-    ``sparsity.safetensors`` when present); and ``ValueError`` for a likely
+    ``sparsity.safetensors`` when present); ``ValueError`` for a likely
     misspelt field of a Matryoshka ``cfg.json``, which SAELens's loader would
-    drop without a word.
+    drop without a word; and for a training checkpoint,
+    ``checkpoints.IncompleteCheckpointError`` when it is torn and
+    ``checkpoints.ChangedCheckpointError`` when a file it reads no longer has
+    the SHA-256 its completion marker records (the trainer's state, which it
+    does not read, is checked on size only: resuming checks its digest).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise SAEFileError(f"{folder} is not a directory; give the folder an SAE was saved to.")
-    if checkpoints.is_checkpoint(folder):
-        checkpoints.check_complete(folder)
+    if checkpoints.is_checkpoint(folder):  # the digests of the files a loader reads
+        checkpoints.check_complete(folder, read=_READ_BY_LOADERS)
     cfg = read_cfg(folder / SAE_CFG_FILENAME)
     if cfg.get("architecture") == ARCHITECTURE:
         check_field_names(MatryoshkaSAEConfig, cfg)
