@@ -639,6 +639,9 @@ class MatryoshkaTrainingSAEConfig(_MatryoshkaArchitecture, TrainingSAEConfig):
         cfg_dict["k"] = self.k if self.inference_activation == "topk" else None
         # the saved weights have the decoder norms folded into the encoder
         cfg_dict["rescale_acts_by_decoder_norm"] = False
+        # Neuronpedia's id, empty until the SAE is hosted there (SAELens's Neuronpedia
+        # helpers read metadata.neuronpedia_id; from_pretrained fills it for listed releases)
+        cfg_dict["metadata"].setdefault("neuronpedia_id", None)
         return cfg_dict
 
 

@@ -165,6 +165,8 @@ def save_level_dashboards(
     pages = []
     for level, latents in enumerate(features):
         page = output / f"level_{level}_latents_{latents[0]}-{latents[-1]}.html"
-        save_feature_centric_vis(data, page, include_only=latents)
+        # SAEDashboard opens a page on the first feature it computed unless told
+        # otherwise: a later level's page would open on a latent it does not hold, blank
+        save_feature_centric_vis(data, page, feature_idx=latents[0], include_only=latents)
         pages.append(page)
     return LevelDashboards(data=data, pages=pages, features=features)

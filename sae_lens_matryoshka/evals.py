@@ -9,16 +9,28 @@
   every level's at once).
 - ``hierarchy_absorption`` and ``feature_recovery`` score an SAE against a
   synthetic hierarchy whose true features are known (see ``toy.ToyHierarchy``).
+- SAEBench (``sae-bench``, imported only when one of these is called, since
+  its pins conflict with this package's): ``saebench_core`` runs its core eval
+  on your model and activation store, ``saebench_core_levels`` makes its
+  per-level table in one call (``sae.truncate(width)`` per level, every level
+  on the same tokens), and ``saebench_absorption`` runs its absorption eval
+  (first-letter probing, the paper's metric) on a model object you already
+  have.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib
+import random
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from sae_lens import SAE
 from sae_lens.evals import ExplainedVarianceCalculator
@@ -26,11 +38,15 @@ from sae_lens.synthetic import mean_correlation_coefficient
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.activations_store import ActivationsStore
 from sae_lens.util import get_special_token_ids
-from transformer_lens import HookedRootModule
 
 from sae_lens_matryoshka.inference_sae import MatryoshkaSAE
 from sae_lens_matryoshka.io.loaders import to_inference
 from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
+
+if TYPE_CHECKING:
+    # in annotations only: TransformerLens 2 (SAEBench's and SAEDashboard's pin) has
+    # no top-level ``HookedRootModule``, and TransformerLens 3 deprecates the other path
+    from transformer_lens import HookedRootModule, HookedTransformer
 
 
 @torch.no_grad()
@@ -440,3 +456,340 @@ def feature_recovery(sae: SAE[Any], directions: torch.Tensor) -> dict[str, Any]:
         "mean_best_cosine": best.mean().item(),
         "mcc": mean_correlation_coefficient(sae.W_dec.detach().float(), directions.float()),
     }
+
+
+# --- SAEBench --------------------------------------------------------------------------
+#
+# SAEBench pins transformer-lens<3, transformers<4.57, datasets<4 and numpy<2, which this
+# package's own environment does not meet, so it is no dependency: the functions below
+# import it when called, and say what to install when it is missing.
+
+_SAEBENCH_HINT = (
+    "install it with `pip install sae-bench` (it pins transformer-lens<3, transformers<4.57, "
+    "datasets<4 and numpy<2, so give it an environment of its own, as `make test-clients` "
+    "does; see the README's 'Inspect and evaluate')"
+)
+
+
+def _saebench(module: str) -> Any:
+    """``sae_bench.<module>``, imported on first use."""
+    try:
+        return importlib.import_module(f"sae_bench.{module}")
+    except ImportError as error:
+        raise ImportError(
+            f"This needs SAEBench (importing sae_bench.{module} failed: {error}); {_SAEBENCH_HINT}."
+        ) from error
+
+
+def saebench_formatted(sae: SAE[Any]) -> SAE[Any]:
+    """``sae`` as SAEBench's evals read it, ``sae`` itself left unchanged.
+
+    SAEBench's own route for an SAE object, ``load_and_format_sae("custom",
+    sae, device)``, copies SAELens 6's ``cfg.metadata`` fields (hook name and
+    layer, model name, context size, ...) onto ``cfg`` and adds some to the
+    metadata, where its evals read them. Done here on a copy that shares the
+    weights but has its own config, so what the caller's SAE saves stays as it
+    was.
+    """
+    general_utils = _saebench("sae_bench_utils.general_utils")
+    view = copy.copy(sae)
+    view.cfg = copy.deepcopy(sae.cfg)
+    formatted = general_utils.load_and_format_sae("custom", view, str(sae.device))
+    return formatted[1]
+
+
+def saebench_core_config(
+    sae: SAE[Any], activation_store: ActivationsStore, n_batches: int = 10, **overrides: Any
+) -> Any:
+    """SAEBench's ``CoreEvalConfig`` with every metric on, sized to ``activation_store``.
+
+    ``n_batches`` batches of the store's ``store_batch_size_prompts`` prompts
+    for each of SAEBench's two passes (CE/KL, then reconstruction, sparsity and
+    per-latent statistics); ``overrides`` are more ``CoreEvalConfig`` fields.
+    """
+    eval_config = _saebench("evals.core.eval_config")
+    settings: dict[str, Any] = {
+        "model_name": sae.cfg.metadata.model_name or "",
+        "batch_size_prompts": activation_store.store_batch_size_prompts,
+        "n_eval_reconstruction_batches": n_batches,
+        "n_eval_sparsity_variance_batches": n_batches,
+        "context_size": activation_store.context_size,
+        "compute_kl": True,
+        "compute_ce_loss": True,
+        "compute_l2_norms": True,
+        "compute_sparsity_metrics": True,
+        "compute_variance_metrics": True,
+        "compute_featurewise_density_statistics": True,
+        "compute_featurewise_weight_based_metrics": True,
+    }
+    return eval_config.CoreEvalConfig(**(settings | overrides))
+
+
+#: the per-latent statistics SAEBench's ``calculate_misc_metrics`` summarises
+_MISC_INPUTS = ("feature_density", "max_encoder_cosine_sim", "max_decoder_cosine_sim")
+
+
+def saebench_core(
+    sae: SAE[Any],
+    model: HookedRootModule,
+    activation_store: ActivationsStore,
+    eval_config: Any = None,
+    ignore_tokens: Iterable[int] = (),
+) -> dict[str, float]:
+    """SAEBench's core eval of ``sae`` on your ``model`` and ``activation_store``, as one flat row.
+
+    Runs ``sae_bench.evals.core.main.run_evals`` on ``saebench_formatted(sae)``
+    with ``eval_config`` (default: :func:`saebench_core_config`). The row holds
+    every scalar metric it reports, under SAEBench's names (``explained_variance``,
+    ``mse``, ``cossim``, ``l0``, ``l1``, ``ce_loss_score``, ``kl_div_score``, ...;
+    its metric groups are flattened, the names are unique), and, when the
+    per-latent statistics were computed, SAEBench's summaries of them
+    (``frac_alive``, ``average_max_decoder_cosine_sim``, ...). Values are as
+    SAEBench computes them, definitions included: its ``mse`` is each token's
+    squared error summed over ``d_in`` divided by the number of tokens in its
+    batch; its ``explained_variance`` is its own formula, not SAELens's.
+
+    ``ignore_tokens``: token ids SAEBench leaves out (its own runs pass the
+    tokenizer's pad, eos and bos ids).
+    """
+    core = _saebench("evals.core.main")
+    config = eval_config if eval_config is not None else saebench_core_config(sae, activation_store)
+    metrics, feature_metrics = core.run_evals(
+        saebench_formatted(sae), activation_store, model, config, ignore_tokens=set(ignore_tokens)
+    )
+    row: dict[str, float] = {}
+    for group in metrics.values():
+        for name, value in group.items():
+            if name in row:
+                raise RuntimeError(f"SAEBench reports {name!r} in two metric groups.")
+            row[name] = float(value)
+    if all(name in feature_metrics for name in _MISC_INPUTS):
+        row |= {name: float(v) for name, v in core.calculate_misc_metrics(feature_metrics).items()}
+    return row
+
+
+class _SameTokens:
+    """An activation store that serves each later level the token batches the first level drew.
+
+    SAEBench's core eval draws its batches from the store as it goes (and
+    calls ``reset_input_dataset`` between its two passes, which in SAELens
+    6.54 does not rewind what ``get_batch_tokens`` reads). Recording the first
+    level's draws and replaying them makes every level's row measure the same
+    tokens, which are those a fresh store would give SAEBench for any one
+    level. Anything else is read from the wrapped store.
+    """
+
+    def __init__(self, store: ActivationsStore) -> None:
+        self.store = store
+        self.batches: list[torch.Tensor] = []
+        self.position: int | None = None  # None while recording
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def get_batch_tokens(self, batch_size: int | None = None, **kwargs: Any) -> torch.Tensor:
+        if self.position is None:
+            tokens = self.store.get_batch_tokens(batch_size, **kwargs)
+            self.batches.append(tokens)
+            return tokens
+        if self.position >= len(self.batches):
+            raise RuntimeError(
+                "A later level asked SAEBench's store for more token batches than the first "
+                "level did; every level must be evaluated with the same eval_config."
+            )
+        tokens = self.batches[self.position]
+        self.position += 1
+        return tokens
+
+    def reset_input_dataset(self) -> None:
+        if self.position is None:  # replays repeat whatever the reset did the first time
+            self.store.reset_input_dataset()
+
+    def replay(self) -> None:
+        """Serve the recorded batches again, from the first."""
+        self.position = 0
+
+
+def saebench_core_levels(
+    sae: MatryoshkaSAE | MatryoshkaTrainingSAE,
+    model: HookedRootModule,
+    activation_store: ActivationsStore,
+    eval_config: Any = None,
+    ignore_tokens: Iterable[int] = (),
+    widths: Sequence[int] | None = None,
+) -> list[dict[str, float]]:
+    """SAEBench's core metrics of every level of ``sae``: one row per level width, in one call.
+
+    Each row is :func:`saebench_core` of the standalone SAE
+    ``sae.truncate(width)`` (``width`` first), for each level width (or each
+    of ``widths``). Every level reads the same token batches: those the first
+    level drew from ``activation_store`` (see :class:`_SameTokens`), so a row
+    equals SAEBench's core eval of that level's truncated SAE on a fresh store
+    like ``activation_store``, and rows differ only by level. The rows suit
+    :func:`plot_level_metrics` and the model card of ``io.hub``.
+    """
+    _saebench("evals.core.main")  # fail before any work when SAEBench is missing
+    if isinstance(sae, MatryoshkaTrainingSAE):
+        sae = to_inference(sae)
+    config = eval_config if eval_config is not None else saebench_core_config(sae, activation_store)
+    tokens = _SameTokens(activation_store)
+    rows = []
+    for width in widths if widths is not None else sae.matryoshka_widths:
+        level = sae.truncate(width)
+        rows.append({"width": width, **saebench_core(level, model, tokens, config, ignore_tokens)})
+        tokens.replay()
+    return rows
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed the generators SAEBench's absorption eval draws from (prompts, splits, probes)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def saebench_absorption(
+    sae: SAE[Any],
+    model: HookedTransformer,
+    eval_config: Any = None,
+    artifacts_dir: str | Path = "artifacts/absorption",
+    sae_name: str | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """SAEBench's absorption eval (first-letter spelling) of ``sae``, on a model object you have.
+
+    The metric of the paper: SAEBench trains a linear probe for each word's
+    first letter on ``model``'s residual stream at the SAE's layer, finds the
+    latents that k-sparse probes pick for each letter, and counts the words
+    whose letter the probe sees but those latents miss, with other latents
+    aligned with the probe firing instead. SAEBench's ``run_eval`` does this
+    for a model it loads by name from the Hub; this runs the same two
+    experiments (``run_k_sparse_probing_experiment``, then
+    ``run_feature_absortion_experiment``) and the same aggregation on
+    ``model`` as given, so a local or offline model works too.
+
+    Preconditions, checked here (SAEBench would otherwise probe another hook
+    than the SAE reads): the SAE reads ``blocks.<layer>.hook_resid_post``, and
+    ``model`` has a tokenizer whose words are single tokens in the prompt
+    template. It needs a model that represents first letters (SAEBench
+    recommends models of 2B parameters or more): when fewer than
+    ``min_feats_for_eval`` letters' probes reach F1 ``min_GT_probe_f1``, a
+    ``ValueError`` says so (SAEBench's ``run_eval`` prints it and stops).
+
+    Args:
+        sae: the SAE, e.g. a ``MatryoshkaSAE`` or one level, ``sae.truncate(width)``.
+        model: the model the SAE reads, with its tokenizer.
+        eval_config: SAEBench's ``AbsorptionEvalConfig`` (default: its defaults,
+            ``model_name`` and ``llm_dtype`` from ``model``). Its ``random_seed``
+            seeds Python's, NumPy's and torch's global generators, which the
+            prompts, splits and probes draw from (``run_eval`` seeds nothing);
+            the SAE is evaluated in ``llm_dtype`` (a copy, as ``run_eval``
+            casts it).
+        artifacts_dir: where the probes (one per model name and layer, reused
+            by later calls) and the per-SAE tables are written, instead of
+            SAEBench's package folder.
+        sae_name: the name the tables are written under; recomputed every call.
+        device: where SAEBench computes; by default the SAE's device.
+
+    Returns:
+        SAEBench's mean metrics (``mean_absorption_fraction_score``,
+        ``mean_full_absorption_score``, ``mean_num_split_features`` and their
+        ``std_dev_*``), and ``letters``: one dict per letter evaluated.
+    """
+    main = _saebench("evals.absorption.main")
+    if eval_config is None:
+        eval_config = _saebench("evals.absorption.eval_config").AbsorptionEvalConfig(
+            model_name=model.cfg.model_name,
+            llm_dtype=str(model.cfg.dtype).removeprefix("torch."),
+        )
+    formatted = saebench_formatted(sae)
+    layer = formatted.cfg.hook_layer
+    probed = f"blocks.{layer}.hook_resid_post"
+    if formatted.cfg.hook_name != probed:
+        raise ValueError(
+            f"SAEBench's absorption eval probes {probed}, but this SAE reads "
+            f"{formatted.cfg.hook_name}: it needs an SAE on the residual stream after a block."
+        )
+    device = device or str(sae.device)
+    dtype = _saebench("sae_bench_utils.general_utils").str_to_dtype(eval_config.llm_dtype)
+    if formatted.dtype != dtype or formatted.device != torch.device(device):
+        # run_eval moves the SAE to the model's dtype (its probe projections need it);
+        # a copy, since the formatted view shares its parameters with ``sae``
+        formatted = copy.deepcopy(formatted).to(device=device, dtype=dtype)
+    name = sae_name or f"{model.cfg.model_name}_{formatted.cfg.hook_name}_{formatted.cfg.d_sae}"
+    artifacts = Path(artifacts_dir)
+    sparse_dir, absorption_dir, probes_dir = (
+        artifacts / "k_sparse_probing",
+        artifacts / "feature_absorption",
+        artifacts / "probes",
+    )
+    _seed_everything(eval_config.random_seed)
+    with torch.enable_grad():  # the probes train; SAEBench's run_eval enables it globally
+        probing = main.run_k_sparse_probing_experiment(
+            model=model,
+            sae=formatted,
+            layer=layer,
+            sae_name=name,
+            force=True,
+            max_k_value=eval_config.max_k_value,
+            f1_jump_threshold=eval_config.f1_jump_threshold,
+            prompt_template=eval_config.prompt_template,
+            prompt_token_pos=eval_config.prompt_token_pos,
+            device=device,
+            k_sparse_probe_l1_decay=eval_config.k_sparse_probe_l1_decay,
+            k_sparse_probe_batch_size=eval_config.k_sparse_probe_batch_size,
+            k_sparse_probe_num_epochs=eval_config.k_sparse_probe_num_epochs,
+            eval_batch_size=eval_config.eval_k_sparse_probe_batch_size,
+            precalc_k_sparse_probe_sae_acts=eval_config.precalc_k_sparse_probe_sae_acts,
+            experiment_dir=sparse_dir,
+            probes_dir=probes_dir,
+        )
+        represented = int((probing["f1_probe"] > eval_config.min_GT_probe_f1).sum())
+        if represented < eval_config.min_feats_for_eval:
+            raise ValueError(
+                f"Only {represented} first letters have a probe with F1 above "
+                f"{eval_config.min_GT_probe_f1} on {model.cfg.model_name} at layer {layer}, "
+                f"fewer than min_feats_for_eval={eval_config.min_feats_for_eval}: the model "
+                "does not represent first letters there well enough for this eval."
+            )
+        raw = main.run_feature_absortion_experiment(
+            model=model,
+            sae=formatted,
+            layer=layer,
+            sae_name=name,
+            force=True,
+            max_k_value=eval_config.max_k_value,
+            feature_split_f1_jump_threshold=eval_config.f1_jump_threshold,
+            prompt_template=eval_config.prompt_template,
+            prompt_token_pos=eval_config.prompt_token_pos,
+            batch_size=eval_config.llm_batch_size,
+            device=device,
+            experiment_dir=absorption_dir,
+            sparse_probing_experiment_dir=sparse_dir,
+            probes_dir=probes_dir,
+        )
+    letters = []
+    for _, row in main._aggregate_results_df(raw).iterrows():
+        f1 = probing[probing["letter"] == row["letter"]]["f1_probe"].item()
+        if f1 > eval_config.min_GT_probe_f1:  # as SAEBench's run_eval selects letters
+            letters.append(
+                {
+                    "first_letter": row["letter"],
+                    "mean_absorption_fraction": float(row["mean_absorption_fraction"]),
+                    "full_absorption_rate": float(row["full_absorption_rate"]),
+                    "num_full_absorption": int(row["num_full_absorption"]),
+                    "num_probe_true_positives": float(row["num_probe_true_positives"]),
+                    "num_split_features": int(row["num_split_feats"]),
+                }
+            )
+    result: dict[str, Any] = {}
+    for metric, field in (
+        ("absorption_fraction_score", "mean_absorption_fraction"),
+        ("full_absorption_score", "full_absorption_rate"),
+        ("num_split_features", "num_split_features"),
+    ):
+        values = [letter[field] for letter in letters]
+        result[f"mean_{metric}"] = statistics.mean(values)
+        result[f"std_dev_{metric}"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    result["letters"] = letters
+    return result

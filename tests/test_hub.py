@@ -375,3 +375,35 @@ def test_an_offline_upload_names_the_repo_and_what_to_do(
     )
     assert "unset HF_HUB_OFFLINE and run upload_to_huggingface again" in message
     assert "upload_to_huggingface takes those folders" in message
+
+
+def test_the_model_card_holds_what_neuronpedia_asks_and_the_runner_command() -> None:
+    """The fields SAEDashboard's NeuronpediaRunner reads, an empty neuronpedia_id, the command."""
+    from sae_lens_matryoshka.io.hub import model_card
+
+    metadata = {
+        "model_name": "gemma-2-2b",
+        "hook_name": HOOK,
+        "dataset_path": "someone/tokens",
+        "context_size": 1024,
+        "prepend_bos": True,
+    }
+    cfg = {"architecture": "matryoshka", "matryoshka_widths": [8, 24, 64], "metadata": metadata}
+    card = model_card(REPO, {HOOK: cfg}, {})
+    for line in (
+        "- model_name: `gemma-2-2b`",
+        f"- hook_name: `{HOOK}`",
+        "- dataset_path: `someone/tokens`",
+        "- context_size: `1024`",
+        "- prepend_bos: `True`",
+        "- levels (prefix widths): [8, 24, 64]",
+        "- neuronpedia_id: (empty: not on Neuronpedia yet)",
+        f"  --sae-set {REPO} --sae-path {HOOK} --np-set-name <neuronpedia-set-name> \\",
+        "  --dataset-path someone/tokens --n-tokens-in-prompt 1024 --output-dir neuronpedia_outputs",
+    ):
+        assert line in card.splitlines(), line
+    assert "import sae_lens_matryoshka, runpy" in card  # the runner loads the architecture
+    hosted = model_card(
+        REPO, {HOOK: {**cfg, "metadata": {**metadata, "neuronpedia_id": "x/0-m"}}}, {}
+    )
+    assert "- neuronpedia_id: `x/0-m`" in hosted

@@ -195,9 +195,16 @@ def model_card(
             f"- d_in = {cfg.get('d_in')}, d_sae = {cfg.get('d_sae')}",
             f"- levels (prefix widths): {cfg.get('matryoshka_widths')}",
         ]
-        for key in ("model_name", "hook_name", "dataset_path", "context_size"):
+        # what SAEDashboard's NeuronpediaRunner and Neuronpedia's upload form ask for
+        for key in ("model_name", "hook_name", "dataset_path", "context_size", "prepend_bos"):
             if metadata.get(key) not in (None, ""):
                 lines.append(f"- {key}: `{metadata[key]}`")
+        neuronpedia_id = metadata.get("neuronpedia_id")
+        lines.append(
+            f"- neuronpedia_id: `{neuronpedia_id}`"
+            if neuronpedia_id
+            else "- neuronpedia_id: (empty: not on Neuronpedia yet)"
+        )
         details = metadata.get("training_architecture_details")
         if details:
             lines += [
@@ -221,6 +228,23 @@ def model_card(
             lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
         lines.append("")
     first_id = next(iter(cfgs), "<sae_id>")
+    first = (cfgs.get(first_id, {}) or {}).get("metadata", {}) or {}
+    dashboards = [
+        "## Dashboards: SAEDashboard, Neuronpedia",
+        "",
+        "SAEDashboard's `NeuronpediaRunner` writes the feature batches Neuronpedia imports; "
+        "run it with the plugin imported, so that the architecture loads:",
+        "",
+        "```bash",
+        "python -c 'import sae_lens_matryoshka, runpy; runpy.run_module("
+        '"sae_dashboard.neuronpedia.neuronpedia_runner", run_name="__main__", '
+        "alter_sys=True)' \\",
+        f"  --sae-set {repo_id} --sae-path {first_id} --np-set-name <neuronpedia-set-name> \\",
+        f"  --dataset-path {first.get('dataset_path') or '<dataset>'} "
+        f"--n-tokens-in-prompt {first.get('context_size') or 128} "
+        "--output-dir neuronpedia_outputs",
+        "```",
+    ]
     lines += [
         "## Loading",
         "",
@@ -235,6 +259,8 @@ def model_card(
         "",
         f"Architecture `{ARCHITECTURE}` needs the `sae-lens-matryoshka` plugin; "
         "`sae_lens_matryoshka.export_portable` writes a plain SAELens copy for users without it.",
+        "",
+        *dashboards,
     ]
     return "\n".join(lines) + "\n"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,9 @@ from sae_lens_matryoshka import MatryoshkaSAE, to_portable
 from sae_lens_matryoshka.dashboard import save_level_dashboards
 
 from .conftest import HOOK, hook_activations
+
+#: the headless Chromiums examples/dashboard_levels.py --screenshot looks for
+CHROMIUMS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
 
 
 def _render(
@@ -94,9 +99,10 @@ def test_one_page_per_level_in_level_order(
         "level_1_latents_8-11.html",
         "level_2_latents_24-27.html",
     ]
-    for page in rendered.pages:
+    for page, latents in zip(rendered.pages, rendered.features, strict=True):
         html = page.read_text()
         assert "grid-container" in html and len(html) > 10_000
+        assert f'START_KEY = "{latents[0]}";' in html  # it opens on a latent it holds
     # the SAE given is left as it was; the maxima are its encode's (norms folded, as SAEDashboard does)
     for name, tensor in sae.state_dict().items():
         assert torch.equal(tensor, before[name]), name
@@ -111,14 +117,18 @@ def test_one_page_per_level_in_level_order(
 
 
 def test_the_example_writes_a_page_per_level(tmp_path: Path) -> None:
+    """Also its SAEBench table (with SAEBench installed) and its screenshot (with a Chromium).
+
+    Offline and without ``--d3-js`` the screenshot shows an empty page (d3
+    comes from its CDN); the README's picture was taken with d3 given.
+    """
     example = Path(__file__).resolve().parents[2] / "examples" / "dashboard_levels.py"
-    result = subprocess.run(
-        [sys.executable, str(example), "--output-dir", str(tmp_path), "--per-level", "2"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=600,
-    )
+    command = [sys.executable, str(example), "--output-dir", str(tmp_path), "--per-level", "2"]
+    saebench = importlib.util.find_spec("sae_bench") is not None
+    chromium = any(shutil.which(name) for name in CHROMIUMS)
+    png = tmp_path / "level0.png"
+    command += ["--saebench"] * saebench + ["--screenshot", str(png)] * chromium
+    result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
     pages = sorted(tmp_path.glob("level_*.html"))
     assert [page.name for page in pages] == [
         "level_0_latents_0-1.html",
@@ -126,3 +136,9 @@ def test_the_example_writes_a_page_per_level(tmp_path: Path) -> None:
         "level_2_latents_24-25.html",
     ]
     assert all(str(page) in result.stdout for page in pages)
+    if saebench:  # one row per level, under SAEBench's metric names
+        lines = result.stdout.splitlines()
+        header = next(i for i, line in enumerate(lines) if "explained_variance" in line)
+        assert [line.split()[0] for line in lines[header + 1 : header + 4]] == ["8", "24", "64"]
+    if chromium:
+        assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
