@@ -24,7 +24,10 @@ Beyond SAELens's own command line it
   (the usage line, then one ``error:`` line, exit status 2, no traceback): a
   config field the SAE or runner config rejects, a path that leads nowhere, a
   count a run cannot use, a setting ``run_checks`` or ``save_paths`` refuses;
-- prints where the SAE was saved and each level's explained variance and L0.
+- prints where the SAE was saved and each level's explained variance, L0 and
+  dead latents (for a Matryoshka SAE the run itself prints them, from Python
+  too, and leaves ``training_log.jsonl`` and ``loss_curve.png`` beside the
+  SAE: see ``run_record``).
 
 Under ``torchrun`` the same command trains data-parallel (see ``distributed``);
 ``--training_tokens`` and ``--train_batch_size_tokens`` are then per rank::
@@ -38,19 +41,18 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import simple_parsing
-from sae_lens import LanguageModelSAERunnerConfig, TrainingSAE
+from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAEConfig
 
 import sae_lens_matryoshka  # noqa: F401  (registers the architecture)
 from sae_lens_matryoshka import distributed
 from sae_lens_matryoshka.config import ARCHITECTURE, is_matryoshka
-from sae_lens_matryoshka.evals import evaluate_levels
 from sae_lens_matryoshka.io.hub import OFFLINE_HINT, hub_errors_in_one_line
 from sae_lens_matryoshka.io.local_sources import (
     local_overrides,
@@ -61,7 +63,6 @@ from sae_lens_matryoshka.io.save_paths import check_runner_paths
 from sae_lens_matryoshka.run_checks import check_settings
 from sae_lens_matryoshka.toy import ToyHierarchy
 from sae_lens_matryoshka.toy import demo as toy_demo
-from sae_lens_matryoshka.training_sae import MatryoshkaTrainingSAE
 
 TRAIN_PROG = "sae-lens-matryoshka train"
 LOCAL_FOLDERS_HINT = (
@@ -156,43 +157,24 @@ def check_wandb_login() -> None:
         ) from error
 
 
-def level_table(rows: Sequence[Mapping[str, float]]) -> str:
-    """Each level's width, explained variance, L0 and dead latents, as aligned text."""
-    lines = [f"{'width':>10} {'explained variance':>19} {'L0':>9} {'dead latents':>13}"]
-    lines += [
-        f"{int(row['width']):>10} {row['explained_variance']:>19.4f} {row['l0']:>9.2f} "
-        f"{int(row['dead_latents']):>13}"
-        for row in rows
-    ]
-    return "\n".join(lines)
+def report(run: distributed.TrainingRun) -> None:
+    """Print where the trained SAE went, where the run did not print it itself.
 
-
-def report(run: distributed.TrainingRun, sae: TrainingSAE[Any]) -> None:
-    """Print where the trained SAE went and, for a Matryoshka SAE, each level's evals."""
+    A Matryoshka run prints where its SAE, checkpoints and record went and
+    each level's evals (``run_record``). Left to say here: the same paths for
+    other architectures, and for a latent-sharded run, whose SAE is gathered
+    and saved whole after its runner has finished.
+    """
     cfg = run.cfg
+    sharded = run.mesh is not None and run.mesh.n_shards > 1
+    if is_matryoshka(cfg.sae) and not sharded:
+        return
     if cfg.output_path is None:
         print(f"{TRAIN_PROG}: not saved (--output_path is None).")
     else:
         print(f"{TRAIN_PROG}: saved to {Path(cfg.output_path).resolve()}")
     if cfg.checkpoint_path is not None and cfg.n_checkpoints + cfg.save_final_checkpoint > 0:
         print(f"{TRAIN_PROG}: checkpoints in {Path(cfg.checkpoint_path).resolve()}")
-    if run.mesh is not None and run.mesh.n_shards > 1:
-        print(
-            f"{TRAIN_PROG}: this rank holds one latent shard; evaluate the saved SAE's levels "
-            "with sae_lens_matryoshka.evals.evaluate_levels where it fits."
-        )
-    elif isinstance(sae, MatryoshkaTrainingSAE):
-        runner = run.runner
-        rows = evaluate_levels(
-            sae,
-            runner.model,
-            runner.activations_store,
-            n_batches=cfg.n_eval_batches,
-            batch_size_prompts=cfg.eval_batch_size_prompts,
-            compute_ce_loss=False,
-        )
-        print(f"each level, on {cfg.n_eval_batches} further batches of the dataset:")
-        print(level_table(rows))
 
 
 def _latent_shards(args: Sequence[str]) -> tuple[list[str], int]:
@@ -293,9 +275,9 @@ def train(args: Sequence[str]) -> None:
             run = distributed.build_runner(cfg, latent_shards, **local_overrides(cfg))
         except ValueError as error:  # a setting the run cannot use, named by its check
             usage_error(str(error))
-    sae = distributed.train(run)
+    distributed.train(run)
     if distributed.rank() == 0:
-        report(run, sae)
+        report(run)
 
 
 #: what a positive-number option parses to

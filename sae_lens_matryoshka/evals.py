@@ -187,6 +187,21 @@ class _LevelTotals:
         self.l0.append(fired.sum(dim=-1))
         self.firing += fired.sum(dim=0)
 
+    def reconstruct(
+        self,
+        level: MatryoshkaSAE,
+        x: torch.Tensor,
+        x_scaled: torch.Tensor,
+        mask: torch.Tensor,
+        scaler: ActivationScaler,
+    ) -> None:
+        """Add ``level``'s reconstruction of ``x [batch, pos, d_in]`` (``x_scaled`` as it reads it)."""
+        acts = level.encode(x_scaled)
+        x_hat = scaler.unscale(level.decode(acts))
+        self.add_reconstruction(
+            x.flatten(0, 1), x_hat.flatten(0, 1), acts.flatten(0, 1), mask.flatten().to(x.device)
+        )
+
     def row(self, n_tokens: int, dense_threshold: float) -> dict[str, float]:
         density = self.firing / n_tokens
         return {
@@ -268,14 +283,7 @@ def evaluate_levels(
             ce_ablation.append(ablated_loss[mask[:, :-1]])
             kl_ablation.append(_kl_divergence(logits, ablated_logits)[mask])
         for level, level_totals in zip(levels, totals, strict=True):
-            acts = level.encode(x_scaled)
-            x_hat = scaler.unscale(level.decode(acts))
-            level_totals.add_reconstruction(
-                x.flatten(0, 1),
-                x_hat.flatten(0, 1),
-                acts.flatten(0, 1),
-                mask.flatten().to(x.device),
-            )
+            level_totals.reconstruct(level, x, x_scaled, mask, scaler)
             if compute_ce_loss:
                 replace = partial(site.replace, level=level, scaler=scaler, mask=mask)
                 new_logits, new_loss = model.run_with_hooks(
@@ -286,14 +294,8 @@ def evaluate_levels(
                 )
                 level_totals.ce_with_sae.append(new_loss[mask[:, :-1]])
                 level_totals.kl_with_sae.append(_kl_divergence(logits, new_logits)[mask])
-    cosines = (
-        level_max_decoder_cosines(sae.W_dec, sae.matryoshka_widths)
-        if sae.matryoshka_widths[0] > 1
-        else None
-    )
-    rows = []
-    for index, (width, level_totals) in enumerate(zip(sae.matryoshka_widths, totals, strict=True)):
-        row: dict[str, float] = {"width": width, **level_totals.row(n_tokens, dense_threshold)}
+    rows = _level_rows(sae, totals, n_tokens, dense_threshold)
+    for row, level_totals in zip(rows, totals, strict=True):
         if compute_ce_loss:
             without = torch.cat(ce_without).mean().item()
             with_sae = torch.cat(level_totals.ce_with_sae).mean().item()
@@ -308,6 +310,52 @@ def evaluate_levels(
                 "kl_div_score": (kl_ablated - kl_sae) / kl_ablated,
                 "kl_div_with_sae": kl_sae,
             }
+    return rows
+
+
+@torch.no_grad()
+def evaluate_levels_on_activations(
+    sae: MatryoshkaSAE | MatryoshkaTrainingSAE,
+    batches: Iterable[torch.Tensor],
+    dense_threshold: float = 0.1,
+) -> list[dict[str, float]]:
+    """``evaluate_levels``'s reconstruction rows from activation batches alone, without a model.
+
+    For what has activations and no model to run: a run trained from cached
+    activations, whose model is never loaded. Every level reconstructs the
+    same batches (``[..., d_in]``, as the SAE reads them); the rows hold the
+    explained variance, MSE, L0, dead and dense latents and decoder geometry
+    that ``evaluate_levels`` computes the same way, and no CE or KL loss.
+    """
+    if isinstance(sae, MatryoshkaTrainingSAE):
+        sae = to_inference(sae)
+    scaler = ActivationScaler()
+    levels = [sae.truncate(width) for width in sae.matryoshka_widths]
+    totals = [_LevelTotals(level.cfg.d_sae, sae.device) for level in levels]
+    n_tokens = 0
+    for batch in batches:
+        x = batch.to(sae.device).reshape(-1, 1, batch.shape[-1])  # tokens as [n, 1, d_in]
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        n_tokens += x.shape[0]
+        for level, level_totals in zip(levels, totals, strict=True):
+            level_totals.reconstruct(level, x, x, mask, scaler)
+    if n_tokens == 0:
+        raise ValueError("evaluate_levels_on_activations needs at least one activation batch.")
+    return _level_rows(sae, totals, n_tokens, dense_threshold)
+
+
+def _level_rows(
+    sae: MatryoshkaSAE, totals: Sequence[_LevelTotals], n_tokens: int, dense_threshold: float
+) -> list[dict[str, float]]:
+    """One row per level: its width, reconstruction totals and decoder geometry."""
+    cosines = (
+        level_max_decoder_cosines(sae.W_dec, sae.matryoshka_widths)
+        if sae.matryoshka_widths[0] > 1
+        else None
+    )
+    rows = []
+    for index, (width, level_totals) in enumerate(zip(sae.matryoshka_widths, totals, strict=True)):
+        row: dict[str, float] = {"width": width, **level_totals.row(n_tokens, dense_threshold)}
         if cosines is not None:
             row["mean_max_decoder_cosine"] = cosines[index]
         rows.append(row)

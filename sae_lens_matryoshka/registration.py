@@ -32,6 +32,13 @@ Besides its two registry entries, the plugin wraps these SAELens routines
   not read; and once more (``latent_order``): with ``order_latents_every``,
   the latents are ordered by firing frequency every that many steps and
   after the last, with their optimizer state and the trainer's statistics.
+- ``LanguageModelSAETrainingRunner.__init__`` and ``run`` (``seeding``): torch's
+  global generator is seeded from ``cfg.seed`` before the SAE is built and
+  again before training, so the same config and seed train the same weights.
+- ``LanguageModelSAETrainingRunner.run``, ``SAETrainer._is_logging_step``,
+  ``_train_step`` and ``build_train_step_log_dict`` (``run_record``): every
+  run leaves ``training_log.jsonl`` and ``loss_curve.png`` beside its output
+  without wandb, and prints each level's explained variance, L0 and dead latents.
 - SAEDashboard's ``FeatureMaskingContext.__enter__`` (``dashboard``), when
   ``sae_dashboard`` is installed: its architecture check accepts Matryoshka SAEs.
 """
@@ -42,7 +49,15 @@ from typing import Any
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-from sae_lens_matryoshka import dashboard, kept_outputs, latent_order, progress, run_checks
+from sae_lens_matryoshka import (
+    dashboard,
+    kept_outputs,
+    latent_order,
+    progress,
+    run_checks,
+    run_record,
+    seeding,
+)
 from sae_lens_matryoshka.config import (
     ARCHITECTURE,
     MatryoshkaSAEConfig,
@@ -83,7 +98,8 @@ def register() -> None:
     checkpoints as the SAE their run would save (see ``loaders``), and its
     progress bar count every step (see ``progress``), and its step outputs keep
     no pre-activations into the next step (see ``kept_outputs``), and it orders
-    latents by firing frequency when asked (see ``latent_order``). With
+    latents by firing frequency when asked (see ``latent_order``), and each run is
+    seeded from its config (see ``seeding``) and recorded locally (see ``run_record``). With
     SAEDashboard installed, SAEDashboard renders Matryoshka SAEs (see ``dashboard``).
     """
     checkpoints.install()
@@ -94,6 +110,8 @@ def register() -> None:
     progress.install()
     kept_outputs.install()
     latent_order.install()
+    seeding.install()
+    run_record.install()
     if dashboard.dashboard_installed():
         dashboard.install()
     _register(SAE_TRAINING_CLASS_REGISTRY, (MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig))

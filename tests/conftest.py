@@ -20,6 +20,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # runs compared bit for bit (resumes, processes under torchrun) compute the same way
 # (tests/test_sparse_path.py holds the candidates equal and tests the measured choice)
 os.environ.setdefault("SAE_MATRYOSHKA_KERNELS", "encoder_weight_grad=csr")
+# and no measured choice kept in the user's cache (a test that wants the cache sets a folder)
+os.environ.setdefault("SAE_MATRYOSHKA_KERNEL_CACHE", "")
 
 from collections.abc import Callable
 from pathlib import Path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,11 @@ from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 
-from sae_lens_matryoshka import MatryoshkaTrainingSAE, to_inference
+from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig, to_inference
 from sae_lens_matryoshka.evals import (
     add_level_evals,
     evaluate_levels,
+    evaluate_levels_on_activations,
     feature_recovery,
     hierarchy_absorption,
     level_max_decoder_cosines,
@@ -195,3 +197,49 @@ def test_runner_eval_steps_report_every_level(tiny_model, token_dataset, runner_
     }
     assert expected <= level_keys
     assert len(metrics) > len(level_keys)  # the runner's own eval metrics are kept
+
+
+def test_the_saebench_route_names_what_to_install_without_saebench(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SAEBench is no dependency: without it each SAEBench function says how to get it."""
+    from sae_lens_matryoshka import evals
+
+    monkeypatch.setitem(sys.modules, "sae_bench", None)  # as if not installed
+    calls = {
+        "saebench_core": lambda: evals.saebench_core(None, None, None),
+        "saebench_core_levels": lambda: evals.saebench_core_levels(None, None, None),
+        "saebench_absorption": lambda: evals.saebench_absorption(None, None),
+        "saebench_formatted": lambda: evals.saebench_formatted(None),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ImportError, match=r"needs SAEBench .*pip install sae-bench") as raised:
+            call()
+        assert "environment of its own" in str(raised.value), name
+
+
+def test_levels_on_activations_alone_equal_a_hand_computation() -> None:
+    """What a run from cached activations is summarised by: no model, every level on the batches."""
+    torch.manual_seed(0)
+    sae = to_inference(
+        MatryoshkaTrainingSAE(
+            MatryoshkaTrainingSAEConfig(d_in=8, d_sae=32, k=3, matryoshka_widths=[4, 12, 32])
+        )
+    )
+    batches = [torch.randn(20, 8), torch.randn(12, 8)]
+    rows = evaluate_levels_on_activations(sae, batches, dense_threshold=0.5)
+    x = torch.cat(batches)
+    assert [row["width"] for row in rows] == [4, 12, 32]
+    for row in rows:
+        level = sae.truncate(int(row["width"]))
+        acts = level.encode(x)
+        x_hat = level.decode(acts)
+        explained = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+        density = (acts != 0).float().mean(dim=0)
+        assert row["explained_variance"] == pytest.approx(explained.item(), rel=1e-4)
+        assert row["mse"] == pytest.approx((x - x_hat).pow(2).sum(dim=-1).mean().item(), rel=1e-5)
+        assert row["l0"] == pytest.approx((acts != 0).float().sum(dim=-1).mean().item())
+        assert row["dead_latents"] == int((density == 0).sum())
+        assert row["dense_latents"] == int((density > 0.5).sum())
+    with pytest.raises(ValueError, match="at least one activation batch"):
+        evaluate_levels_on_activations(sae, [])

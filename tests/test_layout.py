@@ -55,6 +55,8 @@ ORDER = [
     "run_checks",
     "kept_outputs",
     "latent_order",
+    "seeding",
+    "run_record",
     "dashboard",
     "distributed.mesh",
     "distributed.sharding",

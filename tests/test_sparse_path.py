@@ -9,8 +9,10 @@ for the same parameters, for every level configuration.
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,14 +20,16 @@ import torch
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS
-from sae_lens_matryoshka.kernels import selection
+from sae_lens_matryoshka.kernels import measured, selection
 from sae_lens_matryoshka.kernels.encoder_backward import (
     ENCODER_WEIGHT_GRAD,
     SparseEncoderValues,
+    bagged_weight_grad,
+    csr_weight_grad,
     encoder_weight_grad,
 )
 from sae_lens_matryoshka.kernels.level_decode import RunningLevels, decode_groups, decode_levels
-from sae_lens_matryoshka.kernels.measured import CHOICE_ENV, MeasuredKernel
+from sae_lens_matryoshka.kernels.measured import CACHE_ENV, CHOICE_ENV, MeasuredKernel
 from sae_lens_matryoshka.kernels.selection import (
     batch_topk_entries,
     dead_latent_pick,
@@ -344,6 +348,81 @@ def test_a_measured_kernel_runs_the_faster_candidate_and_keeps_its_choice(
         ValueError, match=r"kernel 'demo' has the candidates \['fast', 'slow'\], got 'quick'"
     ):
         kernel("shape-d", x)
+
+
+def test_a_measured_choice_is_kept_for_the_machine_and_read_instead_of_timing_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What makes a run repeatable: a later process uses the choice, whatever its timings say."""
+    monkeypatch.delenv(CHOICE_ENV, raising=False)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "kernels"))
+    candidates = {"a": lambda x: x + 1, "b": lambda x: x + 1}
+    timed: list[str] = []
+
+    def favouring(name: str) -> Any:
+        def time_it(candidate: Any, _args: Any, _device: Any) -> float:
+            timed.append(name)
+            return 1.0 if candidate is candidates[name] else 2.0
+
+        return time_it
+
+    x = torch.zeros(3)
+    monkeypatch.setattr(measured, "_time", favouring("a"))
+    assert MeasuredKernel("cached", candidates)(("shape", x.device), x) is not None
+    (entry,) = (tmp_path / "kernels").iterdir()  # no temporary file left behind
+    assert json.loads(entry.read_text())["choice"] == "a"
+    # a new process, on a machine now timing "b" faster: it reads "a", times nothing
+    timed.clear()
+    monkeypatch.setattr(measured, "_time", favouring("b"))
+    fresh = MeasuredKernel("cached", candidates)
+    fresh(("shape", x.device), x)
+    assert fresh.chosen == {("shape", x.device): "a"} and timed == []
+    assert measured.choices()["cached"] == {"('shape', 'cpu')": "a"}
+    # another shape is measured and kept apart
+    fresh(("other", x.device), x)
+    assert fresh.chosen[("other", x.device)] == "b" and len(list(entry.parent.iterdir())) == 2
+
+    # a damaged entry, or one naming a candidate that no longer exists, is measured again
+    entry.write_text('{"choice": "gone"}')
+    again = MeasuredKernel("cached", candidates)
+    again(("shape", x.device), x)
+    assert again.chosen[("shape", x.device)] == "b"
+    assert json.loads(entry.read_text())["choice"] == "b"
+
+    # two processes measuring at once: the one that kept its choice first wins
+    entry.unlink()
+
+    def racing(candidate: Any, _args: Any, _device: Any) -> float:
+        entry.write_text('{"choice": "a"}')  # the other process, finishing first
+        return 1.0 if candidate is candidates["b"] else 2.0
+
+    monkeypatch.setattr(measured, "_time", racing)
+    loser = MeasuredKernel("cached", candidates)
+    loser(("shape", x.device), x)
+    assert loser.chosen[("shape", x.device)] == "a"
+
+    # nowhere to keep it: measured and used all the same, with a warning that says so
+    monkeypatch.setenv(CACHE_ENV, str(entry))  # a file, not a folder
+    with caplog.at_level("WARNING", logger=measured.__name__):
+        unkept = MeasuredKernel("cached", candidates)
+        unkept(("shape", x.device), x)
+    assert unkept.chosen[("shape", x.device)] == "b"
+    assert "could not keep the choice" in caplog.text
+    # an empty setting keeps nothing, and reads nothing
+    monkeypatch.setenv(CACHE_ENV, "")
+    assert measured.cache_folder() is None
+
+
+def test_the_encoder_kernels_round_differently_so_a_run_must_keep_one() -> None:
+    """Why the choice is kept: both candidates are right, and their last bits differ."""
+    generator = torch.Generator().manual_seed(0)
+    token, latent = topk_entries(torch.randn(256, 512, generator=generator), 64)
+    grad = torch.randn(len(token), generator=generator)
+    sae_in = torch.randn(256, 48, generator=generator)
+    csr = csr_weight_grad(sae_in, token, latent, grad, 512)
+    bagged = bagged_weight_grad(sae_in, token, latent, grad, 512)
+    torch.testing.assert_close(csr, bagged)
+    assert not torch.equal(csr, bagged)
 
 
 @pytest.mark.parametrize("widths", [[64], [4, 20, 64], [1, 2, 63, 64]])
