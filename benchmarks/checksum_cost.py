@@ -31,7 +31,6 @@ costs, the wall seconds what it took there.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import io
 import json
@@ -50,19 +49,11 @@ import torch
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.io import checkpoints
+from sae_lens_matryoshka.kernels.measured import cpu_model
 
 #: the hashes whose throughput is compared (``crc32``: zlib's, not a digest, for scale)
 ALGORITHMS = ("sha256", "sha1", "blake2b", "blake2s", "md5", "sha512", "sha3_256", "crc32")
 FILES = ("sae_weights.safetensors", "trainer_state.pt")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (what ``lscpu`` shows), where Linux tells it."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def cpus() -> int:

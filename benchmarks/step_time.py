@@ -69,7 +69,6 @@ import ctypes
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -91,6 +90,7 @@ from tiny_runs import process_memory_mib, runner_config, tiny_model_and_tokens
 from torch import nn
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka.kernels.measured import cpu_model
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 PRESETS = {
@@ -361,15 +361,6 @@ def machine(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
     return f"{cpu_model()}, {torch.get_num_threads()} threads"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (what ``lscpu`` shows), where Linux tells it."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

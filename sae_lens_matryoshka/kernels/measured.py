@@ -198,12 +198,12 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         name = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     else:
-        name = f"{device.type} {_processor()}, {torch.get_num_threads()} threads"
+        name = f"{device.type} {cpu_model()}, {torch.get_num_threads()} threads"
     return f"{name}, torch {torch.__version__}"
 
 
-def _processor() -> str:
-    """The CPU's model name (``platform.processor()`` is empty on most Linux systems)."""
+def cpu_model() -> str:
+    """The CPU's model name, as ``lscpu`` shows it (``platform.processor()`` is empty on most Linux)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
