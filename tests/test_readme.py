@@ -798,3 +798,15 @@ def test_a_failing_block_reports_its_readme_line(world: World) -> None:
     with pytest.raises(ZeroDivisionError) as raised:
         execute(Block("Test", 40, "x = 1\n1 / 0"), {})
     assert raised.traceback[-1].lineno + 1 == 41
+
+
+def test_every_link_to_a_section_finds_its_heading() -> None:
+    """The contents line and the cross-references use GitHub's heading anchors."""
+    text = re.sub(r"```.*?```", "", README.read_text(), flags=re.S)
+    anchors = {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#+ (.+)$", text, flags=re.M)
+    }
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert len(links) > 15  # the contents line at least
+    assert sorted(links - anchors) == []
