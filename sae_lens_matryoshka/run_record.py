@@ -489,13 +489,13 @@ def install() -> None:
             return run(self)
         if _latent_sharded(self.sae):
             sae = run(self)
-            if self.cfg.verbose:
-                print(
-                    f"{_PROG}: this rank holds one latent shard, so the run keeps no record and "
-                    "evaluates no level; evaluate the saved SAE's levels with "
-                    "sae_lens_matryoshka.evals.evaluate_levels where it fits.",
-                    flush=True,
-                )
+            # said whatever ``verbose`` is: it is why the run ends without its usual summary
+            print(
+                f"{_PROG}: this rank holds one latent shard, so the run keeps no record and "
+                "evaluates no level; evaluate the saved SAE's levels with "
+                "sae_lens_matryoshka.evals.evaluate_levels where it fits.",
+                flush=True,
+            )
             return sae
         return _run_recorded(self, run)
 
