@@ -221,9 +221,12 @@ def report(
     if record is not None and not beside:
         lines.append(f"{_PROG}: training record in {record.resolve()}")
     if rows is not None:
-        tokens = (
-            cfg.n_eval_batches * _eval_batch_size(runner) * runner.activations_store.context_size
+        per_batch = (
+            cfg.train_batch_size_tokens  # a cached batch (summarize)
+            if cfg.use_cached_activations
+            else _eval_batch_size(runner) * runner.activations_store.context_size
         )
+        tokens = cfg.n_eval_batches * per_batch
         lines.append(
             f"each level, on {cfg.n_eval_batches} further batches of the dataset "
             f"({tokens:,} tokens):"
