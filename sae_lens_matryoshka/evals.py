@@ -771,26 +771,30 @@ def saebench_absorption(
         artifacts / "feature_absorption",
         artifacts / "probes",
     )
+    # what both experiments must see alike: the second reads the first's probes and results
+    shared: dict[str, Any] = {
+        "model": model,
+        "sae": formatted,
+        "layer": layer,
+        "sae_name": name,
+        "force": True,
+        "max_k_value": eval_config.max_k_value,
+        "prompt_template": eval_config.prompt_template,
+        "prompt_token_pos": eval_config.prompt_token_pos,
+        "device": device,
+        "probes_dir": probes_dir,
+    }
     _seed_everything(eval_config.random_seed)
     with torch.enable_grad():  # the probes train; SAEBench's run_eval enables it globally
         probing = main.run_k_sparse_probing_experiment(
-            model=model,
-            sae=formatted,
-            layer=layer,
-            sae_name=name,
-            force=True,
-            max_k_value=eval_config.max_k_value,
+            **shared,
             f1_jump_threshold=eval_config.f1_jump_threshold,
-            prompt_template=eval_config.prompt_template,
-            prompt_token_pos=eval_config.prompt_token_pos,
-            device=device,
             k_sparse_probe_l1_decay=eval_config.k_sparse_probe_l1_decay,
             k_sparse_probe_batch_size=eval_config.k_sparse_probe_batch_size,
             k_sparse_probe_num_epochs=eval_config.k_sparse_probe_num_epochs,
             eval_batch_size=eval_config.eval_k_sparse_probe_batch_size,
             precalc_k_sparse_probe_sae_acts=eval_config.precalc_k_sparse_probe_sae_acts,
             experiment_dir=sparse_dir,
-            probes_dir=probes_dir,
         )
         represented = int((probing["f1_probe"] > eval_config.min_GT_probe_f1).sum())
         if represented < eval_config.min_feats_for_eval:
@@ -801,20 +805,11 @@ def saebench_absorption(
                 "does not represent first letters there well enough for this eval."
             )
         raw = main.run_feature_absortion_experiment(
-            model=model,
-            sae=formatted,
-            layer=layer,
-            sae_name=name,
-            force=True,
-            max_k_value=eval_config.max_k_value,
+            **shared,
             feature_split_f1_jump_threshold=eval_config.f1_jump_threshold,
-            prompt_template=eval_config.prompt_template,
-            prompt_token_pos=eval_config.prompt_token_pos,
             batch_size=eval_config.llm_batch_size,
-            device=device,
             experiment_dir=absorption_dir,
             sparse_probing_experiment_dir=sparse_dir,
-            probes_dir=probes_dir,
         )
     letters = []
     for _, row in main._aggregate_results_df(raw).iterrows():

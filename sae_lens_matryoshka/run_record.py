@@ -339,11 +339,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _latent_sharded(sae: Any) -> bool:
-    part = getattr(sae, "latent_part", None)
-    return part is not None and part.n_shards > 1
-
-
 def _record_of(trainer: SAETrainer[Any, Any]) -> RunRecord | None:
     return _RECORDS.get(trainer.sae) if trains_matryoshka(trainer) else None
 
@@ -490,7 +485,7 @@ def install() -> None:
     def run_recorded(self: LanguageModelSAETrainingRunner[Any]) -> Any:
         if not is_matryoshka(self.cfg.sae) or _rank() != 0:
             return run(self)
-        if _latent_sharded(self.sae):
+        if not self.sae.latent_part.is_whole:  # (a Matryoshka SAE's, checked above)
             sae = run(self)
             # said whatever ``verbose`` is: it is why the run ends without its usual summary
             print(

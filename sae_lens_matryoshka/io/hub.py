@@ -24,7 +24,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
-import huggingface_hub.constants
 from huggingface_hub import HfApi
 from sae_lens import SAE, upload_saes_to_huggingface
 from sae_lens.constants import SAE_CFG_FILENAME
@@ -139,11 +138,7 @@ def _upload_errors_named(repo_id: str, revision: str) -> Iterator[None]:
             raise
         at = "" if revision == "main" else f" (revision {revision!r})"
         if miss.reason == "unreachable":
-            endpoint = huggingface_hub.constants.ENDPOINT
-            why = (
-                f"the Hub ({endpoint}) could not be reached ({miss.detail or 'connection failed'})"
-            )
-            first = "check the network, proxy and HF_ENDPOINT"
+            why, first = miss.why(), "check the network, proxy and HF_ENDPOINT"
         else:
             why, first = "HF_HUB_OFFLINE=1 is set", "unset HF_HUB_OFFLINE"
         raise ConnectionError(

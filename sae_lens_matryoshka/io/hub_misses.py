@@ -100,13 +100,16 @@ class HubMiss:
         if self.revision not in (None, "main"):
             named += f" at revision {self.revision!r}"
         cache = huggingface_hub.constants.HF_HUB_CACHE
-        why = {
+        return f"{named} is not in the local Hugging Face cache ({cache}) and {self.why()}"
+
+    def why(self) -> str:
+        """What kept the Hub from giving the file."""
+        return {
             "offline": "HF_HUB_OFFLINE=1 is set, so the Hub is not asked",
             "local_files_only": "local_files_only=True was given, so the Hub is not asked",
             "unreachable": f"the Hub ({huggingface_hub.constants.ENDPOINT}) could not be "
             f"reached ({self.detail or 'connection failed'})",
         }[self.reason]
-        return f"{named} is not in the local Hugging Face cache ({cache}) and {why}"
 
     def remedy(self) -> str:
         """What to do, in the order most people can do it."""
