@@ -43,6 +43,10 @@ Two ways in:
   once more after the last step, before it saves anything: the final
   checkpoint, the saved SAE and its ``sparsity.safetensors`` are ordered, and
   all three agree. See :class:`TrainerOrdering` for the counts it ranks by.
+  Its state between two orderings (the counts so far, the last interval's
+  counts, the composed permutation) is written into every checkpoint
+  (``STATE_FILE``) and read back on resume, so a resumed run orders exactly
+  as the uninterrupted one.
 
 Latent sharding cannot be ordered: a global order would exchange latents,
 their optimizer state and the trainer's statistics between the ranks that
@@ -56,11 +60,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from sae_lens.saes.sae import TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
@@ -68,6 +74,8 @@ from sae_lens_matryoshka.config import trains_matryoshka
 
 #: the trainer attribute holding a run's :class:`TrainerOrdering`
 TRAINER_ATTRIBUTE = "matryoshka_latent_order"
+#: the file of a checkpoint holding its run's :class:`TrainerOrdering` state
+STATE_FILE = "latent_order_state.safetensors"
 
 
 def ordering_bounds(cfg: Any) -> list[int]:
@@ -242,10 +250,10 @@ class FrequencyWindow:
     the finished one (still referenced here, its last value complete) is added
     to ``carry``. No host read, no per-step device work.
 
-    After a resume the window starts with the trainer's restored count (the
-    steps since its last reset, which the checkpoint saved), not at the last
-    ordering: the resumed run is ordered by counts over a slightly different
-    window, and so equals the uninterrupted one up to a permutation.
+    On resume, :meth:`resume` starts it from the counts a checkpoint saved.
+    The counts are whole numbers held in float32, exact up to 2**24 firings
+    of one latent between two orderings; past that the order may differ from
+    an uninterrupted run's by a rounding.
     """
 
     def __init__(self) -> None:
@@ -275,6 +283,15 @@ class FrequencyWindow:
         """Start counting anew: called right after an ordering (the trainer's count permuted)."""
         assert self._seen is not None
         self._baseline, self._carry = self._seen.clone(), None
+
+    @property
+    def started(self) -> bool:
+        """Whether it has seen the trainer's count (a step ran, or a checkpoint resumed it)."""
+        return self._seen is not None
+
+    def resume(self, scores: torch.Tensor, counts: torch.Tensor) -> None:
+        """Continue from a checkpoint: ``counts`` so far, the trainer's restored count ``scores``."""
+        self._seen, self._baseline, self._carry = scores, scores.clone(), counts.to(scores)
 
 
 class TrainerOrdering:
@@ -333,6 +350,30 @@ class TrainerOrdering:
             return
         self.order(trainer, counts)
 
+    def save(self, path: Path) -> None:
+        """Write the state a resumed run continues from (nothing before the first step)."""
+        if not self.window.started:
+            return
+        state = {
+            "counts": self.window.counts(),
+            "steps_since": torch.tensor(self._steps_since),
+            "n_orderings": torch.tensor(self.n_orderings),
+        }
+        if self.last_counts is not None:
+            state["last_counts"] = self.last_counts
+        if self.permutation is not None:
+            state["permutation"] = self.permutation
+        save_file({name: value.contiguous() for name, value in state.items()}, path)
+
+    def resume(self, trainer: SAETrainer[Any, Any], path: Path) -> None:
+        """Continue from the state :meth:`save` wrote, with the trainer's restored statistics."""
+        state = load_file(path, device=str(trainer.act_freq_scores.device))
+        self.window.resume(trainer.act_freq_scores, state["counts"])
+        self._steps_since = int(state["steps_since"])
+        self.n_orderings = int(state["n_orderings"])
+        self.last_counts = state.get("last_counts")
+        self.permutation = state.get("permutation")
+
     def order(self, trainer: SAETrainer[Any, Any], counts: torch.Tensor) -> None:
         """Order the trainer's SAE by ``counts`` (this replica's), with its optimizer and statistics."""
         sae = trainer.sae
@@ -349,10 +390,16 @@ class TrainerOrdering:
 
 
 def install() -> None:
-    """Make SAELens's trainer order a Matryoshka SAE's latents when its config asks. Idempotent."""
+    """Make SAELens's trainer order a Matryoshka SAE's latents when its config asks. Idempotent.
+
+    Wraps the trainer's step (the ordering itself) and its state's saving and
+    loading (the ordering's state in each checkpoint).
+    """
     if getattr(SAETrainer, "_matryoshka_latent_order", False):
         return
     train_step = SAETrainer._train_step
+    save_state = SAETrainer.save_trainer_state
+    load_state = SAETrainer.load_trainer_state
 
     @functools.wraps(train_step)
     def _train_step(self: SAETrainer[Any, Any], *args: Any, **kwargs: Any) -> TrainStepOutput:
@@ -363,5 +410,23 @@ def install() -> None:
             ordering.after_step(self)
         return output
 
+    @functools.wraps(save_state)
+    def save_trainer_state(self: SAETrainer[Any, Any], checkpoint_path: Path) -> None:
+        save_state(self, checkpoint_path)
+        ordering = TrainerOrdering.of(self)
+        if ordering is not None:
+            ordering.save(Path(checkpoint_path) / STATE_FILE)
+
+    @functools.wraps(load_state)
+    def load_trainer_state(self: SAETrainer[Any, Any], checkpoint_path: Path | str) -> None:
+        load_state(self, checkpoint_path)
+        ordering = TrainerOrdering.of(self)
+        saved = Path(checkpoint_path) / STATE_FILE
+        # a checkpoint from a run without ordering: the window starts at the resume
+        if ordering is not None and saved.exists():
+            ordering.resume(self, saved)
+
     SAETrainer._train_step = _train_step
+    SAETrainer.save_trainer_state = save_trainer_state
+    SAETrainer.load_trainer_state = load_trainer_state
     SAETrainer._matryoshka_latent_order = True

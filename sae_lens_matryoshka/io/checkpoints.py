@@ -49,6 +49,13 @@ it was hashed (git's "racily clean" rule: a write within the file system's
 timestamp granularity could otherwise go unseen). ``latest_complete`` checks
 sizes of every candidate and digests only of the one it returns, falling back
 to the next when those do not match.
+
+Resuming also corrects SAELens's step count. Its trainer saves a periodic
+checkpoint before it counts the step the checkpoint ends, so a resumed run
+would repeat that step's number and run one behind the uninterrupted run in
+everything keyed to the step number: its sparsity windows, its logging steps
+and the latent orderings (``latent_order``). The samples trained say how many
+steps have run (``steps_completed``).
 """
 
 from __future__ import annotations
@@ -438,6 +445,19 @@ def _publish(written: Path, target: Path) -> None:
         shutil.rmtree(replaced)
 
 
+def steps_completed(trainer: SAETrainer[Any, Any]) -> int:
+    """The steps a resumed trainer has completed: its samples over its batch size.
+
+    SAELens's saved ``n_training_steps`` is one short for a checkpoint taken
+    during training (see the module's docstring). Every step trains one full
+    batch, so the samples count the steps; when they are not a whole number
+    of batches (the batch size changed between the runs), the saved count is
+    kept.
+    """
+    steps, rest = divmod(trainer.n_training_samples, trainer.cfg.train_batch_size_samples)
+    return trainer.n_training_steps if rest else steps
+
+
 def install() -> None:
     """Make SAELens's trainer write and read Matryoshka checkpoints as described above.
 
@@ -483,9 +503,12 @@ def install() -> None:
 
     @functools.wraps(load)
     def load_trainer_state(self: SAETrainer[Any, Any], checkpoint_path: Path | str) -> None:
-        if trains_matryoshka(self):
-            check_complete(checkpoint_path)
+        if not trains_matryoshka(self):
+            load(self, checkpoint_path)
+            return
+        check_complete(checkpoint_path)
         load(self, checkpoint_path)
+        self.n_training_steps = steps_completed(self)
 
     SAETrainer.save_checkpoint = save_checkpoint
     SAETrainer.load_trainer_state = load_trainer_state
