@@ -376,7 +376,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:  # the options' combination, checked before any training
         toy_demo.demo_settings(
-            ToyHierarchy.nabeshima(), parsed.width, activation, parsed.l1, parsed.l0
+            ToyHierarchy.nabeshima(),
+            parsed.width,
+            activation,
+            parsed.l1,
+            parsed.l0,
+            parsed.steps,
         )
     except ValueError as error:
         parser.error(f"toy: {error}")

@@ -25,7 +25,8 @@ the form a researcher ships. It writes to an output folder:
 
 ``activation="relu"`` (the default) trains both SAEs with ReLU and an L1
 penalty (Nabeshima's sparsity; the plain SAE is SAELens's ``standard``), the
-set-up in which the first level reliably learns the parents; ``"batchtopk"``
+coefficient ramped up over the first fifth of training (``L1_WARM_UP``): the
+set-up in which the first level learns the parents on 42 of 43 seeds; ``"batchtopk"``
 trains the paper's BatchTopK against SAELens's ``batchtopk``, whose first
 level depends on the seed at this size (see the README's toy section).
 """
@@ -68,6 +69,14 @@ DEFAULT_L1 = 0.1
 #: level's latents settle on features in the first few dozen steps, and a gentle
 #: start lets the first level's loss, not the initial directions, decide which
 LR_WARM_UP = 0.2
+#: the fraction of the steps over which the L1 coefficient ramps up from 0
+#: (ReLU SAEs). A first-level latent settles in the first hundred steps, and the
+#: penalty locks it onto the samples it already fires on: with the full penalty
+#: from the first step, one of the three sometimes takes an independent feature
+#: and its parent goes to the second level (seeds 5, 18, 23, 36 and 42 of 3-42).
+#: With the ramp the first level holds the 3 parents on 42 of the 43 seeds 0-42
+#: (not seed 23); it was chosen on seeds 3-32 and checked on 33-42.
+L1_WARM_UP = 0.2
 #: the training batches' stream (``ToyHierarchy.batches``): both SAEs of a seed see it
 TRAIN_STREAM = 1
 #: the metrics summarised over seeds, in the printed table's order
@@ -88,6 +97,7 @@ class SparsityFields(TypedDict, total=False):
     """The sparsity fields of the Matryoshka SAE's config: ``l1_coefficient`` or ``k``."""
 
     l1_coefficient: float
+    l1_warm_up_steps: int
     k: float
 
 
@@ -96,15 +106,22 @@ class L1Sparsity:
     """ReLU SAEs with an L1 penalty (Nabeshima's set-up), against SAELens's ``standard``."""
 
     l1_coefficient: float
+    #: the steps over which both SAEs' L1 coefficient ramps up from 0 (``L1_WARM_UP``)
+    l1_warm_up_steps: int
     activation: ClassVar[Activation] = "relu"
     plain_name: ClassVar[str] = "SAELens standard (ReLU + L1)"
 
     def fields(self) -> SparsityFields:
-        return {"l1_coefficient": self.l1_coefficient}
+        return {"l1_coefficient": self.l1_coefficient, "l1_warm_up_steps": self.l1_warm_up_steps}
 
     def plain(self, d_in: int, width: int) -> TrainingSAE[Any]:
         return StandardTrainingSAE(
-            StandardTrainingSAEConfig(d_in=d_in, d_sae=width, l1_coefficient=self.l1_coefficient)
+            StandardTrainingSAEConfig(
+                d_in=d_in,
+                d_sae=width,
+                l1_coefficient=self.l1_coefficient,
+                l1_warm_up_steps=self.l1_warm_up_steps,
+            )
         )
 
 
@@ -133,12 +150,14 @@ def demo_settings(
     activation: Activation,
     l1: float | None,
     l0: float | None,
+    steps: int = DEFAULT_STEPS,
 ) -> tuple[list[int], Sparsity]:
     """The Matryoshka SAE's levels and both SAEs' sparsity, or a ValueError naming the mistake.
 
     The levels are the parents' worth of latents, then all ``width`` (default:
     twice the true features). ReLU SAEs take ``l1_coefficient`` (default 0.1),
-    BatchTopK SAEs ``k`` (default: the toy's L0).
+    ramped up over the first ``L1_WARM_UP`` of the ``steps``; BatchTopK SAEs
+    ``k`` (default: the toy's L0).
     """
     width = width or 2 * toy.n_features
     if width <= toy.n_parents:
@@ -152,7 +171,7 @@ def demo_settings(
             f"activation {activation!r} with l1={l1}, l0={l0}."
         )
     if activation == "relu":
-        return [toy.n_parents, width], L1Sparsity(l1 or DEFAULT_L1)
+        return [toy.n_parents, width], L1Sparsity(l1 or DEFAULT_L1, int(steps * L1_WARM_UP))
     return [toy.n_parents, width], BatchTopKSparsity(l0 or toy.expected_l0)
 
 
@@ -189,7 +208,7 @@ def run_toy_demo(
     if seeds < 1 or steps < 1:
         raise ValueError(f"seeds and steps must be positive, got seeds={seeds}, steps={steps}.")
     reference = ToyHierarchy.nabeshima(seed)
-    levels, sparsity = demo_settings(reference, width, activation, l1, l0)
+    levels, sparsity = demo_settings(reference, width, activation, l1, l0, steps)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
