@@ -63,6 +63,7 @@ from sae_lens_matryoshka.io.save_paths import check_runner_paths
 from sae_lens_matryoshka.run_checks import check_settings
 from sae_lens_matryoshka.toy import ToyHierarchy
 from sae_lens_matryoshka.toy import demo as toy_demo
+from sae_lens_matryoshka_cli import command_parser
 
 TRAIN_PROG = "sae-lens-matryoshka train"
 LOCAL_FOLDERS_HINT = (
@@ -298,22 +299,9 @@ def _positive(kind: Callable[[str], Number]) -> Callable[[str], Number]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sae-lens-matryoshka",
-        description="Matryoshka sparse autoencoders for SAELens.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser(
-        "train",
-        add_help=False,  # `train --help` shows SAELens's full list of runner flags
-        help="train a Matryoshka SAE with SAELens's runner (all runner flags accepted; "
-        "`train --help` lists them); data-parallel when launched with torchrun",
-    )
-    toy = commands.add_parser(
-        "toy",
-        help="the paper's toy experiment, offline: a Matryoshka SAE against SAELens's plain SAE "
-        "on Nabeshima's feature hierarchy, over several seeds; writes metrics and figures",
-    )
+    """The script's parser (``sae_lens_matryoshka_cli``) with ``toy``'s options added."""
+    parser, commands = command_parser()
+    toy = commands["toy"]
     toy.add_argument(
         "--output-dir",
         default="matryoshka_toy",

@@ -200,6 +200,50 @@ def test_entry_points_run(command: list[str]) -> None:
     assert "--lr float            The learning rate." in train.stdout  # docstrings, not comments
 
 
+#: the script's front door answering: what it printed, its exit status, the modules it loaded
+FRONT_DOOR = """
+import sys
+import sae_lens_matryoshka_cli
+try:
+    sae_lens_matryoshka_cli.main(sys.argv[1:])
+except SystemExit as exit:
+    print("exit", exit.code)
+print("loaded", sorted({name.split(".")[0] for name in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "expected", "code"),
+    [
+        (["--help"], "train     train a Matryoshka SAE", 0),
+        ([], "error: the following arguments are required: COMMAND", 2),
+        (["trian"], "invalid choice: 'trian' (choose from 'train', 'toy')", 2),
+    ],
+)
+def test_the_scripts_help_and_usage_errors_load_no_saelens(
+    args: list[str], expected: str, code: int
+) -> None:
+    """Importing the package imports SAELens and torch (7-11 s here): ``--help`` must not."""
+    done = subprocess.run(
+        [sys.executable, "-c", FRONT_DOOR, *args], capture_output=True, text=True, check=True
+    )
+    assert expected in done.stdout + done.stderr
+    assert f"exit {code}" in done.stdout
+    loaded = done.stdout.rsplit("loaded", 1)[1]
+    for heavy in ("sae_lens", "sae_lens_matryoshka", "torch", "transformer_lens"):
+        assert f"'{heavy}'" not in loaded, heavy
+
+
+def test_the_scripts_commands_go_on_to_the_package(capsys: pytest.CaptureFixture[str]) -> None:
+    """A command passes the front door with its own options (``toy``'s are checked there)."""
+    import sae_lens_matryoshka_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        sae_lens_matryoshka_cli.main(["toy", "--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --steps: must be positive, got 0" in capsys.readouterr().err
+
+
 def _offline_flags(model: Path, tokens: Path, output: Path) -> list[str]:
     """A run from local folders: a ``save_pretrained`` model and a ``save_to_disk`` dataset."""
     return [
