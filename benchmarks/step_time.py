@@ -12,7 +12,8 @@ alike, on the same batch; the median over repeats is reported, with ratios.
 Contenders: our Matryoshka SAE with the paper's five levels (BatchTopK, sparse
 path, the default; and the dense path), our one-level BatchTopK and TopK,
 SAELens's ``batchtopk``, ``topk`` and ``matryoshka_batchtopk`` (same five
-levels), and sparsify's TopK ``SparseCoder``.
+levels), and sparsify's TopK ``SparseCoder`` (without the ``bench`` extra,
+its row says sparsify is not installed and how to install it).
 
 Every contender's step gets the same dead-latent mask, ``--dead-fraction`` of
 the dictionary dead (the same latents for all; SAELens's ``dead_neuron_mask``,
@@ -100,7 +101,11 @@ PRESETS = {
 }
 #: the contender every ratio is taken of
 OURS = "ours_matryoshka_5_levels"
-HAS_SPARSIFY = importlib.util.find_spec("sparsify") is not None
+#: the one contender that needs the optional ``bench`` extra (EleutherAI's sparsify)
+SPARSIFY = "sparsify_topk"
+#: what the report says in place of its row when sparsify is missing
+SPARSIFY_MISSING = 'not installed (pip install -e ".[bench]")'
+#: every contender this script knows, whether or not sparsify is installed
 CONTENDERS = (
     OURS,
     "ours_matryoshka_5_levels_dense",
@@ -109,8 +114,47 @@ CONTENDERS = (
     "saelens_batchtopk",
     "saelens_topk",
     "saelens_matryoshka_batchtopk",
-    *(("sparsify_topk",) if HAS_SPARSIFY else ()),
+    SPARSIFY,
 )
+
+
+def has_sparsify() -> bool:
+    """Whether sparsify is installed: looked up, not imported (its import takes seconds)."""
+    return importlib.util.find_spec("sparsify") is not None
+
+
+def usable_device(device: str) -> str:
+    """``device`` if this torch can run on it; else argparse's one-line error saying why and what to do.
+
+    Without this, ``--device cuda`` on a CPU-only torch gets as far as naming
+    the machine and ends in a long traceback from inside ``torch.cuda``.
+    """
+    try:
+        kind = torch.device(device)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"{device!r} is not a torch device: {error}") from None
+    if kind.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise argparse.ArgumentTypeError(
+                f"{device}: torch {torch.__version__} here was built without CUDA; install a "
+                "CUDA build of torch (https://pytorch.org/get-started/locally/) or use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise argparse.ArgumentTypeError(
+                f"{device}: torch sees no CUDA device (torch.cuda.is_available() is False); "
+                "check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu"
+            )
+        if kind.index is not None and kind.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{device}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{device}: MPS is not available here (it needs macOS on Apple silicon and a torch "
+            "built with MPS); use --device cpu"
+        )
+    return device
 
 
 def paper_widths(d_sae: int) -> list[int]:
@@ -390,11 +434,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--contenders",
         nargs="+",
         choices=CONTENDERS,
-        default=list(CONTENDERS),
         metavar="NAME",
-        help=f"which to run (default all: {', '.join(CONTENDERS)})",
+        help=f"which to run (default all: {', '.join(CONTENDERS)}; "
+        f"{SPARSIFY} needs the bench extra)",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", type=usable_device, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--e2e-tokens", type=int, default=2048 * 40)
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -414,6 +460,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--dead-fraction must lie in [0, 1], got {args.dead_fraction}")
     if args.warmup < 0 or args.repeats < 1:
         parser.error("--warmup must be >= 0 and --repeats >= 1")
+    # a missing sparsify drops its row from the default run, and the report says so
+    args.not_installed = [] if has_sparsify() else [SPARSIFY]
+    if args.contenders is None:
+        args.contenders = [name for name in CONTENDERS if name not in args.not_installed]
+    elif SPARSIFY in args.contenders and args.not_installed:
+        parser.error(
+            f"argument --contenders: {SPARSIFY} needs sparsify, which is {SPARSIFY_MISSING}"
+        )
     return args
 
 
@@ -442,6 +496,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dead_fraction": args.dead_fraction,
         "warmup_steps": args.warmup,
         "repeats": args.repeats,
+        "not_installed": args.not_installed,
         "size": {
             "d_in": args.d_in,
             "d_sae": args.d_sae,
@@ -484,6 +539,8 @@ def report(result: dict[str, Any]) -> None:
         peak = f"{memory[name]:14.0f}" if name in memory else f"{'':14}"
         ratio = f"{ratios[name]:11.2f}x" if name in ratios else f"{'':12}"
         print(f"  {name:<32} {time_ms} {peak} {ratio}")
+    for name in result["not_installed"]:
+        print(f"  {name:<32} {SPARSIFY_MISSING}")
     if "end_to_end_tokens_per_second" in result:
         e2e = result["end_to_end_tokens_per_second"]
         print("  end to end (runner, tiny model, d_sae=8192):")

@@ -50,7 +50,8 @@ def test_every_contender_steps_with_dead_latents_at_every_precision(
         0.5,
         2,
     )
-    assert result["median_step_seconds"].keys() == set(step_time.CONTENDERS)
+    assert result["median_step_seconds"].keys() == set(args.contenders)
+    assert set(args.contenders) | set(args.not_installed) == set(step_time.CONTENDERS)
     step_time.report(result)
     assert f"{precision}, 50% of latents dead, 2 warm-up steps" in capsys.readouterr().out
 
@@ -66,7 +67,7 @@ def test_every_contender_gets_the_same_dead_latents(step_time: ModuleType) -> No
             torch.manual_seed(0)
             loss = step_time.make_loss(step_time.build(name, args), x, args)
             losses[name, fraction] = float(loss().detach())
-    for name in step_time.CONTENDERS:
+    for name in args.contenders:
         assert losses[name, "0.5"] > losses[name, "0"], name
 
 
@@ -82,6 +83,82 @@ def test_contenders_can_be_chosen(
     assert "ours_topk_1_level" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         step_time.parse_args(["--contenders", "nobody"])
+
+
+def test_a_missing_sparsify_is_reported_where_its_row_would_be(
+    step_time: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the ``bench`` extra the table says sparsify is missing instead of dropping its row."""
+    monkeypatch.setitem(sys.modules, "sparsify", None)  # what an import finds when it is missing
+    options = ["--repeats", "1", "--warmup", "0", "--skip-memory", "--skip-end-to-end"]
+    args = step_time.parse_args([*TINY, *options])
+    assert args.not_installed == [step_time.SPARSIFY]
+    assert args.contenders == [n for n in step_time.CONTENDERS if n != step_time.SPARSIFY]
+    result = step_time.run(args)
+    assert result["not_installed"] == [step_time.SPARSIFY]  # in --json's object too
+    step_time.report(result)
+    rows = capsys.readouterr().out.splitlines()
+    for name in args.contenders:
+        assert any(row.split()[0] == name for row in rows), name
+    assert rows[-1].split(maxsplit=1) == [
+        "sparsify_topk",
+        'not installed (pip install -e ".[bench]")',
+    ]
+    # asked for by name, it is refused before any work, with the same remedy
+    with pytest.raises(SystemExit) as exit_info:
+        step_time.parse_args(["--contenders", step_time.SPARSIFY])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.endswith(
+        ": error: argument --contenders: sparsify_topk needs sparsify, which is "
+        'not installed (pip install -e ".[bench]")'
+    )
+
+
+def test_an_installed_sparsify_is_a_contender_by_default(step_time: ModuleType) -> None:
+    if importlib.util.find_spec("sparsify") is None:
+        pytest.skip("sparsify (the bench extra) is not installed")
+    args = step_time.parse_args(TINY)
+    assert (args.contenders, args.not_installed) == (list(step_time.CONTENDERS), [])
+
+
+@pytest.mark.parametrize(
+    ("device", "available", "message"),
+    [
+        ("cuda", {}, "cuda: torch 9.9.9+cpu here was built without CUDA; install a CUDA build"),
+        ("cuda", {"cuda_built": True}, "cuda: torch sees no CUDA device"),
+        ("cuda:1", {"cuda_built": True, "gpus": 1}, "cuda:1: torch sees 1 CUDA device(s)"),
+        ("mps", {}, "mps: MPS is not available here"),
+        ("gpu", {}, "'gpu' is not a torch device: Expected one of cpu, cuda"),
+    ],
+)
+def test_a_device_torch_cannot_use_is_a_usage_error_before_any_work(
+    step_time: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    device: str,
+    available: dict[str, object],
+    message: str,
+) -> None:
+    """Not the traceback from inside ``torch.cuda`` that ``--device cuda`` gave on a CPU-only torch.
+
+    What this torch offers is set here, so the test reads the same on a GPU machine.
+    """
+    monkeypatch.setattr(torch, "__version__", "9.9.9+cpu")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: available.get("cuda_built", False))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: available.get("gpus", 0))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(step_time, "run", lambda args: pytest.fail("it went on to run"))
+    monkeypatch.setattr(sys, "argv", ["step_time.py", *TINY, "--device", device])
+    with pytest.raises(SystemExit) as exit_info:
+        step_time.main()
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("usage: step_time.py")
+    assert "Traceback" not in captured.err
+    *_, error = captured.err.splitlines()
+    assert error.startswith(f"step_time.py: error: argument --device: {message}"), error
 
 
 @pytest.mark.slow

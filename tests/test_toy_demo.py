@@ -11,14 +11,25 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from sae_lens import SAE
+from sae_lens import SAE, StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.training import sae_trainer
 from tqdm.auto import tqdm
 
 from sae_lens_matryoshka.cli import main
 from sae_lens_matryoshka.evals import hierarchy_absorption
 from sae_lens_matryoshka.toy import ToyHierarchy
-from sae_lens_matryoshka.toy.demo import EVAL_SAMPLES, SUMMARY_METRICS, order_latents, run_toy_demo
+from sae_lens_matryoshka.toy.demo import (
+    EVAL_SAMPLES,
+    LATENT_LABEL_FONTSIZE,
+    PARENT_CORRECTION_NOTE,
+    SUMMARY_METRICS,
+    _pyplot,
+    decoder_cosines_figure,
+    format_table,
+    order_latents,
+    run_toy_demo,
+    summarise,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -129,6 +140,89 @@ def test_demo_scores_the_saes_as_saved(short_demo: ShortDemo) -> None:
     assert type(SAE.load_from_disk(output / "saes" / "seed_5" / "matryoshka")).__name__ == (
         "MatryoshkaSAE"
     )
+
+
+def _metric_rows(table: str) -> dict[str, list[str]]:
+    """The summary table's metric rows, by metric, each split into its cells; checks their alignment."""
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("metric "))
+    rows = {line[:24].rstrip(): line for line in lines if line[:24].rstrip() in SUMMARY_METRICS}
+    assert rows.keys() == set(SUMMARY_METRICS)
+    assert {len(row) for row in rows.values()} == {len(header)}  # columns aligned
+    return {metric: row.split()[1:] for metric, row in rows.items()}
+
+
+def test_the_table_shows_mean_and_spread_over_seeds(short_demo: ShortDemo) -> None:
+    metrics = short_demo.metrics
+    table = format_table(metrics)
+    assert "seeds 5, 6; mean ± std over seeds" in table
+    for metric, cells in _metric_rows(table).items():
+        expected = []
+        for name in ("matryoshka", "plain"):
+            stats = metrics["summary"][name].get(metric)
+            expected += [f"{stats['mean']:.3f}", "±", f"{stats['std']:.3f}"] if stats else ["-"]
+        assert cells == expected, metric
+
+
+def test_the_table_of_one_seed_shows_its_values_without_a_spread(short_demo: ShortDemo) -> None:
+    """A spread over one seed would read ``± 0.000``: a certainty no run measured."""
+    runs = short_demo.metrics["runs"][:1]
+    config = {**short_demo.metrics["config"], "seeds": [runs[0]["seed"]]}
+    table = format_table({"config": config, "summary": summarise(runs), "runs": runs})
+    assert "±" not in table
+    assert "seed 5 (one seed, so no spread)" in table
+    for metric, cells in _metric_rows(table).items():
+        expected = [
+            f"{runs[0][name][metric]:.3f}" if metric in runs[0][name] else "-"
+            for name in ("matryoshka", "plain")
+        ]
+        assert cells == expected, metric
+
+
+def _toy_sae(decoder: torch.Tensor) -> StandardTrainingSAE:
+    """An SAE with the decoder rows given: all the heatmap reads of an SAE."""
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=decoder.shape[1], d_sae=len(decoder)))
+    with torch.no_grad():
+        sae.W_dec.copy_(decoder)
+    return sae
+
+
+@pytest.mark.parametrize("width", [40, 120])
+@pytest.mark.parametrize("corrected", [True, False])
+def test_decoder_heatmap_labels_are_readable_and_later_parent_latents_explained(
+    width: int, corrected: bool
+) -> None:
+    """A level-2 latent matching a parent (its first-level latent's correction) gets a caption.
+
+    The first level holds each parent leaning toward its children's mean, as
+    the demo's SAEs learn it; the second level every other feature, and with
+    ``corrected`` one latent for parent-without-children samples: P1 minus
+    its children's mean. Latent labels keep their size at any width, the
+    figure widening so that neighbouring labels do not overlap.
+    """
+    toy = ToyHierarchy.nabeshima(0)
+    directions = toy.directions
+    leaning = [directions[p] + directions[toy.children[p]].mean(0) for p in toy.parents]
+    others = [directions[f] for f in toy.general_to_specific if f not in toy.parents]
+    correction = directions[toy.parents[0]] - directions[toy.children[toy.parents[0]]].mean(0)
+    second = ([correction] if corrected else []) + others * width
+    decoder = torch.stack(leaning + second[: width - len(leaning)])
+    saes = {"matryoshka": _toy_sae(decoder), "plain": _toy_sae(decoder)}
+    titles = {"matryoshka": "Matryoshka", "plain": "plain"}
+    fig = decoder_cosines_figure(toy, saes, [toy.n_parents, width], titles)
+    try:
+        fig.canvas.draw()
+        axis = fig.axes[0]
+        labels = axis.get_xticklabels()
+        second_level = [label.get_text() for label in labels[toy.n_parents :]]
+        assert ("P1" in second_level) == corrected
+        assert (PARENT_CORRECTION_NOTE in [text.get_text() for text in fig.texts]) == corrected
+        assert LATENT_LABEL_FONTSIZE >= 8
+        assert {label.get_fontsize() for label in labels} == {LATENT_LABEL_FONTSIZE}
+        (left, _), (right, _) = axis.transData.transform([(0, 0), (1, 0)])
+        assert right - left >= LATENT_LABEL_FONTSIZE * fig.dpi / 72  # one label's height
+    finally:
+        _pyplot().close(fig)
 
 
 def _assert_the_papers_result(metrics: dict) -> None:

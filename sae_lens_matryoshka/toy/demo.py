@@ -362,20 +362,28 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
 
 
 def format_table(metrics: Mapping[str, Any]) -> str:
-    """The headline numbers: each metric's mean ± std over seeds, and absorption per seed."""
+    """The headline numbers: each metric's mean ± std over seeds, and absorption per seed.
+
+    With one seed each value stands alone: a spread over one seed would print
+    as ``± 0.000``, a certainty that no run measured.
+    """
     config, summary, runs = metrics["config"], metrics["summary"], metrics["runs"]
     seeds = ", ".join(str(s) for s in config["seeds"])
+    one_seed = len(runs) == 1
+    spread = (
+        f"seed {seeds} (one seed, so no spread)"
+        if one_seed
+        else f"seeds {seeds}; mean ± std over seeds"
+    )
     lines = [
         f"{config['activation']}: Matryoshka (levels {config['matryoshka_widths']}) vs "
-        f"{config['plain']}, {config['width']} latents, {config['steps']} steps, seeds {seeds}; "
-        "mean ± std over seeds, SAEs as loaded from disk",
+        f"{config['plain']}, {config['width']} latents, {config['steps']} steps, {spread}, "
+        "SAEs as loaded from disk",
         f"{'metric':<24}{'matryoshka':>18}{'plain':>18}",
     ]
     for metric in SUMMARY_METRICS:
         cells = [
-            f"{summary[name][metric]['mean']:.3f} ± {summary[name][metric]['std']:.3f}"
-            if metric in summary[name]
-            else "-"
+            _summary_cell(summary[name][metric], one_seed) if metric in summary[name] else "-"
             for name in ("matryoshka", "plain")
         ]
         lines.append(f"{metric:<24}{cells[0]:>18}{cells[1]:>18}")
@@ -386,8 +394,16 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         f"{row['width']}: {statistics.fmean(run['matryoshka']['levels'][i]['explained_variance'] for run in runs):.3f}"
         for i, row in enumerate(runs[0]["matryoshka"]["levels"])
     )
-    lines.append(f"matryoshka explained variance per level (mean): {levels}")
+    mean = "" if one_seed else " (mean)"
+    lines.append(f"matryoshka explained variance per level{mean}: {levels}")
     return "\n".join(lines)
+
+
+def _summary_cell(stats: Mapping[str, float], one_seed: bool) -> str:
+    """One metric of one SAE in the table: its mean ± std, or with one seed the value alone."""
+    if one_seed:
+        return f"{stats['mean']:.3f}"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
 
 
 def order_latents(
@@ -441,6 +457,19 @@ def sae_titles(levels: Sequence[int], sparsity: Sparsity) -> dict[str, str]:
     }
 
 
+#: font size of the heatmaps' latent labels, one per column: 8 points is the least that reads
+LATENT_LABEL_FONTSIZE = 8
+#: inches of figure width per latent column, so that rotated labels at that size do not overlap
+INCHES_PER_LATENT = 0.22
+#: what the Matryoshka SAE's later-level parent latents are, shown where the heatmap has them
+PARENT_CORRECTION_NOTE = (
+    "Matryoshka level-2 latents labelled P correct their parent where it fires without a child: "
+    "level 1 alone must reconstruct parent+child samples, so its parent latent leans toward\n"
+    "its children's mean; these latents add the parent minus that lean (so a lower cosine with "
+    "the parent, and negative ones with its children)"
+)
+
+
 def plot_decoder_cosines(
     toy: ToyHierarchy,
     saes: Mapping[str, SAE[Any]],
@@ -448,16 +477,37 @@ def plot_decoder_cosines(
     titles: Mapping[str, str],
     path: Path,
 ) -> None:
+    """Write ``decoder_cosines_figure`` to ``path``."""
+    plt = _pyplot()
+    fig = decoder_cosines_figure(toy, saes, levels, titles)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def decoder_cosines_figure(
+    toy: ToyHierarchy,
+    saes: Mapping[str, SAE[Any]],
+    levels: list[int],
+    titles: Mapping[str, str],
+) -> Any:
     """Each SAE's decoder-vs-feature cosines, features general to specific, latents by ``order_latents``.
 
     Rows are the true features (parents, their children, the independent
     features), columns the latents, each labelled with the feature it matches
     best; the Matryoshka SAE's level boundaries are drawn where they are.
+    Past the first level, a latent labelled with a parent is no second parent
+    latent but a correction of the first-level one, which a caption explains
+    when the figure shows any.
+
+    Returns:
+        The matplotlib figure (the caller saves and closes it).
     """
     plt = _pyplot()
     features = toy.general_to_specific
     labels = toy.labels
-    fig, axes = plt.subplots(1, len(saes), figsize=(8.5 * len(saes), 6.2), squeeze=False)
+    panel_width = max(8.5, INCHES_PER_LATENT * levels[-1])
+    fig, axes = plt.subplots(1, len(saes), figsize=(panel_width * len(saes), 6.2), squeeze=False)
+    corrections = False
     for axis, (name, sae) in zip(axes[0], saes.items(), strict=True):
         widths = levels if name == "matryoshka" else [levels[-1]]
         cosines = toy.decoder_cosines(sae)
@@ -466,7 +516,14 @@ def plot_decoder_cosines(
         image = axis.imshow(shown.numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
         axis.set_yticks(range(len(features)), [labels[f] for f in features], fontsize=8)
         matched = cosines[order].argmax(dim=1).tolist()
-        axis.set_xticks(range(len(order)), [labels[f] for f in matched], fontsize=6, rotation=90)
+        axis.set_xticks(
+            range(len(order)),
+            [labels[f] for f in matched],
+            fontsize=LATENT_LABEL_FONTSIZE,
+            rotation=90,
+        )
+        if name == "matryoshka":
+            corrections |= any(f in toy.parents for f in matched[widths[0] :])
         for ticks in (axis.get_yticklabels(), axis.get_xticklabels()):
             for tick in ticks:
                 tick.set_color(KIND_COLOURS[tick.get_text()[0]])
@@ -485,8 +542,9 @@ def plot_decoder_cosines(
         axis.set_ylabel("true feature: P parent, C child (C1a: child of P1), I independent")
         axis.set_title(f"{titles[name]}: decoder cosine with each true feature", fontsize=10)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="cosine")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    if corrections:
+        fig.text(0.45, 0.0, PARENT_CORRECTION_NOTE, fontsize=9, ha="center", va="top")
+    return fig
 
 
 def plot_parent_firing(
