@@ -642,6 +642,17 @@ def _after_offline(ns: dict[str, Any], world: World) -> None:
     assert isinstance(saved, MatryoshkaSAE) and saved.matryoshka_widths == [32, 96, 224, 512]
 
 
+def _after_quickstart(ns: dict[str, Any], world: World) -> None:
+    """The CPU variant ran: the levels it states, and the record the README says it leaves."""
+    assert isinstance(ns["sae"], MatryoshkaTrainingSAE) and ns["on_gpu"] is False
+    folder = Path(ns["cfg"].output_path)
+    saved = SAE.load_from_disk(folder)
+    d_sae = ns["d_sae"]
+    assert isinstance(saved, MatryoshkaSAE)
+    assert saved.matryoshka_widths == [d_sae // 32, d_sae // 8, d_sae // 2, d_sae]
+    assert {"training_log.jsonl", "loss_curve.png"} <= {path.name for path in folder.iterdir()}
+
+
 def _after_local_folders(ns: dict[str, Any], world: World) -> None:
     assert isinstance(ns["sae"], MatryoshkaTrainingSAE)
     saved = SAE.load_from_disk(ns["cfg"].output_path)
@@ -688,7 +699,8 @@ CHECKS: dict[str, Callable[[dict[str, Any], World], None]] = {
     '    model_name="tiny-stories-1L-21M",': _after_config,
     "LanguageModelSAETrainingRunner(cfg).run()": _after_training,
     "LanguageModelSAERunnerConfig.from_dict(": _after_from_dict,
-    "override_model=model, override_dataset=dataset": _after_offline,
+    "n_batches_in_buffer=64,": _after_offline,
+    "on_gpu = torch.cuda.is_available()": _after_quickstart,
     "**local_overrides(cfg)": _after_local_folders,
     "sae.decode_levels(sae.encode(x))": _after_levels,
     "upload_to_huggingface(": _after_sharing,
