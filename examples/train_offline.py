@@ -63,7 +63,8 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = tiny_model(args.seed)
-    dataset = random_tokens(args.seed)
+    # one pass: as many sequences as the run trains on (a shorter dataset is warned of)
+    dataset = random_tokens(args.seed, n_sequences=-(-args.training_tokens // 64))
     cfg = LanguageModelSAERunnerConfig(
         sae=MatryoshkaTrainingSAEConfig(
             d_in=64,

@@ -39,6 +39,11 @@ Besides its two registry entries, the plugin wraps these SAELens routines
   ``_train_step`` and ``build_train_step_log_dict`` (``run_record``): every
   run leaves ``training_log.jsonl`` and ``loss_curve.png`` beside its output
   without wandb, and prints each level's explained variance, L0 and dead latents.
+- ``LanguageModelSAETrainingRunner.__init__`` and ``run`` once more (``quiet``,
+  the outermost): SAELens's, torch's and TransformerLens's known noise is
+  dropped inside a Matryoshka run, each message matched by its source and
+  text, and SAELens's warning that counts dataset rows against training tokens
+  is replaced by one in tokens.
 - SAEDashboard's ``FeatureMaskingContext.__enter__`` (``dashboard``), when
   ``sae_dashboard`` is installed: its architecture check accepts Matryoshka SAEs.
 """
@@ -54,6 +59,7 @@ from sae_lens_matryoshka import (
     kept_outputs,
     latent_order,
     progress,
+    quiet,
     run_checks,
     run_record,
     seeding,
@@ -99,8 +105,9 @@ def register() -> None:
     progress bar count every step (see ``progress``), and its step outputs keep
     no pre-activations into the next step (see ``kept_outputs``), and it orders
     latents by firing frequency when asked (see ``latent_order``), and each run is
-    seeded from its config (see ``seeding``) and recorded locally (see ``run_record``). With
-    SAEDashboard installed, SAEDashboard renders Matryoshka SAEs (see ``dashboard``).
+    seeded from its config (see ``seeding``), recorded locally (see ``run_record``) and
+    free of SAELens's known noise (see ``quiet``). With SAEDashboard installed,
+    SAEDashboard renders Matryoshka SAEs (see ``dashboard``).
     """
     checkpoints.install()
     hub_misses.install()  # first: beneath loaders' wrapper of the same Hub loader
@@ -112,6 +119,7 @@ def register() -> None:
     latent_order.install()
     seeding.install()
     run_record.install()
+    quiet.install()  # last: outermost, its filters cover the wrappers above
     if dashboard.dashboard_installed():
         dashboard.install()
     _register(SAE_TRAINING_CLASS_REGISTRY, (MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig))

@@ -355,6 +355,12 @@ def _carry_over(record: RunRecord, checkpoint: str | Path) -> None:
             record.write(entry)
 
 
+#: ``stacklevel`` of a warning given in :func:`_run_recorded`, so that it names the line
+#: that called ``run()``: this function, this module's wrapper of ``run`` and ``quiet``'s
+#: (the outermost) stand between
+RUN_CALLER = 4
+
+
 def _run_recorded(runner: LanguageModelSAETrainingRunner[Any], run: Any) -> Any:
     """``run(runner)`` (SAELens's ``run``), recorded, summarised and reported on this rank."""
     cfg = runner.cfg
@@ -381,7 +387,7 @@ def _run_recorded(runner: LanguageModelSAETrainingRunner[Any], run: Any) -> Any:
             warnings.warn(
                 "the run ended with an error before its record could join the SAE in "
                 f"output_path; its training record up to there is in {temporary / RECORD_FILENAME}.",
-                stacklevel=3,
+                stacklevel=RUN_CALLER,
             )
         raise
     finally:
@@ -397,7 +403,7 @@ def _run_recorded(runner: LanguageModelSAETrainingRunner[Any], run: Any) -> Any:
         warnings.warn(
             f"the end-of-run level summary failed ({type(error).__name__}: {error}); the SAE is "
             "trained and saved as usual.",
-            stacklevel=3,
+            stacklevel=RUN_CALLER,
         )
     kept = None
     if record is not None:
@@ -406,7 +412,7 @@ def _run_recorded(runner: LanguageModelSAETrainingRunner[Any], run: Any) -> Any:
         print(report(runner, rows, kept), flush=True)
     warning = mostly_dead(rows) if rows is not None else None
     if warning is not None:  # last: a warning filter may make it an error
-        warnings.warn(warning, DeadLatentsWarning, stacklevel=3)
+        warnings.warn(warning, DeadLatentsWarning, stacklevel=RUN_CALLER)
     return sae
 
 
@@ -426,7 +432,7 @@ def _finish_record(
         warnings.warn(
             f"the loss curve could not be drawn ({type(error).__name__}: {error}); the record "
             f"is in {path}.",
-            stacklevel=4,
+            stacklevel=RUN_CALLER + 1,
         )
     if output_path is None:
         return path
@@ -438,7 +444,7 @@ def _finish_record(
         warnings.warn(
             f"the training record could not be copied beside the SAE into {output_path!r} "
             f"({error}); it is in {path}.",
-            stacklevel=4,
+            stacklevel=RUN_CALLER + 1,
         )
         return path
     if temporary is not None:

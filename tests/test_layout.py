@@ -57,6 +57,7 @@ ORDER = [
     "latent_order",
     "seeding",
     "run_record",
+    "quiet",
     "dashboard",
     "distributed.mesh",
     "distributed.sharding",

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,11 @@ def load_model_folder(
     )
     cfg.tokenizer_name = str(folder) if tokenizer is not None else None
     state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model)
-    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    with warnings.catch_warnings():
+        # TransformerLens advises moving to its TransformerBridge; SAELens's runner trains on
+        # HookedTransformer hooks, so nobody running it can follow the advice (see ``quiet``)
+        warnings.filterwarnings("ignore", r"HookedTransformer is deprecated", DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **processing)
     model.move_model_modules_to_device()
     return model
