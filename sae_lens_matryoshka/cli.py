@@ -15,6 +15,10 @@ accepts every ``LanguageModelSAERunnerConfig`` flag and, through
 Beyond SAELens's own command line it
 
 - requires ``--d_in`` and ``--d_sae`` (SAELens would quietly use 512 and 1024);
+- lists every flag in ``train --help``, ``--latent_shards`` included, each
+  with a short help (the first sentence of its config's docstring entry, or
+  ``FLAG_HELP``) and its default, under one heading per config (not the
+  config classes' docstrings and signatures simple_parsing would print);
 - checks wandb's credentials before loading anything when ``--log_to_wandb``
   is on (SAELens's default), rather than failing after the model has loaded;
 - trains from local folders (``--model_name`` a ``save_pretrained`` folder,
@@ -39,7 +43,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +55,8 @@ import simple_parsing
 from sae_lens import LanguageModelSAERunnerConfig
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAEConfig
+from simple_parsing.docstring import AttributeDocString, dp_parse
+from simple_parsing.wrappers import DataclassWrapper, FieldWrapper
 
 import sae_lens_matryoshka  # noqa: F401  (registers the architecture)
 from sae_lens_matryoshka import distributed
@@ -87,12 +95,107 @@ def usage_error(message: str) -> NoReturn:
     parser.error(" ".join(line.strip() for line in message.splitlines() if line.strip()))
 
 
-class _RunnerFlagParser(simple_parsing.ArgumentParser):
-    """simple_parsing's parser, with each flag's help from its class docstring only.
+#: help for the flags that no config's docstring documents (SAELens's SAE config and
+#: logging fields), and for those this command line reads differently (local folders), by
+#: the flag as ``train --help`` shows it; the other flags' help is their config's docstring
+FLAG_HELP = {
+    "--d_in": "width of the hooked activations (d_model for a residual stream hook); "
+    "required by this command",
+    "--d_sae": "latents in the SAE, its full width; required by this command",
+    "--model_name": "a model TransformerLens knows (e.g. gpt2), or a folder written by "
+    "model.save_pretrained and tokenizer.save_pretrained",
+    "--dataset_path": "a Hub dataset id (owner/name), or a folder written by "
+    "Dataset.save_to_disk or holding parquet / JSON / arrow files",
+    "--sae.dtype": "dtype of the SAE's weights",
+    "--sae.device": "where the SAE is built, before the runner moves it to --device",
+    "--apply_b_dec_to_input": "subtract the decoder bias from the input before encoding",
+    "--normalize_activations": "how activations are normalized before the SAE sees them",
+    "--reshape_activations": "hook_z: flatten an attention hook's heads into one vector",
+    "--metadata": "filled in by the runner from the model, hook and dataset flags",
+    "--log_to_wandb": "log the run to Weights & Biases (its credentials are checked first)",
+    "--log_activations_store_to_wandb": "not used by SAELens's runner",
+    "--log_optimizer_state_to_wandb": "not used by SAELens's runner",
+    "--log_weights_to_wandb": "upload the SAE's weights with its config to wandb",
+    "--wandb_project": "the wandb project",
+    "--wandb_id": "the wandb run's id, also the checkpoint folder's name (None: a random one)",
+    "--run_name": "the wandb run's name (None: architecture, d_sae, lr and training tokens)",
+    "--wandb_entity": "the wandb user or team (None: wandb's default)",
+    "--wandb_log_frequency": "log the training metrics to wandb every this many steps",
+    "--eval_every_n_wandb_logs": "run the evals every this many wandb logs",
+}
+#: the heading of each config's flags in ``train --help``, by the field that holds the config
+#: (``cfg``: the runner config itself). simple_parsing's own heading is the class name and
+#: its docstring, which for a dataclass without one is its signature: over 2,000 characters
+#: on one line for the runner config, nearly 400 for ``LoggingConfig``
+GROUP_HEADINGS = {
+    "cfg": "runner flags (SAELens's LanguageModelSAERunnerConfig)",
+    "logger": "wandb flags (SAELens's LoggingConfig)",
+    "sae": "SAE flags ({config}, chosen by --architecture)",
+}
 
-    SAELens documents runner fields in the class docstring and keeps other
-    notes in comments beside the fields, which simple_parsing would otherwise
-    show as help (``--lr float  # Learning Rate Schedule``).
+
+def _first_sentence(text: str) -> str:
+    """``text`` up to its first full stop, on one line.
+
+    ``train --help`` lists about 110 flags, and the configs' docstrings say
+    up to sixteen lines about one; whole, they made the help 440 lines long
+    at 80 columns.
+    A full stop inside a sentence (``e.g.``, ``0.5``, ``v7.0.0``) is not
+    followed by a space and a capital, quote, backquote or parenthesis, or is
+    ``e.g.``.
+    """
+    text = " ".join(text.split())
+    end = re.search(r"(?<!e\.g)(?<!i\.e)\.\s(?=[A-Z`\"(])", text)
+    return text if end is None else text[: end.start() + 1]
+
+
+def _docstring_entry(config: type, name: str) -> tuple[list[str], str]:
+    """The ``Args:`` entry of ``config``'s docstring, or a base's, that documents field ``name``.
+
+    Returns the fields the entry names and its text. simple_parsing finds an
+    entry only under the field's own name; our configs document some fields
+    in pairs (``l1_coefficient, l1_warm_up_steps: ...``).
+    """
+    for cls in inspect.getmro(config):
+        for param in dp_parse(inspect.getdoc(cls) or "").params:
+            names = [documented.strip() for documented in param.arg_name.split(",")]
+            if name in names:
+                return names, param.description or ""
+    return [name], ""
+
+
+def _flag_help(wrapper: DataclassWrapper[Any], field: FieldWrapper) -> str:
+    """One flag's help: ``FLAG_HELP``'s, else the first sentence of its config's docstring entry.
+
+    Never a comment beside the field: SAELens keeps section headings there,
+    which simple_parsing would otherwise show as help (``--lr float  #
+    Learning Rate Schedule``). An entry that documents several fields is
+    shown under the first, and the others point to it, rather than the same
+    paragraph twice. (``--architecture``'s help, given where
+    ``parse_train_args`` declares the field, takes precedence over this.)
+    """
+    if field.option_strings[0] in FLAG_HELP:
+        return FLAG_HELP[field.option_strings[0]]
+    names, text = _docstring_entry(wrapper.dataclass, field.name)
+    if names[0] != field.name:
+        return f"documented with --{names[0]}"
+    return _first_sentence(text).replace("%", "%%")  # argparse %-formats each help
+
+
+class _HelpFormatter(simple_parsing.SimpleHelpFormatter):
+    """simple_parsing's help format, without ``(default: None)`` after a required flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.required else super()._get_help_string(action)
+
+
+class _RunnerFlagParser(simple_parsing.ArgumentParser):
+    """simple_parsing's parser, with a short help for every flag and a heading for each config.
+
+    The help comes from ``_flag_help``; each config's flags come under a
+    ``GROUP_HEADINGS`` heading, without simple_parsing's description of the
+    group (the config's docstring, or the dataclass's signature where it has
+    none).
     """
 
     def _resolve_subgroups(self, wrappers: Any, args: Any, namespace: Any = None) -> Any:
@@ -100,10 +203,21 @@ class _RunnerFlagParser(simple_parsing.ArgumentParser):
         for root in resolved:
             for wrapper in [root, *root.descendants]:
                 for field in wrapper.fields:
-                    field._docstring = dataclasses.replace(
-                        field._docstring, comment_above="", comment_inline="", docstring_below=""
-                    )
+                    field._docstring = AttributeDocString()  # an undocumented field: no help
+                    field.help = _flag_help(wrapper, field)
         return resolved, chosen
+
+    def _preprocessing(self, args: Sequence[str] = (), namespace: Any = None) -> None:
+        super()._preprocessing(args, namespace)  # adds one argument group per config
+        headings = {
+            wrapper.title: GROUP_HEADINGS.get(wrapper.name, "{config} flags").format(
+                config=wrapper.dataclass.__name__
+            )
+            for wrapper in self._wrappers
+        }
+        for group in self._action_groups:
+            if group.title in headings:
+                group.title, group.description = headings[group.title], None
 
 
 def parse_train_args(args: Sequence[str]) -> LanguageModelSAERunnerConfig[Any]:
@@ -111,7 +225,9 @@ def parse_train_args(args: Sequence[str]) -> LanguageModelSAERunnerConfig[Any]:
 
     Any registered architecture may be chosen; ``--d_in`` and ``--d_sae`` are
     required (every SAE config needs them, and a guess would train the wrong
-    shape). No flags at all shows the help.
+    shape). No flags at all shows the help. ``--latent_shards`` is accepted
+    so that the help lists it with the others, but ``train`` reads it (and
+    takes it out) before this parser sees the flags.
     """
     sae_configs = {name: config for name, (_, config) in SAE_TRAINING_CLASS_REGISTRY.items()}
     command_line = dataclasses.make_dataclass(
@@ -120,7 +236,14 @@ def parse_train_args(args: Sequence[str]) -> LanguageModelSAERunnerConfig[Any]:
             (
                 "sae",
                 TrainingSAEConfig,
-                simple_parsing.subgroups(sae_configs, default=ARCHITECTURE, alias="--architecture"),
+                simple_parsing.subgroups(
+                    sae_configs,
+                    default=ARCHITECTURE,
+                    alias="--architecture",
+                    metavar="NAME",
+                    help="the SAE's architecture, one of: %(choices)s. The SAE flags below are "
+                    "its config's (--architecture NAME --help lists another's)",
+                ),
             )
         ],
         bases=(LanguageModelSAERunnerConfig,),
@@ -128,12 +251,14 @@ def parse_train_args(args: Sequence[str]) -> LanguageModelSAERunnerConfig[Any]:
     parser = _RunnerFlagParser(
         prog=TRAIN_PROG,
         usage=TRAIN_USAGE,
-        description="Train a Matryoshka SAE with SAELens's runner (every runner flag is "
-        "accepted). Under torchrun, --latent_shards N splits the SAE's latents over N ranks "
-        "(default 1); the other ranks are data-parallel replicas, and --training_tokens and "
-        "--train_batch_size_tokens are per replica.",
+        description="Train an SAE with SAELens's runner: a Matryoshka SAE unless --architecture\n"
+        "says otherwise. Under torchrun it trains data-parallel (see --latent_shards).",
+        epilog="Most flags' help is the first sentence of their config class's docstring;\n"
+        "Python's help() on the class (the headings name it) shows the rest.",
+        formatter_class=_HelpFormatter,
         allow_abbrev=False,
     )
+    _add_latent_shards(parser)
     parser.add_arguments(command_line, dest="cfg")
     cfg: LanguageModelSAERunnerConfig[Any] = parser.parse_args(list(args) or ["--help"]).cfg
     return cfg
@@ -178,12 +303,28 @@ def report(run: distributed.TrainingRun) -> None:
         print(f"{TRAIN_PROG}: checkpoints in {Path(cfg.checkpoint_path).resolve()}")
 
 
+def _add_latent_shards(parser: argparse.ArgumentParser) -> None:
+    """Add ``--latent_shards``, ``train``'s one flag that is no config's field, to ``parser``.
+
+    ``train`` reads it before the runner flags (``_latent_shards``);
+    ``parse_train_args``'s parser has it too, so that ``--help`` lists it.
+    """
+    parser.add_argument(
+        "--latent_shards",
+        type=_positive(int),
+        default=1,
+        help="under torchrun, split the SAE's latents over this many ranks; the other ranks "
+        "are data-parallel replicas, and --training_tokens and --train_batch_size_tokens are "
+        "per replica",
+    )
+
+
 def _latent_shards(args: Sequence[str]) -> tuple[list[str], int]:
     """``--latent_shards N`` taken out of the runner flags (default 1)."""
     parser = argparse.ArgumentParser(
         prog=TRAIN_PROG, usage=TRAIN_USAGE, add_help=False, allow_abbrev=False
     )
-    parser.add_argument("--latent_shards", type=_positive(int), default=1)
+    _add_latent_shards(parser)
     parsed, rest = parser.parse_known_args(list(args))
     return rest, parsed.latent_shards
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
-from sae_lens import SAE
+from sae_lens import SAE, LanguageModelSAERunnerConfig
+from sae_lens.config import LoggingConfig
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.cli import main, parse_train_args
+from sae_lens_matryoshka.cli import TRAIN_PROG, TRAIN_USAGE, main, parse_train_args
 from sae_lens_matryoshka.io.hub import hub_unreachable
 
 from .conftest import (
@@ -76,6 +79,120 @@ def test_bad_flags_give_the_config_error() -> None:
         parse_train_args(
             ["--d_in", "16", "--d_sae", "64", "--k", "4", "--matryoshka_widths", "24", "8", "64"]
         )
+
+
+def train_help(capsys: pytest.CaptureFixture[str], *flags: str) -> str:
+    """What ``train [FLAGS] --help`` prints (it exits 0), at the width of the caller's COLUMNS."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        parse_train_args([*flags, "--help"])
+    assert raised.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each spelling of each flag that ``--help`` lists, mapped to its help on one line.
+
+    argparse starts an entry with a line indented two spaces (``  --lr float
+    The learning rate.``; the help moves to the next line when the flag is
+    long) and continues it on lines indented 24.
+    """
+    entries: dict[str, list[str]] = {}
+    spellings: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            invocation, _, help_text = line.strip().partition("  ")
+            spellings = [word.rstrip(",") for word in invocation.split() if word.startswith("-")]
+            for spelling in spellings:
+                entries[spelling] = [help_text.strip()] if help_text.strip() else []
+        elif line.startswith(" " * 24) and spellings:
+            for spelling in spellings:
+                entries[spelling].append(line.strip())
+        else:
+            spellings = []
+    return {spelling: " ".join(parts) for spelling, parts in entries.items()}
+
+
+def expected_train_flags() -> set[str]:
+    """Every flag ``train`` accepts, from the config dataclasses' fields rather than the parser.
+
+    The runner's fields, its logger's, the default (Matryoshka) SAE config's
+    (``--sae.NAME`` where the runner has a field of the same name), the
+    SAE's ``--architecture`` and the command's own ``--latent_shards``.
+    """
+    runner = {field.name for field in dataclasses.fields(LanguageModelSAERunnerConfig)}
+    logger = {field.name for field in dataclasses.fields(LoggingConfig)}
+    sae = {field.name for field in dataclasses.fields(MatryoshkaTrainingSAEConfig)}
+    runner -= {"sae", "logger"}  # the SAE config's and LoggingConfig's flags come instead
+    return (
+        {f"--{name}" for name in runner | logger | (sae - runner)}
+        | {f"--sae.{name}" for name in sae & runner}
+        | {"--architecture", "--latent_shards"}
+    )
+
+
+#: the longest line ``train --help`` may print at COLUMNS=80, the usage line aside: argparse
+#: wraps help text and headings to COLUMNS but not a flag's own spelling, the longest of which
+#: (--normalize_activations with its four choices) is 89 characters; the class descriptions
+#: this help once printed were 367 and 2,237 characters on one line
+HELP_LINE_LIMIT = 100
+
+
+@pytest.mark.parametrize("architecture", sorted(SAE_TRAINING_CLASS_REGISTRY))
+def test_train_help_has_no_dataclass_dump_and_no_long_line(
+    architecture: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each config's flags under a heading, not under its docstring or its signature."""
+    monkeypatch.setenv("COLUMNS", "80")
+    text = train_help(capsys, "--architecture", architecture)
+    usage, *lines = text.splitlines()
+    assert usage == "usage: " + TRAIN_USAGE % {"prog": TRAIN_PROG}
+    assert max(len(line) for line in lines) <= HELP_LINE_LIMIT
+    sae_config = SAE_TRAINING_CLASS_REGISTRY[architecture][1]
+    for config in ("TrainCommandLine", "LanguageModelSAERunnerConfig", "LoggingConfig"):
+        assert f"{config}(" not in text
+    assert f"{sae_config.__name__}(" not in text
+    assert f"SAE flags ({sae_config.__name__}, chosen by --architecture):" in lines
+    assert "['cfg" not in text  # simple_parsing's headings name where each config goes
+
+
+def test_train_help_lists_every_flag_with_a_help_and_its_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked against the config dataclasses' fields, not the parser's own list of flags.
+
+    Comparing the parser with itself would miss a flag it drops or one the
+    command reads beside it (``--latent_shards``, once parsed but not listed).
+    """
+    monkeypatch.setenv("COLUMNS", "80")
+    text = train_help(capsys)
+    entries = help_entries(text)
+    assert sorted(expected_train_flags() - entries.keys()) == []
+    for flag, help_text in entries.items():
+        if flag in ("-h", "--help"):
+            continue
+        described, _, default = help_text.partition(" (default: ")
+        assert described and not described.startswith("(default"), flag
+        if flag in ("--d_in", "--d_sae"):
+            assert not default and described.endswith("required by this command"), flag
+        else:
+            assert default.endswith(")"), flag
+    # the first sentence of the config's docstring entry, or the entry that names a field
+    # with others, once
+    assert entries["--lr"] == "The learning rate. (default: 0.0003)"
+    assert entries["--matryoshka_widths"] == (
+        "strictly increasing prefix widths; the last is ``d_sae`` (appended with a warning "
+        "if missing). (default: [])"
+    )
+    assert entries["--l1_warm_up_steps"] == "documented with --l1_coefficient (default: 0)"
+    assert entries["--latent_shards"].startswith("under torchrun, split the SAE's latents")
+    assert entries["--latent_shards"].endswith("(default: 1)")
+    assert entries["--architecture"].endswith("(default: matryoshka)")
+    assert entries["--d_in"].startswith("width of the hooked activations")
+    assert entries["--d_sae"].startswith("latents in the SAE")
+    # first sentences: 347 lines at 80 columns; the whole docstrings and the class
+    # descriptions made 441
+    assert len(text.splitlines()) < 400
 
 
 def _store_flags(training_tokens: int) -> list[str]:
@@ -194,10 +311,11 @@ def test_entry_points_run(command: list[str]) -> None:
         [*command, "train", "--help"], capture_output=True, text=True, check=True
     )
     assert train.stdout.startswith("usage: sae-lens-matryoshka train ")
-    assert "--matryoshka_widths" in train.stdout
-    assert "--use_matryoshka_aux_loss" in train.stdout
-    assert "(default:\n                        matryoshka)" in train.stdout  # --architecture
-    assert "--lr float            The learning rate." in train.stdout  # docstrings, not comments
+    entries = help_entries(train.stdout)
+    assert "--matryoshka_widths" in entries
+    assert "--use_matryoshka_aux_loss" in entries
+    assert entries["--architecture"].endswith("(default: matryoshka)")
+    assert entries["--lr"].startswith("The learning rate.")  # docstrings, not comments
 
 
 #: the script's front door answering: what it printed, its exit status, the modules it loaded
