@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -353,3 +354,29 @@ def record_hashed_files(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
     monkeypatch.setattr(checkpoints, "file_digest", noting)
     return hashed
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+#: a number as the README's sample outputs print it
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def assert_readme_shows(
+    first_line: str, printed: str, abs_tol: float, rel_tol: float = 0.0
+) -> None:
+    """The README's sample output starting with ``first_line`` is what was just ``printed``.
+
+    Its text must match with every number replaced, and every number within the
+    tolerances: training on another CPU rounds differently, so the last digit
+    of a sample output may move, but never a word or a number's order of magnitude.
+    """
+    text = README.read_text()
+    start = text.index(f"```\n{first_line}") + 4
+    shown = text[start : text.index("```", start)].strip()
+    printed = printed.strip()
+    assert NUMBER.sub("#", shown) == NUMBER.sub("#", printed), (shown, printed)
+    for in_readme, now in zip(NUMBER.findall(shown), NUMBER.findall(printed), strict=True):
+        assert float(now) == pytest.approx(float(in_readme), abs=abs_tol, rel=rel_tol), (
+            in_readme,
+            now,
+        )

@@ -17,31 +17,27 @@ from sae_lens import SAE
 
 from sae_lens_matryoshka import MatryoshkaSAE, MatryoshkaTrainingSAEConfig
 
-from .conftest import run_torchrun
+from .conftest import assert_readme_shows, run_torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
 def test_offline_example_trains_and_reports_every_level(tmp_path: Path) -> None:
+    """Its default run (about 16 s); what it prints is the README's sample output."""
     output = tmp_path / "offline"
     result = subprocess.run(
-        [
-            sys.executable,
-            str(EXAMPLES / "train_offline.py"),
-            "--output-dir",
-            str(output),
-            "--training-tokens",
-            "20480",
-        ],
+        [sys.executable, str(EXAMPLES / "train_offline.py"), "--output-dir", str(output)],
         capture_output=True,
         text=True,
         check=True,
         timeout=300,
     )
-    table = result.stdout.splitlines()[-4:]
-    assert [int(line.split()[0]) for line in table] == [32, 96, 224, 512]
+    lines = result.stdout.splitlines()
+    assert [int(line.split()[0]) for line in lines[-4:]] == [32, 96, 224, 512]
     assert isinstance(SAE.load_from_disk(output), MatryoshkaSAE)
+    printed = "\n".join(lines[-6:]).replace(str(output), "matryoshka_offline")
+    assert_readme_shows("saved to matryoshka_offline", printed, abs_tol=0.002, rel_tol=0.02)
 
 
 def test_hub_example_config_is_valid_without_downloading(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ from sae_lens_matryoshka.toy.demo import (
     summarise,
 )
 
+from .conftest import assert_readme_shows
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -244,9 +246,14 @@ def _assert_the_papers_result(metrics: dict) -> None:
 
 def test_the_default_demo_shows_the_papers_result_on_every_seed(tmp_path: Path) -> None:
     """What ``make demo`` prints and the README reports."""
-    metrics = run_toy_demo(output_dir=tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        metrics = run_toy_demo(output_dir=tmp_path)
     assert len(metrics["runs"]) >= 3
     _assert_the_papers_result(metrics)
+    # the README's sample output is this run's table
+    table = printed.getvalue().split("\nwrote ")[0]
+    assert_readme_shows("relu: Matryoshka (levels [3, 40])", table, abs_tol=0.01)
 
 
 #: ten consecutive seeds no setting of the demo was chosen on (its L1 warm-up was
