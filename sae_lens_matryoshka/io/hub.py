@@ -244,7 +244,7 @@ def model_card(
         "## Loading",
         "",
         "```python",
-        "import sae_lens_matryoshka  # pip install sae-lens-matryoshka; registers the architecture",
+        "import sae_lens_matryoshka  # registers the architecture (installed from its repository)",
         "from sae_lens import SAE",
         "",
         f'sae = SAE.from_pretrained("{repo_id}", "{first_id}")  # a MatryoshkaSAE',
