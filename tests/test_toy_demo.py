@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from sae_lens_matryoshka.cli import main
 from sae_lens_matryoshka.evals import hierarchy_absorption
+from sae_lens_matryoshka.kernels.measured import cpu_model
 from sae_lens_matryoshka.toy import ToyHierarchy
 from sae_lens_matryoshka.toy.demo import (
     EVAL_SAMPLES,
@@ -124,6 +125,7 @@ def test_demo_writes_metrics_figures_and_saved_saes(short_demo: ShortDemo) -> No
     assert "parents_in_first_level" in metrics["summary"]["matryoshka"]
     assert "absorption per seed, matryoshka:" in printed and " ± " in printed
     assert "wrote" in printed
+    assert f"s on {cpu_model()}" in printed.splitlines()[-1]  # the README quotes this line
 
 
 def test_demo_scores_the_saes_as_saved(short_demo: ShortDemo) -> None:
