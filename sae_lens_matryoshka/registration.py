@@ -26,7 +26,8 @@ Besides its two registry entries, the plugin wraps these SAELens routines
   model loads, and a trained SAE whose final save fails is kept elsewhere;
   and ``LanguageModelSAETrainingRunner.__init__`` once more (``run_checks``):
   once the model is loaded, its hook exists and gives ``d_in`` values per token.
-- ``SAETrainer._update_pbar`` (``progress``): the progress bar ends at 100%.
+- ``SAETrainer.fit`` and ``_update_pbar`` (``progress``): a Matryoshka run's
+  progress bar counts steps, shows the overall loss and ends at 100%.
 - ``SAETrainer._train_step`` (``kept_outputs``): the step output the trainer
   holds through the next step keeps no ``n_tokens x d_sae`` tensor it will
   not read; and once more (``latent_order``): with ``order_latents_every``,
@@ -102,7 +103,7 @@ def register() -> None:
     Also makes SAELens's trainer write Matryoshka checkpoints atomically (see
     ``checkpoints``), SAELens's loaders check Matryoshka folders and read
     checkpoints as the SAE their run would save (see ``loaders``), and its
-    progress bar count every step (see ``progress``), and its step outputs keep
+    progress bar count steps (see ``progress``), and its step outputs keep
     no pre-activations into the next step (see ``kept_outputs``), and it orders
     latents by firing frequency when asked (see ``latent_order``), and each run is
     seeded from its config (see ``seeding``), recorded locally (see ``run_record``) and

@@ -287,9 +287,9 @@ def test_train_under_torchrun_shards_the_latents(token_dataset, tmp_path: Path) 
     )
     assert "this rank holds one latent shard" in completed.stdout
     # rank 0 alone shows the bar (it starts once) and warnings (each rank warns once)
-    assert completed.stderr.count("Training SAE:   0%") == 1
+    assert completed.stderr.count("Training Matryoshka SAE:   0%") == 1
     assert completed.stderr.count("ShortDatasetWarning: the dataset holds 1,024 tokens") == 1
-    assert "Training SAE: 100%" in completed.stderr
+    assert "Training Matryoshka SAE: 100%" in completed.stderr
     assert completed.stdout.count("saved to") == 1
     loaded = SAE.load_from_disk(output)
     assert isinstance(loaded, MatryoshkaSAE)
@@ -397,7 +397,7 @@ def test_train_offline_from_local_folders_reports_the_levels(tmp_path: Path, cap
     assert [int(line.split()[0]) for line in table[1:]] == [8, 24, 64]
     l0 = [float(line.split()[2]) for line in table[1:]]
     assert 0 < l0[0] <= l0[1] <= l0[2]  # nested levels fire nested latents
-    assert "Training SAE: 100%" in err
+    assert "Training Matryoshka SAE: 100%" in err
     assert "will override the one specified in your configuration" not in err
     loaded = SAE.load_from_disk(output)
     assert isinstance(loaded, MatryoshkaSAE)
@@ -621,6 +621,6 @@ def test_train_from_a_gpt2_folder_saved_by_todays_transformers(tmp_path: Path, c
     main(["train", *flags, "--log_to_wandb", "false"])
     out, err = capfd.readouterr()
     assert f"saved to {output.resolve()}" in out
-    assert "Training SAE: 100%" in err
+    assert "Training Matryoshka SAE: 100%" in err
     loaded = SAE.load_from_disk(output)
     assert isinstance(loaded, MatryoshkaSAE) and loaded.matryoshka_widths == [16, 64]

@@ -80,6 +80,7 @@ def test_demo_shows_one_progress_bar_over_its_trainings(short_demo: ShortDemo) -
     assert "Training the toy SAEs" in short_demo.shown
     assert "4/4" in short_demo.shown
     assert "Training SAE" not in short_demo.shown
+    assert "Training Matryoshka SAE" not in short_demo.shown
     assert sae_trainer.tqdm is tqdm  # restored afterwards
 
 
