@@ -18,7 +18,7 @@ import torch
 
 from sae_lens_matryoshka.collectives import Collectives
 from sae_lens_matryoshka.decoder import FreeDecoder, RawValues
-from sae_lens_matryoshka.kernels.encoder_backward import SparseEncoderValues
+from sae_lens_matryoshka.kernels.encoder_backward import EntryOrder, SparseEncoderValues
 from sae_lens_matryoshka.kernels.level_decode import RunningLevels, decode_groups, decode_levels
 from sae_lens_matryoshka.kernels.selection import DeadLatentPick
 from sae_lens_matryoshka.levels import LevelPlan
@@ -141,14 +141,23 @@ class PreActivations(NamedTuple):
     #: the leading dimensions of the step's input (``[n_tokens]`` flattens them)
     batch_shape: torch.Size
 
-    def decoding_values(self, token: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """The raw pre-activations ``h`` at the entries: what multiplies ``W_dec`` rows, with a graph."""
+    def decoding_values(
+        self, token: torch.Tensor, latent: torch.Tensor, order: EntryOrder | None = None
+    ) -> torch.Tensor:
+        """The raw pre-activations ``h`` at the entries: what multiplies ``W_dec`` rows, with a graph.
+
+        ``order``: the entries' latent-major order, shared with their decode's backward.
+        """
         with torch.no_grad():
             values = self.raw_values(self.hidden_pre[token, latent], latent)
         attached: torch.Tensor = SparseEncoderValues.apply(
-            values, self.sae_in, self.shift, self.W_enc, self.b_enc, token, latent
+            values, self.sae_in, self.shift, self.W_enc, self.b_enc, token, latent, order
         )
         return attached
+
+    def entry_order(self, latent: torch.Tensor) -> EntryOrder:
+        """The latent-major order of entries with these latents, sorted once when first needed."""
+        return EntryOrder(latent, self.hidden_pre.shape[-1])
 
 
 class SparseEncoding(NamedTuple):
@@ -161,13 +170,16 @@ class SparseEncoding(NamedTuple):
     decoding_values: torch.Tensor
     #: the entries' activations as a sparse COO tensor (no graph), for SAELens's statistics
     feature_acts: torch.Tensor
+    #: the entries' latent-major order, which the encoder's and the decode's backward share
+    order: EntryOrder
 
     @classmethod
     def of_entries(
         cls, pre: PreActivations, token: torch.Tensor, latent: torch.Tensor
     ) -> SparseEncoding:
         """The encoding of the entries ``(token, latent)`` an activation kept."""
-        decoding_values = pre.decoding_values(token, latent).relu()
+        order = pre.entry_order(latent)
+        decoding_values = pre.decoding_values(token, latent, order).relu()
         batch_shape = pre.batch_shape
         rows = torch.unravel_index(token, batch_shape) if len(batch_shape) > 1 else (token,)
         feature_acts = torch.sparse_coo_tensor(
@@ -177,7 +189,7 @@ class SparseEncoding(NamedTuple):
             is_coalesced=True,  # token-major: already in coalesced order, each entry once
             check_invariants=False,
         )
-        return cls(pre, token, latent, decoding_values, feature_acts)
+        return cls(pre, token, latent, decoding_values, feature_acts, order)
 
     @property
     def hidden_pre(self) -> torch.Tensor:
@@ -191,7 +203,7 @@ class SparseEncoding(NamedTuple):
     ) -> torch.Tensor:
         n_tokens = self.pre.sae_in.shape[0]
         partials = decode_groups(
-            self.decoding_values, self.token, self.latent, W_dec, n_tokens, plan.bounds
+            self.decoding_values, self.token, self.latent, W_dec, n_tokens, plan.bounds, self.order
         )
         reconstructions = RunningLevels.apply(partials, b_dec, detach)
         return reconstructions.unflatten(1, self.pre.batch_shape)
@@ -205,12 +217,13 @@ class SparseEncoding(NamedTuple):
         collectives: Collectives,
     ) -> torch.Tensor:
         token, latent = collectives.dead_topk(*dead.top(self.pre.hidden_pre, n_pick), n_pick)
-        values = self.pre.decoding_values(token, latent)
+        order = self.pre.entry_order(latent)
+        values = self.pre.decoding_values(token, latent, order)
         if rectified:
             values = values.relu()
         n_tokens = self.pre.sae_in.shape[0]
         one_group = latent.new_zeros(0)
-        recon = decode_groups(values, token, latent, W_dec, n_tokens, one_group)[:, 0]
+        recon = decode_groups(values, token, latent, W_dec, n_tokens, one_group, order)[:, 0]
         return recon.unflatten(0, self.pre.batch_shape)
 
 

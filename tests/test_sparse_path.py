@@ -23,10 +23,13 @@ from sae_lens_matryoshka.collectives import SINGLE_PROCESS
 from sae_lens_matryoshka.kernels import measured, selection
 from sae_lens_matryoshka.kernels.encoder_backward import (
     ENCODER_WEIGHT_GRAD,
+    EntryOrder,
     SparseEncoderValues,
     bagged_weight_grad,
     csr_weight_grad,
     encoder_weight_grad,
+    latent_major_order,
+    row_starts,
 )
 from sae_lens_matryoshka.kernels.level_decode import RunningLevels, decode_groups, decode_levels
 from sae_lens_matryoshka.kernels.measured import CACHE_ENV, CHOICE_ENV, MeasuredKernel
@@ -446,6 +449,144 @@ def test_group_decode_sums_to_the_dense_cumulative_decode(widths: list[int]) -> 
     torch.testing.assert_close(sparse, dense)
     torch.testing.assert_close(sparse_grads[0], dense_grads[0][token, latent])
     torch.testing.assert_close(sparse_grads[1], dense_grads[1])
+
+
+#: torch's CPU sort of 1-D integers switches to a stable radix sort from this many
+_RADIX_FROM = 1 << 15
+
+
+def _entries(
+    n_tokens: int, per_token: int, d_sae: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_token`` random distinct latents per token, token-major (latents increasing)."""
+    latent = torch.stack(
+        [
+            torch.randperm(d_sae, generator=generator)[:per_token].sort().values
+            for _ in range(n_tokens)
+        ]
+    )
+    return torch.arange(n_tokens).repeat_interleave(per_token), latent.reshape(-1)
+
+
+@pytest.mark.parametrize(
+    ("n_tokens", "per_token", "d_sae"),
+    [(16, 5, 64), (1024, 40, 16384), (512, 80, 40000), (64, 3, 1 << 15), (64, 3, (1 << 15) + 1)],
+    ids=["small", "radix-int16-keys", "radix-int32-keys", "int16-edge", "int32-edge"],
+)
+def test_the_latent_major_order_is_a_stable_argsort_on_one_thread(
+    n_tokens: int, per_token: int, d_sae: int
+) -> None:
+    """The same permutation as ``argsort(stable=True)``, whatever key type it sorts; threads restored."""
+    generator = torch.Generator().manual_seed(0)
+    _, latent = _entries(n_tokens, per_token, d_sae, generator)
+    latent[-1] = d_sae - 1  # the largest latent must fit the narrowed key
+    threads = torch.get_num_threads()
+    order = latent_major_order(latent, d_sae)
+    assert torch.get_num_threads() == threads
+    assert order.dtype == torch.long
+    assert torch.equal(order, torch.argsort(latent, stable=True))
+    entry_order = EntryOrder(latent, d_sae)
+    assert entry_order.order is entry_order.order  # sorted once
+    counts = torch.bincount(latent, minlength=d_sae)
+    assert torch.equal(
+        entry_order.starts, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    )
+
+
+@pytest.mark.parametrize("n_entries", [200, _RADIX_FROM + 4096], ids=["std-sort", "radix-sort"])
+def test_group_decode_equals_torchs_embedding_bag_and_its_gradients(n_entries: int) -> None:
+    """Forward and the values' gradient bit for bit; ``W_dec``'s too wherever torch's sort is stable.
+
+    From 32,768 entries torch's backward sorts them with its stable radix
+    sort, in the order ``EntryOrder`` sorts them: the same sums in the same
+    order. Below, torch's ``std::sort`` leaves a latent's entries in an order
+    of its own, and only the last bits may differ.
+    """
+    generator = torch.Generator().manual_seed(0)
+    n_tokens = 256
+    per_token = n_entries // n_tokens + 1
+    token, latent = _entries(n_tokens, per_token, 2048, generator)
+    W_dec = torch.randn(2048, 8, generator=generator).requires_grad_()
+    values = torch.randn(len(token), generator=generator).requires_grad_()
+    bounds = torch.tensor([64, 512])
+    upstream = torch.randn(n_tokens, 3, 8, generator=generator)
+    groups = decode_groups(values, token, latent, W_dec, n_tokens, bounds)
+    assert groups.grad_fn is not None
+    assert groups.grad_fn.next_functions[0][0].name() == "GroupDecodeBackward"
+    bag = token * 3 + torch.bucketize(latent, bounds, right=True)
+    offsets = row_starts(bag, n_tokens * 3)[:-1]
+    torchs = torch.nn.functional.embedding_bag(
+        latent, W_dec, offsets, mode="sum", per_sample_weights=values
+    ).view(n_tokens, 3, 8)
+    assert torch.equal(groups, torchs)
+    ours = torch.autograd.grad((groups * upstream).sum(), (values, W_dec))
+    expected = torch.autograd.grad((torchs * upstream).sum(), (values, W_dec))
+    assert torch.equal(ours[0], expected[0])
+    if len(token) >= _RADIX_FROM:
+        assert torch.equal(ours[1], expected[1])
+    torch.testing.assert_close(ours[1], expected[1])
+    # a bfloat16 W_dec keeps torch's backward (it rounds every addition), bit for bit
+    low = W_dec.detach().bfloat16().requires_grad_()
+    low_values = values.detach().bfloat16().requires_grad_()
+    ours_low = decode_groups(low_values, token, latent, low, n_tokens, bounds)
+    torchs_low = torch.nn.functional.embedding_bag(
+        latent, low, offsets, mode="sum", per_sample_weights=low_values
+    )
+    up = upstream.bfloat16()
+    assert torch.equal(
+        torch.autograd.grad((ours_low * up).sum(), low)[0],
+        torch.autograd.grad((torchs_low.view(n_tokens, 3, 8) * up).sum(), low)[0],
+    )
+
+
+def test_the_csr_product_through_the_shared_order_sorts_nothing_and_equals_torchs() -> None:
+    """Handed ``G``'s CSC form, torch's CPU product skips its internal sort; the result is the same."""
+    generator = torch.Generator().manual_seed(0)
+    token, latent = _entries(512, 70, 4096, generator)
+    grad = torch.randn(len(token), generator=generator)
+    sae_in = torch.randn(512, 16, generator=generator)
+    csr = torch.sparse_csr_tensor(
+        row_starts(token, 512), latent, grad, (512, 4096), check_invariants=False
+    )
+    with torch.profiler.profile() as through_csr:
+        expected = sae_in.t() @ csr
+    assert any(event.name == "aten::sort" for event in through_csr.events())
+    order = EntryOrder(latent, 4096)
+    _ = order.order, order.starts
+    with torch.profiler.profile() as through_csc:
+        got = csr_weight_grad(sae_in, token, latent, grad, 4096, order)
+    assert not [event.name for event in through_csc.events() if "sort" in event.name]
+    assert torch.equal(got, expected)
+    assert torch.equal(
+        bagged_weight_grad(sae_in, token, latent, grad, 4096, order),
+        bagged_weight_grad(sae_in, token, latent, grad, 4096),
+    )
+
+
+@pytest.mark.parametrize("kernel", sorted(ENCODER_WEIGHT_GRAD.candidates))
+@pytest.mark.parametrize("dead_fraction", [0.0, 0.5], ids=["none-dead", "half-dead"])
+def test_a_sparse_step_sorts_each_set_of_entries_once(
+    monkeypatch: pytest.MonkeyPatch, kernel: str, dead_fraction: float
+) -> None:
+    """One sort of the selected entries (and one of the dead-latent picks), shared by both gradients.
+
+    Neither the decode's backward nor the ``W_enc`` gradient sorts on its
+    own: torch's ``embedding_bag`` backward and its CSR product each sorted
+    the step's entries, with a parallel radix sort that stalls on shared
+    cores (see ``benchmarks/step_profile.py``).
+    """
+    monkeypatch.setenv(CHOICE_ENV, f"encoder_weight_grad={kernel}")
+    sae = _sae("sparse", dtype="float32")
+    x = torch.randn(40, D_IN)
+    dead = torch.arange(D_SAE) % 2 == 0 if dead_fraction else torch.zeros(D_SAE, dtype=torch.bool)
+    with torch.profiler.profile() as profiled:
+        train_step(sae, x, dead)
+    sorts = [event for event in profiled.events() if event.name in ("aten::sort", "aten::argsort")]
+    outer = [
+        event for event in sorts if event.cpu_parent is None or "sort" not in event.cpu_parent.name
+    ]
+    assert all(event.name == "aten::argsort" for event in outer)
+    assert len(outer) == (2 if dead_fraction else 1)
 
 
 def _sae(training_path: str, **fields: Any) -> MatryoshkaTrainingSAE:

@@ -20,11 +20,16 @@ product takes the entries as they are.
   the fastest timed on the first call for each shape where it runs;
 - ``encoder_backward``: selected pre-activations with an encoder backward that
   touches only the selected latents (the ``W_enc`` gradient is one
-  sparse-dense product with the token-major CSR gradient matrix, or one
+  sparse-dense product with the gradient matrix in compressed form, or one
   ``embedding_bag`` over the entries sorted by latent, whichever is faster);
+  and the entries' latent-major order (``EntryOrder``), which the ``W_enc``
+  and ``W_dec`` gradients (sums per latent) share: one stable sort per set
+  of entries, on one thread on CPU, where torch's parallel radix sort
+  stalls on shared cores (``latent_major_order``);
 - ``level_decode``: every Matryoshka level at once, densely (one cumulative
   decode) or from the entries (one ``embedding_bag`` over (token, group)
-  bags, then a running sum over groups);
+  bags, then a running sum over groups, with a backward that takes the
+  shared order instead of sorting the entries again);
 - ``jumprelu``: the JumpReLU and its straight-through estimators.
 
 The dense path (``training_path="dense"``) computes the same loss and gradients

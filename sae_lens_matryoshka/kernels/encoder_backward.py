@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,24 +26,111 @@ def row_starts(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.searchsorted(rows, torch.arange(n_rows + 1, device=rows.device))
 
 
-def csr_weight_grad(
-    sae_in: torch.Tensor, token: torch.Tensor, latent: torch.Tensor, grad: torch.Tensor, d_sae: int
-) -> torch.Tensor:
-    """``sae_in.T @ G`` as one sparse-dense product with ``G``'s CSR form (see :func:`encoder_weight_grad`).
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """On CPU, run what it encloses on one thread (torch's intra-op threads), then restore them.
 
-    The token-major entries are ``G``'s CSR form as they are, so nothing is
-    materialised per entry and this code sorts nothing. (On CPU, PyTorch
-    computes the product through ``G``'s transpose and converts it to
-    latent-major order inside, a sort of the entries.)
+    The thread count is the process's: torch operations another Python
+    thread runs meanwhile (a millisecond or so) run on one thread too.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _key_dtype(bound: int) -> torch.dtype:
+    """The narrowest signed integer type holding ``0 .. bound - 1``."""
+    for dtype in (torch.int16, torch.int32):
+        if bound - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+def latent_major_order(latent: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """The entries' positions sorted by latent, stably: ``torch.argsort(latent, stable=True)``.
+
+    The same permutation, computed where it is cheapest and safest on CPU.
+    There torch sorts 32,768 or more integers with a parallel radix sort,
+    one pass per byte of their type (eight for ``int64``, whatever their
+    range), whose threads wait for each other several times per pass: on
+    cores shared with other processes each wait can last a scheduler tick,
+    and the ~1 ms sort of a step's entries took 160 ms (see
+    ``benchmarks/step_profile.py``). So the keys are narrowed to the
+    smallest integer type that holds ``d_sae`` (two passes up to 32,768
+    latents) and sorted on one thread, whose passes wait for no one.
+    """
+    key = latent.to(_key_dtype(d_sae))
+    with _one_thread(latent.device):
+        return torch.argsort(key, stable=True)
+
+
+class EntryOrder:
+    """The latent-major order of a set of token-major entries, computed once, when first asked for.
+
+    The gradients of ``W_enc`` and ``W_dec`` are sums per latent over the
+    entries, so both need the entries grouped by latent, a transpose of the
+    token-major order the selection gives; one object, handed to both,
+    sorts them once (:func:`latent_major_order`), in the backward pass.
+    """
+
+    def __init__(self, latent: torch.Tensor, d_sae: int) -> None:
+        self.latent = latent
+        self.d_sae = d_sae
+
+    @functools.cached_property
+    def order(self) -> torch.Tensor:
+        """The entries' positions, by latent, token order kept within a latent."""
+        return latent_major_order(self.latent, self.d_sae)
+
+    @functools.cached_property
+    def starts(self) -> torch.Tensor:
+        """Where each latent's entries start in :attr:`order`: ``[d_sae + 1]``, the last is their count."""
+        counts = torch.bincount(self.latent, minlength=self.d_sae)
+        return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def csr_weight_grad(
+    sae_in: torch.Tensor,
+    token: torch.Tensor,
+    latent: torch.Tensor,
+    grad: torch.Tensor,
+    d_sae: int,
+    order: EntryOrder | None = None,
+) -> torch.Tensor:
+    """``sae_in.T @ G`` as one sparse-dense product with ``G``'s compressed form (see :func:`encoder_weight_grad`).
+
+    On CPU torch computes a dense-times-sparse product through ``G``'s
+    transpose, ``G`` in CSC form: handed ``G``'s CSR form (the token-major
+    entries as they are) it converts it with an internal sort of the
+    entries; handed the CSC form built from ``order`` (the entries' shared
+    latent-major order) it sorts nothing and computes the same product, bit
+    for bit. Elsewhere ``G`` goes in CSR form.
     """
     dtype = torch.promote_types(sae_in.dtype, torch.float32)
-    matrix = torch.sparse_csr_tensor(
-        row_starts(token, sae_in.shape[0]),
-        latent,
-        grad.to(dtype),
-        (sae_in.shape[0], d_sae),
-        check_invariants=False,
-    )
+    shape = (sae_in.shape[0], d_sae)
+    if sae_in.device.type == "cpu":
+        order = EntryOrder(latent, d_sae) if order is None else order
+        matrix = torch.sparse_csc_tensor(
+            order.starts,
+            token[order.order],
+            grad.to(dtype)[order.order],
+            shape,
+            check_invariants=False,
+        )
+    else:
+        matrix = torch.sparse_csr_tensor(
+            row_starts(token, sae_in.shape[0]),
+            latent,
+            grad.to(dtype),
+            shape,
+            check_invariants=False,
+        )
     # written in place over an uninitialised output (beta=0 ignores it, NaN
     # included): a plain mm zero-fills its result and copies the product over
     # it. A backward under autocast would cast the product back to bfloat16.
@@ -50,26 +140,31 @@ def csr_weight_grad(
 
 
 def bagged_weight_grad(
-    sae_in: torch.Tensor, token: torch.Tensor, latent: torch.Tensor, grad: torch.Tensor, d_sae: int
+    sae_in: torch.Tensor,
+    token: torch.Tensor,
+    latent: torch.Tensor,
+    grad: torch.Tensor,
+    d_sae: int,
+    order: EntryOrder | None = None,
 ) -> torch.Tensor:
     """``sae_in.T @ G`` as one ``embedding_bag`` over the entries sorted by latent (see :func:`encoder_weight_grad`).
 
     Column ``j`` of the gradient is the sum of the input rows of latent
-    ``j``'s entries weighted by their gradients: one bag per latent. Costs a
-    sort of the entries and a transposing copy of the result; on some CPUs
-    several times faster than the CSR product when entries are many (the
-    dead-latent loss's ``d_in / 2`` per token).
+    ``j``'s entries weighted by their gradients: one bag per latent, in the
+    entries' latent-major ``order`` (sorted here if not given). Costs a
+    transposing copy of the result; on some CPUs several times faster than
+    the CSR product when entries are many (the dead-latent loss's
+    ``d_in / 2`` per token).
     """
     dtype = torch.promote_types(sae_in.dtype, torch.float32)
-    order = torch.argsort(latent, stable=True)
-    counts = torch.bincount(latent, minlength=d_sae)
+    order = EntryOrder(latent, d_sae) if order is None else order
     with torch.autocast(sae_in.device.type, enabled=False):
         per_latent = torch.nn.functional.embedding_bag(
-            token[order],
+            token[order.order],
             sae_in.to(dtype),
-            counts.cumsum(0) - counts,
+            order.starts[:-1],
             mode="sum",
-            per_sample_weights=grad.to(dtype)[order],
+            per_sample_weights=grad.to(dtype)[order.order],
         )
     return per_latent.t().contiguous()
 
@@ -81,7 +176,12 @@ ENCODER_WEIGHT_GRAD = MeasuredKernel(
 
 
 def encoder_weight_grad(
-    sae_in: torch.Tensor, token: torch.Tensor, latent: torch.Tensor, grad: torch.Tensor, d_sae: int
+    sae_in: torch.Tensor,
+    token: torch.Tensor,
+    latent: torch.Tensor,
+    grad: torch.Tensor,
+    d_sae: int,
+    order: EntryOrder | None = None,
 ) -> torch.Tensor:
     """``sae_in.T @ G`` with ``G [n_tokens, d_sae]`` holding ``grad`` at the (token-major) entries.
 
@@ -92,7 +192,11 @@ def encoder_weight_grad(
     on how many entries each token has (on one CPU at d_in 768, d_sae 16384,
     2048 tokens: the CSR product for ``k`` = 40 per token, 25 ms against 63,
     the bagged one for the dead-latent loss's 384, 117 ms against 301).
+    ``order``: the entries' latent-major order, if the caller shares one
+    (:class:`EntryOrder`): the bagged candidate uses it, and on CPU the CSR
+    one. Sorted on the first call, it is left out of the candidates' timing.
     """
+    order = EntryOrder(latent, d_sae) if order is None else order
     per_token = max(1, len(token) // max(1, sae_in.shape[0]))
     key = (
         tuple(sae_in.shape),
@@ -101,7 +205,7 @@ def encoder_weight_grad(
         sae_in.dtype,
         sae_in.device,
     )
-    return ENCODER_WEIGHT_GRAD(key, sae_in, token, latent, grad, d_sae)
+    return ENCODER_WEIGHT_GRAD(key, sae_in, token, latent, grad, d_sae, order)
 
 
 class SparseEncoderValues(torch.autograd.Function):
@@ -116,6 +220,8 @@ class SparseEncoderValues(torch.autograd.Function):
     ``b_enc``'s sums the gradient per latent, and ``shift``'s is
     ``-W_enc @ (b_enc's gradient)``: the input is data, so its per-token
     gradient is never needed, only its sum, which reaches ``b_dec``.
+    ``order`` is the entries' latent-major order when the decode of the same
+    entries shares it (:class:`EntryOrder`), else None.
     """
 
     @staticmethod
@@ -128,8 +234,10 @@ class SparseEncoderValues(torch.autograd.Function):
         b_enc: torch.Tensor,  # noqa: ARG004 (an input so that it receives a gradient)
         token: torch.Tensor,
         latent: torch.Tensor,
+        order: EntryOrder | None = None,
     ) -> torch.Tensor:
         ctx.save_for_backward(sae_in, W_enc, token, latent)
+        ctx.order = order
         return values.clone()
 
     @staticmethod
@@ -144,5 +252,6 @@ class SparseEncoderValues(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_shift = -(W_enc @ grad_b_enc)
         if ctx.needs_input_grad[3]:
-            grad_W_enc = encoder_weight_grad(sae_in, token, latent, grad, d_sae).to(W_enc.dtype)
-        return None, None, grad_shift, grad_W_enc, grad_b_enc, None, None
+            grad_W_enc = encoder_weight_grad(sae_in, token, latent, grad, d_sae, ctx.order)
+            grad_W_enc = grad_W_enc.to(W_enc.dtype)
+        return None, None, grad_shift, grad_W_enc, grad_b_enc, None, None, None

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from sae_lens_matryoshka.kernels.encoder_backward import row_starts
+from sae_lens_matryoshka.kernels.encoder_backward import EntryOrder, row_starts
 
 
 def group_bounds(widths: Sequence[int]) -> list[tuple[int, int]]:
@@ -61,21 +62,96 @@ def decode_groups(
     W_dec: torch.Tensor,
     n_tokens: int,
     bounds: torch.Tensor,
+    order: EntryOrder | None = None,
 ) -> torch.Tensor:
     """Each token's decode of each Matryoshka group, ``[n_tokens, n_groups, d_in]``.
 
     Group ``g`` holds the latents between ``bounds[g - 1]`` and ``bounds[g]``
     (the inner level widths). Entry ``(t, g)`` sums ``values[i] * W_dec[latent[i]]``
     over the token's entries in the group: one ``embedding_bag``, whose bags
-    ``t * n_groups + g`` the token-major entries already list in order.
+    ``t * n_groups + g`` the token-major entries already list in order. With
+    a float32 or float64 ``W_dec`` on CPU its backward is :class:`GroupDecode`'s,
+    which takes the entries' latent-major ``order`` (shared with the
+    encoder's backward, else its own).
     """
     n_groups = bounds.numel() + 1
     bag = token * n_groups + torch.bucketize(latent, bounds, right=True)
     offsets = row_starts(bag, n_tokens * n_groups)[:-1]
-    out = F.embedding_bag(
-        latent, W_dec, offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype)
-    )
+    values = values.to(W_dec.dtype)
+    needs_grad = torch.is_grad_enabled() and (values.requires_grad or W_dec.requires_grad)
+    # torch's backward rounds every addition to a bfloat16 or float16 W_dec, this
+    # one would round once: those keep torch's backward, and their results. Off the
+    # CPU torch's sort has none of the CPU's thread stalls, and this path (torch's
+    # private embedding-bag ops) has not run on a GPU: torch's backward stays there
+    on_cpu = W_dec.device.type == "cpu"
+    if needs_grad and on_cpu and W_dec.dtype in (torch.float32, torch.float64):
+        order = EntryOrder(latent, W_dec.shape[0]) if order is None else order
+        out = GroupDecode.apply(values, W_dec, latent, bag, offsets, order)
+    else:
+        out = F.embedding_bag(latent, W_dec, offsets, mode="sum", per_sample_weights=values)
     return out.view(n_tokens, n_groups, -1)
+
+
+class GroupDecode(torch.autograd.Function):
+    """``F.embedding_bag(latent, W_dec, offsets, mode="sum", per_sample_weights=values)``, with its gradients.
+
+    Torch's own forward and values' gradient, and ``W_dec``'s gradient
+    without torch's backward's sort. That backward sorts the entries by
+    latent (``indices.sort()``; on CPU from 32,768 entries a parallel radix
+    sort whose threads wait for each other at every pass, see
+    ``encoder_backward.latent_major_order``) and adds each entry's weighted
+    output gradient to its latent's row, in that order. Here the order is
+    :class:`~sae_lens_matryoshka.kernels.encoder_backward.EntryOrder`'s,
+    shared with the encoder's backward, and the sums are one forward
+    ``embedding_bag`` over the output gradient's rows, one bag per latent:
+    the same terms added in the same order, so in float32 and float64 the
+    same gradient bit for bit wherever torch's sort is stable (on CPU from
+    32,768 entries; below, its sort leaves a latent's entries in an order
+    of its own and the last bits differ). For weights in bfloat16 it would
+    sum in float32 and round once, where torch's backward rounds every
+    addition: :func:`decode_groups` leaves those to torch.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        values: torch.Tensor,
+        W_dec: torch.Tensor,
+        latent: torch.Tensor,
+        bag: torch.Tensor,
+        offsets: torch.Tensor,
+        order: EntryOrder,
+    ) -> torch.Tensor:
+        # offset2bag comes back empty from the sum fast path; the values' gradient
+        # kernel then rebuilds it, as it does inside torch's own backward
+        out, offset2bag, _, _ = torch.ops.aten._embedding_bag(
+            W_dec, latent, offsets, False, 0, False, values, False, -1
+        )
+        ctx.save_for_backward(values, W_dec, latent, bag, offsets, offset2bag)
+        ctx.order = order
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        values, W_dec, latent, bag, offsets, offset2bag = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_values = grad_W_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad, W_dec, latent, offsets, offset2bag, 0, -1
+            )
+        if ctx.needs_input_grad[1]:
+            order: EntryOrder = ctx.order
+            with torch.autocast(grad.device.type, enabled=False):
+                grad_W_dec = F.embedding_bag(
+                    bag[order.order],
+                    grad,
+                    order.starts[:-1],
+                    mode="sum",
+                    per_sample_weights=values[order.order],
+                )
+        return grad_values, grad_W_dec, None, None, None, None
 
 
 def _running_sums(

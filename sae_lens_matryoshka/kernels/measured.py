@@ -65,7 +65,7 @@ class MeasuredKernel(Generic[Result]):
         self.chosen: dict[Hashable, str] = {}
         _KERNELS.add(self)
 
-    def __call__(self, key: Hashable, *args: torch.Tensor | int) -> Result:
+    def __call__(self, key: Hashable, *args: object) -> Result:
         """The result of the chosen candidate for ``key`` on ``args``."""
         name = self.chosen.get(key) or self.fixed() or self._cached_or_measured(key, args)
         return self.candidates[name](*args)
@@ -84,7 +84,7 @@ class MeasuredKernel(Generic[Result]):
             return candidate.strip()
         return None
 
-    def _cached_or_measured(self, key: Hashable, args: tuple[torch.Tensor | int, ...]) -> str:
+    def _cached_or_measured(self, key: Hashable, args: tuple[object, ...]) -> str:
         device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
         entry = self._cache_entry(key, device)
         chosen = self._read(entry) if entry is not None else None
@@ -234,7 +234,7 @@ def choices() -> dict[str, dict[str, str]]:
 
 
 def _time(
-    candidate: Callable[..., object], args: tuple[torch.Tensor | int, ...], device: torch.device
+    candidate: Callable[..., object], args: tuple[object, ...], device: torch.device
 ) -> float:
     """The fastest of ``_TIMED_CALLS`` calls of ``candidate(*args)``, after one untimed call."""
     candidate(*args)
