@@ -27,14 +27,16 @@ def row_starts(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """On CPU, run what it encloses on one thread (torch's intra-op threads), then restore them.
+def single_thread() -> Iterator[None]:
+    """torch on one thread (its intra-op threads), restored after; also a decorator.
 
     The thread count is the process's: torch operations another Python
-    thread runs meanwhile (a millisecond or so) run on one thread too.
+    thread runs meanwhile run on one thread too. Where tensors are small or
+    cores are shared, intra-op threads only add synchronisation (see
+    :func:`latent_major_order`, and ``toy.model``'s tiny tensors).
     """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    if threads == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -66,7 +68,7 @@ def latent_major_order(latent: torch.Tensor, d_sae: int) -> torch.Tensor:
     latents) and sorted on one thread, whose passes wait for no one.
     """
     key = latent.to(_key_dtype(d_sae))
-    with _one_thread(latent.device):
+    with single_thread() if latent.device.type == "cpu" else contextlib.nullcontext():
         return torch.argsort(key, stable=True)
 
 

@@ -15,7 +15,6 @@ of Noa Nabeshima's Matryoshka toy, which the toy experiment (``toy.demo``) uses.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,12 @@ from sae_lens.synthetic import (
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_lens_matryoshka.evals import decoder_feature_cosines
+
+# torch on one thread: at the toy's size every tensor is tiny and intra-op threads only
+# add synchronisation (on this project's 2-core machine, building the toy's orthogonal
+# feature directions took 2 to 5 s on two threads and 0.08 s on one, and training one
+# seed's pair of SAEs 14 s against 8 s)
+from sae_lens_matryoshka.kernels.encoder_backward import single_thread
 
 
 def short_run_trainer_config(
@@ -67,23 +72,6 @@ def short_run_trainer_config(
         logger=LoggingConfig(log_to_wandb=False),
         n_batches_for_norm_estimate=1,
     )
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """torch on one thread, restored after (also a decorator).
-
-    At the toy's size every tensor is tiny and intra-op threads only add
-    synchronisation: on this project's 2-core machine, building the toy's
-    orthogonal feature directions took 2 to 5 s on two threads and 0.08 s on
-    one, and training one seed's pair of SAEs 14 s against 8 s.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _seed_generator(*seeds: int) -> torch.Generator:
