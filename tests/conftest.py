@@ -24,7 +24,7 @@ os.environ.setdefault("SAE_MATRYOSHKA_KERNELS", "encoder_weight_grad=csr")
 # and no measured choice kept in the user's cache (a test that wants the cache sets a folder)
 os.environ.setdefault("SAE_MATRYOSHKA_KERNEL_CACHE", "")
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -380,3 +380,19 @@ def assert_readme_shows(
             in_readme,
             now,
         )
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def benchmark(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], Any]]:
+    """Imports ``benchmarks/<name>.py`` as a module, in this process.
+
+    A fresh process would spend seconds importing SAELens. The matmul
+    precision a benchmark sets for its contenders is restored afterwards.
+    """
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    precision = torch.get_float32_matmul_precision()
+    yield importlib.import_module
+    torch.set_float32_matmul_precision(precision)

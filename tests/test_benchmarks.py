@@ -13,25 +13,23 @@ import importlib.util
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+from .conftest import BENCHMARKS
+
 BENCHMARK = BENCHMARKS / "step_time.py"
 TINY = ["--d-in", "16", "--d-sae", "128", "--batch", "64", "--k", "4"]
 
 
 @pytest.fixture
-def step_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """``benchmarks/step_time.py`` as a module; the matmul precision it sets is restored after."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    precision = torch.get_float32_matmul_precision()
-    yield importlib.import_module("step_time")
-    torch.set_float32_matmul_precision(precision)
+def step_time(benchmark: Callable[[str], ModuleType]) -> ModuleType:
+    """``benchmarks/step_time.py`` as a module."""
+    return benchmark("step_time")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
@@ -199,11 +197,10 @@ def test_step_time_benchmark_reports_every_contender_as_json() -> None:
 
 
 def test_checksum_cost_benchmark_times_writing_hashing_and_verifying(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    benchmark: Callable[[str], ModuleType], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """At a toy size, in this process (a fresh one spends seconds importing SAELens)."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    checksum_cost = importlib.import_module("checksum_cost")
+    """At a toy size, in this process."""
+    checksum_cost = benchmark("checksum_cost")
     size = ["--d-in", "16", "--d-sae", "256", "--dir", str(tmp_path)]
     result = checksum_cost.run(
         checksum_cost.parse_args([*size, "--algorithms", "sha256", "blake2b", "crc32"])

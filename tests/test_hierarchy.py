@@ -10,7 +10,9 @@ SAE's tree shows the absorption.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -442,13 +444,10 @@ def test_the_criterion_recovers_a_three_deep_tree_from_its_true_codes(widths: li
 
 
 def test_the_scale_benchmark_finds_its_planted_tree_at_a_small_size(
-    monkeypatch: pytest.MonkeyPatch,
+    benchmark: Callable[[str], ModuleType],
 ) -> None:
     """``benchmarks/hierarchy_scale.py``'s probe, in this process, at 256 latents."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
-    import hierarchy_scale
-
-    row = hierarchy_scale.probe(d_sae=256, n_batches=10, batch=4096, noise=3)
+    row = benchmark("hierarchy_scale").probe(d_sae=256, n_batches=10, batch=4096, noise=3)
     assert row["tokens"] == 40_960 and row["planted_edges"] == 32
     assert row["precision"] >= 0.9 and row["recall"] >= 0.9, row
     assert row["most_tracked_pairs"] <= 256 * 32

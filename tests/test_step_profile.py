@@ -8,11 +8,9 @@ step is found at the function that planted it.
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
@@ -20,18 +18,14 @@ import torch
 
 from sae_lens_matryoshka.kernels import selection
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 #: 64 tokens, k = 4: 256 selected entries; half of 128 latents dead, d_in / 2 = 8 picked per token
 TINY = ["--d-in", "16", "--d-sae", "128", "--batch", "64", "--k", "4", "--dead-fraction", "0.5"]
 
 
 @pytest.fixture
-def step_profile(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """``benchmarks/step_profile.py`` as a module; the matmul precision it sets is restored after."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    precision = torch.get_float32_matmul_precision()
-    yield importlib.import_module("step_profile")
-    torch.set_float32_matmul_precision(precision)
+def step_profile(benchmark: Callable[[str], ModuleType]) -> ModuleType:
+    """``benchmarks/step_profile.py`` as a module."""
+    return benchmark("step_profile")
 
 
 def test_the_profile_finds_the_steps_operations_and_sort_like_calls(
