@@ -46,6 +46,7 @@ from datasets import Dataset
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 
 from sae_lens_matryoshka.config import is_matryoshka
+from sae_lens_matryoshka.io.local_sources import HOOKED_TRANSFORMER_DEPRECATION
 
 _ACTIVATIONS_STORE = r"sae_lens\.training\.activations_store\Z"
 
@@ -74,7 +75,7 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # SAELens, not to anyone running it. Raised (and attributed) inside TransformerLens's
     # own module, so a HookedTransformer the user builds in their own code still warns.
     (
-        r"HookedTransformer(\.from_pretrained)? is deprecated and will be removed in ",
+        HOOKED_TRANSFORMER_DEPRECATION,
         DeprecationWarning,
         r"transformer_lens\.HookedTransformer\Z",
     ),

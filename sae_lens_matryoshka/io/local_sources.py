@@ -56,6 +56,14 @@ _PROCESSING = (
 )
 
 
+#: TransformerLens's advice to move from ``HookedTransformer`` to its ``TransformerBridge``:
+#: SAELens's runner trains on HookedTransformer hooks, so nobody running it can follow it.
+#: Dropped where this module builds the model, and inside a runner (``quiet``)
+HOOKED_TRANSFORMER_DEPRECATION = (
+    r"HookedTransformer(\.from_pretrained)? is deprecated and will be removed in "
+)
+
+
 def load_model_folder(
     folder: str | Path, device: str = "cpu", from_pretrained_kwargs: dict[str, Any] | None = None
 ) -> HookedTransformer:
@@ -87,9 +95,7 @@ def load_model_folder(
     cfg.tokenizer_name = str(folder) if tokenizer is not None else None
     state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model)
     with warnings.catch_warnings():
-        # TransformerLens advises moving to its TransformerBridge; SAELens's runner trains on
-        # HookedTransformer hooks, so nobody running it can follow the advice (see ``quiet``)
-        warnings.filterwarnings("ignore", r"HookedTransformer is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", HOOKED_TRANSFORMER_DEPRECATION, DeprecationWarning)
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **processing)
     model.move_model_modules_to_device()
