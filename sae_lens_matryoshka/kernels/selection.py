@@ -143,7 +143,7 @@ def sampled_batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> Selecti
         return batch_topk_entries(hidden_pre, n_keep)  # nothing to select: no read either
     room = _candidate_room(flat.numel(), n_keep)
     passing = flat > _candidate_threshold(flat, n_keep)
-    n_passing = passing.sum()
+    n_passing = passing.count_nonzero()  # a sum would convert every flag to int64 first
     # the buffer's unused end repeats the last entry, so that every index stays
     # valid and increasing whatever the count (a missed selection is still decoded)
     candidates = torch.nonzero_static(passing, size=room, fill_value=flat.numel() - 1).squeeze(1)
