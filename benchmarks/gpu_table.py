@@ -45,15 +45,27 @@ def step_rows(folder: Path) -> list[Row]:
         seconds = result.get("median_step_seconds", {})
         memory = result.get("step_peak_memory_mib", {})
         ratios = result.get("ours_step_time_ratio_to", {})
+        to_floor = result.get("step_time_ratio_to_floor", {})
+        if "floor_step_seconds" in result:
+            floor_ms = f"{result['floor_step_seconds'] * 1000:.1f} ms/step"
+            rows.append((f"step, {setting}", "floor (GEMM + Adam)", floor_ms))
         for name in {**seconds, **memory}:
             parts = []
             if name in seconds:
                 parts.append(f"{seconds[name] * 1000:.1f} ms/step")
+            if name in to_floor:
+                parts.append(f"{to_floor[name]:.2f}x floor")
             if name in memory:
                 parts.append(f"{memory[name]:.0f} MiB step peak")
             if name in ratios:
                 parts.append(f"ours / this {ratios[name]:.2f}x")
             rows.append((f"step, {setting}", name, ", ".join(parts)))
+        for target in result.get("targets", []):
+            verdict = "met" if target["met"] else "MISSED"
+            bound = f"ours / {target['of']} at most {target['at_most']:.1f}x"
+            rows.append((f"target, {setting}", bound, f"{target['ratio']:.2f}x, {verdict}"))
+        if result.get("kernel_choices"):
+            rows.append((f"kernels, {setting}", "", json.dumps(result["kernel_choices"])))
     expected = sorted(path.stem for path in folder.glob("step_*.log"))
     for missing in sorted(set(expected) - {path.stem for path in folder.glob("step_*.json")}):
         rows.append((f"step, {missing}", "", f"MISSING: see {missing}.log"))

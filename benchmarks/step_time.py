@@ -15,6 +15,13 @@ SAELens's ``batchtopk``, ``topk`` and ``matryoshka_batchtopk`` (same five
 levels), and sparsify's TopK ``SparseCoder`` (without the ``bench`` extra,
 its row says sparsify is not installed and how to install it).
 
+Beside them runs the floor (:class:`Floor`): the encoder's forward matmul and
+one Adam step, what no step of an SAE this size can avoid. Each contender's
+time is printed as a multiple of it, with issue 29's targets for ours (at most
+1.3x the floor with no latent dead, 1.5x with some; 1.1x our one level; 0.8x
+sparsify; 0.2x SAELens ``batchtopk``), met or missed, and the implementation
+each measured kernel chose (``kernels.measured``).
+
 Every contender's step gets the same dead-latent mask, ``--dead-fraction`` of
 the dictionary dead (the same latents for all; SAELens's ``dead_neuron_mask``,
 sparsify's ``dead_mask``), so that each pays for its dead-latent loss alike;
@@ -91,7 +98,7 @@ from tiny_runs import process_memory_mib, runner_config, tiny_model_and_tokens
 from torch import nn
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.kernels.measured import cpu_model
+from sae_lens_matryoshka.kernels.measured import choices, cpu_model
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 PRESETS = {
@@ -101,6 +108,16 @@ PRESETS = {
 }
 #: the contender every ratio is taken of
 OURS = "ours_matryoshka_5_levels"
+#: what no step can go below, timed beside the contenders (see :class:`Floor`)
+FLOOR = "floor_gemm_adam"
+#: issue 29's targets for ours: ``(contender, most ours / contender may be)``; the
+#: floor's bound is 1.3 with no latent dead and 1.5 with any dead (:func:`targets`)
+TARGETS = (
+    (FLOOR, None),
+    ("ours_batchtopk_1_level", 1.1),
+    ("sparsify_topk", 0.8),
+    ("saelens_batchtopk", 0.2),
+)
 #: the one contender that needs the optional ``bench`` extra (EleutherAI's sparsify)
 SPARSIFY = "sparsify_topk"
 #: what the report says in place of its row when sparsify is missing
@@ -189,6 +206,35 @@ def build(name: str, args: argparse.Namespace) -> nn.Module:
     return MatryoshkaBatchTopKTrainingSAE(
         MatryoshkaBatchTopKTrainingSAEConfig(matryoshka_widths=widths, **size)
     )
+
+
+class Floor(nn.Module):
+    """What every training step of an SAE of this size pays, and nothing else: the floor.
+
+    The encoder's forward matmul (``x @ W_enc + b_enc``: every pre-activation
+    competes in a top-k selection, so no sparse path avoids it) and one Adam
+    step over the SAE's four parameters (Adam touches every parameter,
+    whatever the gradient's sparsity). Its gradients are made once and kept,
+    so the floor allocates nothing per step; a contender's time over it is
+    everything else: selection, decode, losses, backward, allocation.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, device: str) -> None:
+        super().__init__()
+        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device))
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=1e-4)
+        for parameter in self.parameters():
+            parameter.grad = torch.randn_like(parameter)
+        self.optimizer.step()  # Adam's state, before any timed step
+
+    def step(self, x: torch.Tensor, args: argparse.Namespace) -> None:
+        """The encoder's forward matmul on ``x`` (under ``args``' precision), then Adam."""
+        with torch.no_grad(), forward_precision(args):
+            torch.addmm(self.b_enc, x, self.W_enc)
+        self.optimizer.step()
 
 
 @contextlib.contextmanager
@@ -284,7 +330,7 @@ def _sync(device: str) -> None:
 
 
 def time_steps(args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds per step of every contender, interleaved, after ``args.warmup`` steps each."""
+    """Median seconds per step of every contender and the floor, interleaved, after ``args.warmup`` steps each."""
     torch.manual_seed(0)
     models = {name: build(name, args) for name in args.contenders}
     # one set of initial weights for all: the first SAELens-style contender's
@@ -294,6 +340,8 @@ def time_steps(args: argparse.Namespace) -> dict[str, float]:
             share_weights(model, source)
     x = torch.randn(args.batch, args.d_in, device=args.device)
     steps = {name: make_step(model, x, args) for name, model in models.items()}
+    floor = Floor(args.d_in, args.d_sae, args.device)
+    steps[FLOOR] = lambda: floor.step(x, args)
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -510,11 +558,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # sparsify announces its decoder on import; stdout is for the result
         with contextlib.redirect_stdout(sys.stderr):
             median = time_steps(args)
+        floor = median.pop(FLOOR)
         result["median_step_seconds"] = median
+        result["floor_step_seconds"] = floor
+        result["step_time_ratio_to_floor"] = {name: s / floor for name, s in median.items()}
         if OURS in median:
             result["ours_step_time_ratio_to"] = {
                 name: median[OURS] / seconds for name, seconds in median.items() if name != OURS
             }
+            result["targets"] = targets(result)
+        result["kernel_choices"] = choices()
     if not args.skip_memory:
         result["step_peak_memory_mib"] = measure_memory(args)
     if not args.skip_end_to_end:
@@ -522,6 +575,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with contextlib.redirect_stdout(sys.stderr):
             result["end_to_end_tokens_per_second"] = end_to_end_tokens_per_second(args)
     return result
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each of issue 29's targets this run can check: ours / what, the bound, the ratio, met or not."""
+    ratios = {FLOOR: result["step_time_ratio_to_floor"][OURS], **result["ours_step_time_ratio_to"]}
+    checked = []
+    for name, bound in TARGETS:
+        if name not in ratios:
+            continue
+        if bound is None:
+            bound = 1.3 if result["dead_fraction"] == 0 else 1.5
+        ratio = ratios[name]
+        checked.append({"of": name, "at_most": bound, "ratio": ratio, "met": ratio <= bound})
+    return checked
 
 
 def report(result: dict[str, Any]) -> None:
@@ -533,14 +600,26 @@ def report(result: dict[str, Any]) -> None:
     seconds = result.get("median_step_seconds", {})
     memory = result.get("step_peak_memory_mib", {})
     ratios = result.get("ours_step_time_ratio_to", {})
-    print(f"  {'':<32} {'ms/step':>9} {'step peak MiB':>14} {'ours / this':>12}")
+    to_floor = result.get("step_time_ratio_to_floor", {})
+    print(f"  {'':<32} {'ms/step':>9} {'/ floor':>8} {'step peak MiB':>14} {'ours / this':>12}")
+    if "floor_step_seconds" in result:
+        print(f"  {FLOOR + ' (GEMM + Adam)':<32} {result['floor_step_seconds'] * 1000:9.1f}")
     for name in {**seconds, **memory}:
         time_ms = f"{seconds[name] * 1000:9.1f}" if name in seconds else f"{'':9}"
+        floor = f"{to_floor[name]:7.2f}x" if name in to_floor else f"{'':8}"
         peak = f"{memory[name]:14.0f}" if name in memory else f"{'':14}"
         ratio = f"{ratios[name]:11.2f}x" if name in ratios else f"{'':12}"
-        print(f"  {name:<32} {time_ms} {peak} {ratio}")
+        print(f"  {name:<32} {time_ms} {floor} {peak} {ratio}")
     for name in result["not_installed"]:
         print(f"  {name:<32} {SPARSIFY_MISSING}")
+    for target in result.get("targets", []):
+        verdict = "met" if target["met"] else "MISSED"
+        print(
+            f"  target: ours / {target['of']} at most {target['at_most']:.1f}x: "
+            f"{target['ratio']:.2f}x, {verdict}"
+        )
+    if result.get("kernel_choices"):
+        print(f"  kernels chosen: {json.dumps(result['kernel_choices'])}")
     if "end_to_end_tokens_per_second" in result:
         e2e = result["end_to_end_tokens_per_second"]
         print("  end to end (runner, tiny model, d_sae=8192):")

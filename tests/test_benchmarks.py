@@ -50,8 +50,90 @@ def test_every_contender_steps_with_dead_latents_at_every_precision(
     )
     assert result["median_step_seconds"].keys() == set(args.contenders)
     assert set(args.contenders) | set(args.not_installed) == set(step_time.CONTENDERS)
+    floor = result["floor_step_seconds"]
+    assert floor > 0
+    for name, ratio in result["step_time_ratio_to_floor"].items():
+        assert ratio == pytest.approx(result["median_step_seconds"][name] / floor), name
+    checked = [target["of"] for target in result["targets"]]
+    assert checked == [
+        name for name, _ in step_time.TARGETS if name in {*args.contenders, step_time.FLOOR}
+    ]
     step_time.report(result)
-    assert f"{precision}, 50% of latents dead, 2 warm-up steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{precision}, 50% of latents dead, 2 warm-up steps" in out
+    assert "floor_gemm_adam (GEMM + Adam)" in out
+    assert "target: ours / floor_gemm_adam at most 1.5x" in out  # half dead: the looser bound
+    assert "kernels chosen: " in out
+
+
+def test_the_floor_step_is_the_encoder_matmul_and_one_adam_step(step_time: ModuleType) -> None:
+    """The floor runs Adam over the SAE's four parameters (each moves) and allocates no gradient."""
+    args = step_time.parse_args(TINY)
+    x = torch.randn(args.batch, args.d_in)
+    floor = step_time.Floor(args.d_in, args.d_sae, args.device)
+    shapes = {name: tuple(p.shape) for name, p in floor.named_parameters()}
+    assert shapes == {
+        "W_enc": (args.d_in, args.d_sae),
+        "b_enc": (args.d_sae,),
+        "W_dec": (args.d_sae, args.d_in),
+        "b_dec": (args.d_in,),
+    }
+    before = {name: p.detach().clone() for name, p in floor.named_parameters()}
+    grads = {name: p.grad for name, p in floor.named_parameters()}
+    floor.step(x, args)
+    for name, p in floor.named_parameters():
+        assert not torch.equal(p.detach(), before[name]), name
+        assert p.grad is grads[name], name  # kept, not made again
+
+
+@pytest.mark.parametrize(
+    ("dead_fraction", "ratios", "expected"),
+    [
+        (
+            0.0,
+            {"floor": 1.29, "one": 1.12, "sparsify": 0.8, "saelens": 0.1},
+            [True, False, True, True],
+        ),
+        (
+            0.0,
+            {"floor": 1.31, "one": 1.0, "sparsify": 0.81, "saelens": 0.2},
+            [False, True, False, True],
+        ),
+        (
+            0.5,
+            {"floor": 1.31, "one": 1.0, "sparsify": 0.5, "saelens": 0.21},
+            [True, True, True, False],
+        ),
+    ],
+)
+def test_targets_compare_each_ratio_with_its_bound(
+    step_time: ModuleType, dead_fraction: float, ratios: dict[str, float], expected: list[bool]
+) -> None:
+    """The floor's bound is 1.3x with no latent dead and 1.5x with some; the others are fixed."""
+    result = {
+        "dead_fraction": dead_fraction,
+        "step_time_ratio_to_floor": {step_time.OURS: ratios["floor"]},
+        "ours_step_time_ratio_to": {
+            "ours_batchtopk_1_level": ratios["one"],
+            "sparsify_topk": ratios["sparsify"],
+            "saelens_batchtopk": ratios["saelens"],
+            "saelens_topk": 0.01,  # no target: not listed
+        },
+    }
+    checked = step_time.targets(result)
+    assert [target["met"] for target in checked] == expected
+    assert [target["at_most"] for target in checked] == [
+        1.3 if dead_fraction == 0 else 1.5,
+        1.1,
+        0.8,
+        0.2,
+    ]
+    assert [target["of"] for target in checked] == [
+        "floor_gemm_adam",
+        "ours_batchtopk_1_level",
+        "sparsify_topk",
+        "saelens_batchtopk",
+    ]
 
 
 def test_every_contender_gets_the_same_dead_latents(step_time: ModuleType) -> None:
@@ -98,10 +180,9 @@ def test_a_missing_sparsify_is_reported_where_its_row_would_be(
     rows = capsys.readouterr().out.splitlines()
     for name in args.contenders:
         assert any(row.split()[0] == name for row in rows), name
-    assert rows[-1].split(maxsplit=1) == [
-        "sparsify_topk",
-        'not installed (pip install -e ".[bench]")',
-    ]
+    missing = [row.split(maxsplit=1) for row in rows if row.split()[:1] == ["sparsify_topk"]]
+    assert missing == [["sparsify_topk", 'not installed (pip install -e ".[bench]")']]
+    assert not any("ours / sparsify_topk" in row for row in rows)  # no target without its row
     # asked for by name, it is refused before any work, with the same remedy
     with pytest.raises(SystemExit) as exit_info:
         step_time.parse_args(["--contenders", step_time.SPARSIFY])
@@ -235,3 +316,29 @@ def test_eval_memory_benchmark_stays_below_one_cosine_matrix() -> None:
     assert row["full_matrix_mib"] == 4096
     assert 0 < row["peak_rise_mib"] < row["full_matrix_mib"] / 4
     assert -1 <= row["full_width_value"] <= 1
+
+
+def test_the_gpu_table_shows_the_floor_the_targets_and_the_kernels(
+    step_time: ModuleType, benchmark: Callable[[str], ModuleType], tmp_path: Path
+) -> None:
+    """``gpu_check.sh``'s table, from a real (tiny) step benchmark's JSON."""
+    gpu_table = benchmark("gpu_table")
+    options = ["--repeats", "1", "--warmup", "1", "--skip-memory", "--skip-end-to-end"]
+    contenders = ["--contenders", "ours_matryoshka_5_levels", "saelens_batchtopk"]
+    result = step_time.run(step_time.parse_args([*TINY, *options, *contenders]))
+    (tmp_path / "step_fp32_0.json").write_text(json.dumps(result))
+    rows = gpu_table.step_rows(tmp_path)
+    assert rows[0] == (
+        "step, fp32, 0% dead",
+        "floor (GEMM + Adam)",
+        f"{result['floor_step_seconds'] * 1000:.1f} ms/step",
+    )
+    ours = next(row for row in rows if row[1] == "ours_matryoshka_5_levels")
+    assert f"{result['step_time_ratio_to_floor']['ours_matryoshka_5_levels']:.2f}x floor" in ours[2]
+    targets = [row[1] for row in rows if row[0].startswith("target")]
+    assert targets == [
+        "ours / floor_gemm_adam at most 1.3x",
+        "ours / saelens_batchtopk at most 0.2x",
+    ]
+    assert rows[-1][0] == "kernels, fp32, 0% dead"
+    assert "encoder_weight_grad" in rows[-1][2]
