@@ -297,7 +297,9 @@ def make_loss(
         sae_in=x,
         coefficients={},
         dead_neuron_mask=dead,
-        n_training_steps=0,
+        # past the first step, as every step but one of a run: ours checks the first
+        # batch for what a run cannot learn from (a pass over the pre-activations)
+        n_training_steps=1,
         is_logging_step=False,
     )
     return lambda: model.training_forward_pass(step_input).loss
