@@ -20,7 +20,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # one implementation per kernel, not the one a timing on a loaded machine happens to pick:
 # runs compared bit for bit (resumes, processes under torchrun) compute the same way
 # (tests/test_sparse_path.py holds the candidates equal and tests the measured choice)
-os.environ.setdefault("SAE_MATRYOSHKA_KERNELS", "encoder_weight_grad=csr")
+os.environ.setdefault(
+    "SAE_MATRYOSHKA_KERNELS",
+    "encoder_weight_grad=csr,group_decode=bagged,decoder_weight_grad=bagged,"
+    "batch_topk_selection=sampled",
+)
 # and no measured choice kept in the user's cache (a test that wants the cache sets a folder)
 os.environ.setdefault("SAE_MATRYOSHKA_KERNEL_CACHE", "")
 
@@ -45,6 +49,12 @@ D_MODEL = 16
 CONTEXT = 16
 VOCAB = 64
 HOOK = "blocks.0.hook_resid_post"
+
+
+def pin_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str, candidate: str) -> None:
+    """Fix one measured kernel's candidate for a test, keeping the suite's other pins."""
+    pins = os.environ.get("SAE_MATRYOSHKA_KERNELS", "")
+    monkeypatch.setenv("SAE_MATRYOSHKA_KERNELS", f"{kernel}={candidate},{pins}")  # first wins
 
 
 def tiny_model_cfg() -> HookedTransformerConfig:

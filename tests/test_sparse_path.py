@@ -40,7 +40,7 @@ from sae_lens_matryoshka.kernels.selection import (
     topk_entries,
 )
 
-from .conftest import step_output, train_step
+from .conftest import pin_kernel, step_output, train_step
 
 D_IN, D_SAE = 12, 64
 
@@ -284,7 +284,7 @@ def test_encoder_weight_gradient_is_the_dense_product(
     monkeypatch: pytest.MonkeyPatch, kernel: str
 ) -> None:
     """Each candidate implementation, in float32, bfloat16 and over uninitialised memory."""
-    monkeypatch.setenv(CHOICE_ENV, f"encoder_weight_grad={kernel}")
+    pin_kernel(monkeypatch, "encoder_weight_grad", kernel)
     generator = torch.Generator().manual_seed(0)
     sae_in = torch.randn(6, 5, generator=generator)
     grad = torch.randn(len(TOKEN), generator=generator)
@@ -575,7 +575,7 @@ def test_a_sparse_step_sorts_each_set_of_entries_once(
     the step's entries, with a parallel radix sort that stalls on shared
     cores (see ``benchmarks/step_profile.py``).
     """
-    monkeypatch.setenv(CHOICE_ENV, f"encoder_weight_grad={kernel}")
+    pin_kernel(monkeypatch, "encoder_weight_grad", kernel)
     sae = _sae("sparse", dtype="float32")
     x = torch.randn(40, D_IN)
     dead = torch.arange(D_SAE) % 2 == 0 if dead_fraction else torch.zeros(D_SAE, dtype=torch.bool)
