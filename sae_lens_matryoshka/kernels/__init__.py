@@ -27,9 +27,10 @@ product takes the entries as they are.
   of entries, on one thread on CPU, where torch's parallel radix sort
   stalls on shared cores (``latent_major_order``);
 - ``level_decode``: every Matryoshka level at once, densely (one cumulative
-  decode) or from the entries (one ``embedding_bag`` over (token, group)
-  bags, then a running sum over groups, with a backward that takes the
-  shared order instead of sorting the entries again);
+  decode) or from the entries (one sparse product over (token, group) bags,
+  an ``embedding_bag`` or a CSR product, whichever is faster, then a running
+  sum over groups, with a ``W_dec`` gradient measured the same way that takes
+  the shared order instead of sorting the entries again);
 - ``jumprelu``: the JumpReLU and its straight-through estimators.
 
 The dense path (``training_path="dense"``) computes the same loss and gradients

@@ -6,6 +6,19 @@ two consecutive widths form a *group*; a level's reconstruction is the sum of
 the decodes of the groups it contains. Decoding each group once and taking a
 running sum gives every level's reconstruction for the cost of a single full
 decode, instead of decoding the whole prefix again per level.
+
+From token-major entries the groups' decode is a sparse product, ``G @ W_dec``
+with ``G [n_tokens * n_groups, d_sae]`` holding each entry's value in its
+(token, group) row, and ``W_dec``'s gradient is ``G.T @ grad``. Each can be
+one ``embedding_bag`` (a bag per row) or one CSR product, and which is faster
+depends on the machine, the shapes and the entries per token, as it does for
+the encoder's gradient of the same entries (``encoder_backward``), where the
+CSR product was the faster on a CPU on which the bags win here: on one
+2-thread AMD EPYC at the default benchmark size (d_in 768, d_sae 16384, 2048
+tokens, k 40, five groups) the bags took 17 ms for the decode against the
+CSR product's 34, and 60 ms for ``W_dec``'s gradient against 71. So each is a
+:class:`~sae_lens_matryoshka.kernels.measured.MeasuredKernel`
+(``group_decode``, ``decoder_weight_grad``), timed where it runs and kept.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sae_lens_matryoshka.kernels.encoder_backward import EntryOrder, row_starts
+from sae_lens_matryoshka.kernels.measured import MeasuredKernel
 
 
 def group_bounds(widths: Sequence[int]) -> list[tuple[int, int]]:
@@ -68,48 +82,171 @@ def decode_groups(
 
     Group ``g`` holds the latents between ``bounds[g - 1]`` and ``bounds[g]``
     (the inner level widths). Entry ``(t, g)`` sums ``values[i] * W_dec[latent[i]]``
-    over the token's entries in the group: one ``embedding_bag``, whose bags
-    ``t * n_groups + g`` the token-major entries already list in order. With
-    a float32 or float64 ``W_dec`` on CPU its backward is :class:`GroupDecode`'s,
-    which takes the entries' latent-major ``order`` (shared with the
-    encoder's backward, else its own).
+    over the token's entries in the group: row ``t * n_groups + g`` of a sparse
+    product whose rows (bags) the token-major entries already list in order.
+    With a float32 or float64 ``W_dec`` on CPU, under autograd, it is
+    :class:`GroupDecode`, whose forward and ``W_dec`` gradient are measured
+    kernels and whose backward takes the entries' latent-major ``order``
+    (shared with the encoder's backward, else its own).
+
+    Elsewhere it is torch's ``embedding_bag``, forward and backward. For
+    bfloat16 or float16 weights, because torch's backward rounds every addition
+    to ``W_dec`` and :class:`GroupDecode`'s would round once: they keep torch's
+    results. On a GPU, because torch's sort has none of the CPU's thread stalls
+    and :class:`GroupDecode` (torch's private embedding-bag ops) has not run on
+    one. Without a graph (evaluation), because there is no backward to spare a
+    sort, and a decode whose result depends on no timing gives every machine
+    the same evaluation.
     """
     n_groups = bounds.numel() + 1
     bag = token * n_groups + torch.bucketize(latent, bounds, right=True)
-    offsets = row_starts(bag, n_tokens * n_groups)[:-1]
+    starts = row_starts(bag, n_tokens * n_groups)
     values = values.to(W_dec.dtype)
     needs_grad = torch.is_grad_enabled() and (values.requires_grad or W_dec.requires_grad)
-    # torch's backward rounds every addition to a bfloat16 or float16 W_dec, this
-    # one would round once: those keep torch's backward, and their results. Off the
-    # CPU torch's sort has none of the CPU's thread stalls, and this path (torch's
-    # private embedding-bag ops) has not run on a GPU: torch's backward stays there
     on_cpu = W_dec.device.type == "cpu"
     if needs_grad and on_cpu and W_dec.dtype in (torch.float32, torch.float64):
         order = EntryOrder(latent, W_dec.shape[0]) if order is None else order
-        out = GroupDecode.apply(values, W_dec, latent, bag, offsets, order)
+        key = decode_key(W_dec, n_tokens, n_groups, len(latent))
+        out = GroupDecode.apply(values, W_dec, latent, bag, starts, order, key)
     else:
-        out = F.embedding_bag(latent, W_dec, offsets, mode="sum", per_sample_weights=values)
+        out = F.embedding_bag(latent, W_dec, starts[:-1], mode="sum", per_sample_weights=values)
     return out.view(n_tokens, n_groups, -1)
 
 
-class GroupDecode(torch.autograd.Function):
-    """``F.embedding_bag(latent, W_dec, offsets, mode="sum", per_sample_weights=values)``, with its gradients.
+def decode_key(
+    W_dec: torch.Tensor, n_tokens: int, n_groups: int, n_entries: int
+) -> tuple[int, int, tuple[int, ...], int, torch.dtype, torch.device]:
+    """What the decode kernels' speed depends on: the shapes, the entries per token, dtype, device.
 
-    Torch's own forward and values' gradient, and ``W_dec``'s gradient
-    without torch's backward's sort. That backward sorts the entries by
-    latent (``indices.sort()``; on CPU from 32,768 entries a parallel radix
-    sort whose threads wait for each other at every pass, see
-    ``encoder_backward.latent_major_order``) and adds each entry's weighted
-    output gradient to its latent's row, in that order. Here the order is
+    Entries per token are rounded up to a power of two, so that a step whose
+    count moves a little (BatchTopK's per-batch budget) reuses one choice,
+    while the dead-latent loss's many per token gets its own.
+    """
+    per_token = max(1, n_entries // max(1, n_tokens))
+    bucket = 1 << (per_token - 1).bit_length()
+    return (n_tokens, n_groups, tuple(W_dec.shape), bucket, W_dec.dtype, W_dec.device)
+
+
+def bagged_group_decode(
+    values: torch.Tensor, W_dec: torch.Tensor, latent: torch.Tensor, starts: torch.Tensor
+) -> torch.Tensor:
+    """``G @ W_dec`` as one ``embedding_bag``, a bag per row of ``G`` (see :func:`decode_groups`).
+
+    Torch's own forward, as ``F.embedding_bag(..., mode="sum")`` computes it,
+    without the bookkeeping its backward would need (this backward is
+    :class:`GroupDecode`'s).
+    """
+    out: torch.Tensor = torch.ops.aten._embedding_bag(
+        W_dec, latent, starts[:-1], False, 0, False, values, False, -1
+    )[0]
+    return out
+
+
+def csr_group_decode(
+    values: torch.Tensor, W_dec: torch.Tensor, latent: torch.Tensor, starts: torch.Tensor
+) -> torch.Tensor:
+    """``G @ W_dec`` as one sparse-dense product with ``G`` in CSR form (see :func:`decode_groups`).
+
+    The token-major entries are ``G``'s CSR form as they are (a row per bag,
+    latents increasing within it): nothing is sorted or copied to build it.
+    Written over an uninitialised output (``beta=0`` ignores it, NaN included,
+    and writes the empty bags' zero rows), as a plain ``mm`` would zero-fill it
+    first; outside autocast, which would multiply in bfloat16.
+    """
+    n_bags = starts.numel() - 1
+    matrix = torch.sparse_csr_tensor(
+        starts, latent, values, (n_bags, W_dec.shape[0]), check_invariants=False
+    )
+    out = W_dec.new_empty(n_bags, W_dec.shape[1])
+    with torch.autocast(W_dec.device.type, enabled=False):
+        return out.addmm_(matrix, W_dec, beta=0)
+
+
+#: the groups' decode (``G @ W_dec``); the faster is measured per shape where it runs
+GROUP_DECODE = MeasuredKernel(
+    "group_decode", {"bagged": bagged_group_decode, "csr": csr_group_decode}
+)
+
+
+def bagged_decoder_weight_grad(
+    grad: torch.Tensor, values: torch.Tensor, bag: torch.Tensor, order: EntryOrder
+) -> torch.Tensor:
+    """``G.T @ grad`` as one ``embedding_bag`` over the output gradient's rows, a bag per latent.
+
+    The entries in ``order`` (latent-major) list each latent's bags: the
+    terms torch's ``embedding_bag`` backward adds, in the order it adds them
+    (see :class:`GroupDecode`).
+    """
+    with torch.autocast(grad.device.type, enabled=False):
+        return F.embedding_bag(
+            bag[order.order],
+            grad,
+            order.starts[:-1],
+            mode="sum",
+            per_sample_weights=values[order.order],
+        )
+
+
+def csr_decoder_weight_grad(
+    grad: torch.Tensor, values: torch.Tensor, bag: torch.Tensor, order: EntryOrder
+) -> torch.Tensor:
+    """``G.T @ grad`` as one sparse-dense product with ``G.T`` in CSR form, built from ``order``.
+
+    ``G.T``'s CSR form is the entries in latent-major ``order``, a row per
+    latent: the same gather the bagged form makes, and no sort. Written over an
+    uninitialised output, outside autocast (see :func:`csr_group_decode`).
+    """
+    matrix = torch.sparse_csr_tensor(
+        order.starts,
+        bag[order.order],
+        values[order.order],
+        (order.d_sae, grad.shape[0]),
+        check_invariants=False,
+    )
+    out = grad.new_empty(order.d_sae, grad.shape[1])
+    with torch.autocast(grad.device.type, enabled=False):
+        return out.addmm_(matrix, grad, beta=0)
+
+
+#: ``W_dec``'s gradient (``G.T @ grad``); the faster is measured per shape where it runs
+DECODER_WEIGHT_GRAD = MeasuredKernel(
+    "decoder_weight_grad",
+    {"bagged": bagged_decoder_weight_grad, "csr": csr_decoder_weight_grad},
+)
+
+
+class GroupDecode(torch.autograd.Function):
+    """``F.embedding_bag(latent, W_dec, starts[:-1], mode="sum", per_sample_weights=values)``, with its gradients.
+
+    The forward is :data:`GROUP_DECODE`, ``W_dec``'s gradient
+    :data:`DECODER_WEIGHT_GRAD`: each the faster, where it runs, of one
+    ``embedding_bag`` and one CSR product (``kernels.measured``; ``key`` is
+    :func:`decode_key`'s). The values' gradient is always torch's own kernel
+    (each entry's output gradient dotted with its ``W_dec`` row), handed the
+    entries' bags, which it would otherwise rebuild from the bags' starts: it
+    needs nothing from the forward, whichever candidate ran. (A sampled CSR
+    product, ``torch.sparse.sampled_addmm``, computes it too: on the CPU of
+    the figures above level with torch's at 40 entries per token, about a
+    quarter faster at the dead-latent loss's 384, where the values' gradient
+    takes about 0.3 s. It is no candidate yet: it rounds otherwise, and would
+    be one more choice a run must keep to repeat itself.)
+
+    ``W_dec``'s gradient is computed without torch's backward's sort. That
+    backward sorts the entries by latent (``indices.sort()``; on CPU from
+    32,768 entries a parallel radix sort whose threads wait for each other at
+    every pass, see ``encoder_backward.latent_major_order``) and adds each
+    entry's weighted output gradient to its latent's row, in that order. Here
+    the order is
     :class:`~sae_lens_matryoshka.kernels.encoder_backward.EntryOrder`'s,
-    shared with the encoder's backward, and the sums are one forward
-    ``embedding_bag`` over the output gradient's rows, one bag per latent:
-    the same terms added in the same order, so in float32 and float64 the
-    same gradient bit for bit wherever torch's sort is stable (on CPU from
-    32,768 entries; below, its sort leaves a latent's entries in an order
-    of its own and the last bits differ). For weights in bfloat16 it would
-    sum in float32 and round once, where torch's backward rounds every
-    addition: :func:`decode_groups` leaves those to torch.
+    shared with the encoder's backward, and both candidates read it. The
+    bagged one adds the same terms in the same order as torch's backward, so
+    with it (and the bagged forward) this is torch's ``embedding_bag`` bit for
+    bit in float32 and float64, wherever torch's sort is stable (on CPU from
+    32,768 entries; below, its sort leaves a latent's entries in an order of
+    its own and the last bits of ``W_dec``'s gradient differ). The CSR
+    candidates sum in another order: equal up to rounding. For weights in
+    bfloat16 this would sum in float32 and round once, where torch's backward
+    rounds every addition: :func:`decode_groups` leaves those to torch.
     """
 
     @staticmethod
@@ -119,39 +256,30 @@ class GroupDecode(torch.autograd.Function):
         W_dec: torch.Tensor,
         latent: torch.Tensor,
         bag: torch.Tensor,
-        offsets: torch.Tensor,
+        starts: torch.Tensor,
         order: EntryOrder,
+        key: tuple[object, ...],
     ) -> torch.Tensor:
-        # offset2bag comes back empty from the sum fast path; the values' gradient
-        # kernel then rebuilds it, as it does inside torch's own backward
-        out, offset2bag, _, _ = torch.ops.aten._embedding_bag(
-            W_dec, latent, offsets, False, 0, False, values, False, -1
-        )
-        ctx.save_for_backward(values, W_dec, latent, bag, offsets, offset2bag)
+        ctx.save_for_backward(values, W_dec, latent, bag, starts)
         ctx.order = order
+        ctx.key = key
+        out: torch.Tensor = GROUP_DECODE(key, values, W_dec, latent, starts)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        values, W_dec, latent, bag, offsets, offset2bag = ctx.saved_tensors
+        values, W_dec, latent, bag, starts = ctx.saved_tensors
         grad = grad.contiguous()
         grad_values = grad_W_dec = None
         if ctx.needs_input_grad[0]:
+            # bag is the offset2bag torch's forward would have made (the bag of each entry)
             grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad, W_dec, latent, offsets, offset2bag, 0, -1
+                grad, W_dec, latent, starts[:-1], bag, 0, -1
             )
         if ctx.needs_input_grad[1]:
-            order: EntryOrder = ctx.order
-            with torch.autocast(grad.device.type, enabled=False):
-                grad_W_dec = F.embedding_bag(
-                    bag[order.order],
-                    grad,
-                    order.starts[:-1],
-                    mode="sum",
-                    per_sample_weights=values[order.order],
-                )
-        return grad_values, grad_W_dec, None, None, None, None
+            grad_W_dec = DECODER_WEIGHT_GRAD(ctx.key, grad, values, bag, ctx.order)
+        return grad_values, grad_W_dec, None, None, None, None, None
 
 
 def _running_sums(

@@ -1,0 +1,306 @@
+"""The measured kernels of the sparse level decode, each candidate against a dense oracle.
+
+``group_decode`` (the groups' decode, ``G @ W_dec``) and ``decoder_weight_grad``
+(``W_dec``'s gradient, ``G.T @ grad``) each have an ``embedding_bag`` and a CSR
+candidate; a run uses whichever its machine measured faster. Every candidate,
+pinned with ``SAE_MATRYOSHKA_KERNELS``, must give the decode and the gradients
+of a dense matmul under autograd, and a whole training step must equal the
+dense path's with each. Unpinned, the kernels measure once per key and keep
+their choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka.kernels import measured
+from sae_lens_matryoshka.kernels.level_decode import (
+    DECODER_WEIGHT_GRAD,
+    GROUP_DECODE,
+    decode_groups,
+    decode_key,
+)
+from sae_lens_matryoshka.kernels.measured import CACHE_ENV, CHOICE_ENV
+
+from .conftest import train_step
+
+KERNELS = (GROUP_DECODE, DECODER_WEIGHT_GRAD)
+#: every pair of (group_decode, decoder_weight_grad) candidates
+PAIRS = list(
+    itertools.product(sorted(GROUP_DECODE.candidates), sorted(DECODER_WEIGHT_GRAD.candidates))
+)
+PAIR_IDS = [f"decode-{forward}-grad-{backward}" for forward, backward in PAIRS]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No choice left from another test: a kept choice would win over a pin."""
+    for kernel in KERNELS:
+        monkeypatch.setattr(kernel, "chosen", {})
+
+
+def _pin(monkeypatch: pytest.MonkeyPatch, **choices: str | None) -> None:
+    """Pin (or, with None, unpin) these kernels; the suite's other pins stay as they are."""
+    pins = dict(
+        item.strip().partition("=")[::2]
+        for item in os.environ.get(CHOICE_ENV, "").split(",")
+        if item.strip()
+    )
+    for kernel, candidate in choices.items():
+        pins.pop(kernel, None)
+        if candidate is not None:
+            pins[kernel] = candidate
+    monkeypatch.setenv(CHOICE_ENV, ",".join(f"{name}={pick}" for name, pick in pins.items()))
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ``kernel/candidate`` of every candidate call from now on, in order."""
+    calls: list[str] = []
+
+    def noting(label: str, candidate: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            calls.append(label)
+            return candidate(*args)
+
+        return call
+
+    for kernel in KERNELS:
+        for name, candidate in list(kernel.candidates.items()):
+            monkeypatch.setitem(kernel.candidates, name, noting(f"{kernel.name}/{name}", candidate))
+    return calls
+
+
+class Entries:
+    """Token-major entries of ``n_tokens`` tokens over ``d_sae`` latents, their groups, a ``W_dec``."""
+
+    def __init__(
+        self, per_token: int, widths: list[int], dtype: torch.dtype, n_tokens: int = 9
+    ) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.n_tokens, self.d_sae, self.d_in = n_tokens, widths[-1], 6
+        scores = torch.randn(self.n_tokens, self.d_sae, generator=generator)
+        scores[:, -1] = -torch.inf  # the last latent has no entry
+        scores[3] = -torch.inf  # nor has token 3: every one of its bags is empty
+        latent = scores.topk(per_token, dim=-1).indices.sort(dim=-1).values
+        keep = torch.ones_like(latent, dtype=torch.bool)
+        keep[3] = False
+        self.token = torch.arange(self.n_tokens).repeat_interleave(per_token)[keep.flatten()]
+        self.latent = latent.flatten()[keep.flatten()]
+        self.values = torch.randn(len(self.token), dtype=dtype, generator=generator)
+        self.W_dec = torch.randn(self.d_sae, self.d_in, dtype=dtype, generator=generator)
+        self.bounds = torch.tensor(widths[:-1], dtype=torch.long)
+        self.n_groups = len(widths)
+        self.upstream = torch.randn(
+            self.n_tokens, self.n_groups, self.d_in, dtype=dtype, generator=generator
+        )
+
+    def bag(self) -> torch.Tensor:
+        group = torch.bucketize(self.latent, self.bounds, right=True)
+        return self.token * self.n_groups + group
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ours: the groups' decode and the gradients of values and ``W_dec``."""
+        values = self.values.clone().requires_grad_()
+        W_dec = self.W_dec.clone().requires_grad_()
+        out = decode_groups(values, self.token, self.latent, W_dec, self.n_tokens, self.bounds)
+        assert out.grad_fn is not None
+        decode = out.grad_fn.next_functions[0][0]  # under the view
+        assert decode is not None and decode.name() == "GroupDecodeBackward"
+        grads = torch.autograd.grad((out * self.upstream).sum(), (values, W_dec))
+        return out.detach(), grads[0], grads[1]
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The oracle: the dense ``[n_bags, d_sae]`` matrix times ``W_dec``, under autograd."""
+        values = self.values.clone().requires_grad_()
+        W_dec = self.W_dec.clone().requires_grad_()
+        n_bags = self.n_tokens * self.n_groups
+        matrix = values.new_zeros(n_bags, self.d_sae).index_put((self.bag(), self.latent), values)
+        out = (matrix @ W_dec).view(self.n_tokens, self.n_groups, self.d_in)
+        grads = torch.autograd.grad((out * self.upstream).sum(), (values, W_dec))
+        return out.detach(), grads[0], grads[1]
+
+
+WIDTHS = {
+    "one-group": [64],
+    "several-groups": [4, 20, 64],
+    "tiny-first-groups": [1, 2, 63, 64],  # bags that are empty for most tokens
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("widths", list(WIDTHS), ids=list(WIDTHS))
+@pytest.mark.parametrize(("forward", "backward"), PAIRS, ids=PAIR_IDS)
+def test_each_candidate_is_the_dense_decode_and_its_gradients(
+    monkeypatch: pytest.MonkeyPatch, forward: str, backward: str, widths: str, dtype: torch.dtype
+) -> None:
+    """Outputs and both gradients, also when the result is written over NaN-filled memory."""
+    _pin(monkeypatch, group_decode=forward, decoder_weight_grad=backward)
+    calls = _spy(monkeypatch)
+    entries = Entries(per_token=9, widths=WIDTHS[widths], dtype=dtype)
+    assert not bool((entries.latent == entries.d_sae - 1).any())  # a latent with no entry
+    expected = entries.dense()
+    got = entries.decode()
+    assert calls == [f"group_decode/{forward}", f"decoder_weight_grad/{backward}"]
+    for name, have, want in zip(
+        ("decode", "values' grad", "W_dec's grad"), got, expected, strict=True
+    ):
+        torch.testing.assert_close(have, want, msg=name)
+    assert bool((got[2][-1] == 0).all())  # the latent with no entry: a zero row
+    assert bool((got[0][3] == 0).all())  # the token with no entry: zero decodes
+    # whatever memory the results are written over held (NaN here) is ignored
+    new_empty = torch.Tensor.new_empty
+    with monkeypatch.context() as patched:
+        patched.setattr(
+            torch.Tensor,
+            "new_empty",
+            lambda self, *a, **kw: new_empty(self, *a, **kw).fill_(torch.nan),
+        )
+        over_nan = entries.decode()
+    for name, have, want in zip(
+        ("decode", "values' grad", "W_dec's grad"), over_nan, got, strict=True
+    ):
+        assert torch.equal(have, want), name
+
+
+@pytest.mark.parametrize("forward", sorted(GROUP_DECODE.candidates))
+def test_the_values_gradient_does_not_depend_on_the_forward_candidate(
+    monkeypatch: pytest.MonkeyPatch, forward: str
+) -> None:
+    """Torch's own values' gradient kernel, handed the entries' bags: bit for bit either way."""
+    entries = Entries(per_token=9, widths=WIDTHS["several-groups"], dtype=torch.float32)
+    _pin(monkeypatch, group_decode="bagged", decoder_weight_grad="bagged")
+    _, reference, _ = entries.decode()
+    _pin(monkeypatch, group_decode=forward, decoder_weight_grad="bagged")
+    _, values_grad, _ = entries.decode()
+    assert torch.equal(values_grad, reference)
+
+
+def test_the_bagged_candidates_are_torchs_embedding_bag_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the decode computed before it was measured: forward and values' gradient exactly.
+
+    ``W_dec``'s gradient too from 32,768 entries, where torch's backward
+    sorts stably (see ``GroupDecode``); here 33,584.
+    """
+    _pin(monkeypatch, group_decode="bagged", decoder_weight_grad="bagged")
+    entries = Entries(per_token=16, widths=[256, 1024, 4096], dtype=torch.float32, n_tokens=2100)
+    assert len(entries.latent) >= 1 << 15
+    ours = entries.decode()
+    values = entries.values.clone().requires_grad_()
+    W_dec = entries.W_dec.clone().requires_grad_()
+    offsets = torch.searchsorted(entries.bag(), torch.arange(entries.n_tokens * 3))
+    torchs = torch.nn.functional.embedding_bag(
+        entries.latent, W_dec, offsets, mode="sum", per_sample_weights=values
+    ).view(entries.n_tokens, 3, -1)
+    grads = torch.autograd.grad((torchs * entries.upstream).sum(), (values, W_dec))
+    for name, have, want in zip(
+        ("decode", "values' grad", "W_dec's grad"), ours, (torchs, *grads), strict=True
+    ):
+        assert torch.equal(have, want), name
+
+
+@pytest.mark.parametrize(("forward", "backward"), [("csr", "csr"), ("bagged", "bagged")])
+def test_a_float32_decode_under_bfloat16_autocast_stays_in_float32(
+    monkeypatch: pytest.MonkeyPatch, forward: str, backward: str
+) -> None:
+    """Autocast would multiply a CSR product in bfloat16: the candidates run outside it."""
+    _pin(monkeypatch, group_decode=forward, decoder_weight_grad=backward)
+    entries = Entries(per_token=9, widths=WIDTHS["several-groups"], dtype=torch.float32)
+    plain = entries.decode()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = entries.decode()
+    for name, have, want in zip(
+        ("decode", "values' grad", "W_dec's grad"), autocast, plain, strict=True
+    ):
+        assert have.dtype == torch.float32, name
+        assert torch.equal(have, want), name
+
+
+def _sae(training_path: str, dtype: str, **fields: Any) -> MatryoshkaTrainingSAE:
+    """The small SAE ``tests/test_sparse_path.py`` steps, its weights at random (not at init)."""
+    base: dict[str, Any] = {"d_in": 12, "d_sae": 64, "k": 5, "matryoshka_widths": [4, 20, 64]}
+    base |= {"training_path": training_path, "dtype": dtype}
+    torch.manual_seed(0)
+    sae = MatryoshkaTrainingSAE(MatryoshkaTrainingSAEConfig(**(base | fields)))
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.copy_(torch.randn_like(param) * 0.5)
+    return sae
+
+
+STEPS: dict[str, dict[str, Any]] = {
+    "paper-levels": {},
+    "tiny-first-levels": {"matryoshka_widths": [1, 2, 63, 64]},
+    "detach-between-levels": {"detach_between_levels": True},
+    "topk-matryoshka-aux-loss": {"activation": "topk", "use_matryoshka_aux_loss": True},
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("config", list(STEPS))
+@pytest.mark.parametrize(("forward", "backward"), PAIRS, ids=PAIR_IDS)
+def test_a_training_step_equals_the_dense_path_with_each_candidate(
+    monkeypatch: pytest.MonkeyPatch, forward: str, backward: str, config: str, dtype: str
+) -> None:
+    """Every loss and every gradient, with the decode's kernels pinned, dead latents included."""
+    _pin(monkeypatch, group_decode=forward, decoder_weight_grad=backward)
+    calls = _spy(monkeypatch)
+    dense, sparse = (_sae(path, dtype, **STEPS[config]) for path in ("dense", "sparse"))
+    x = torch.randn(40, 12, dtype=getattr(torch, dtype)) * 2 + 0.3
+    dead = torch.arange(64) % 3 == 0
+    dense_out, sparse_out = train_step(dense, x, dead), train_step(sparse, x, dead)
+    # the levels' decode and the dead-latent loss's, forward and backward, each with the pin
+    assert sorted(set(calls)) == [f"decoder_weight_grad/{backward}", f"group_decode/{forward}"]
+    assert float(sparse_out.losses["auxiliary_reconstruction_loss"].detach()) > 0
+    assert sparse_out.losses.keys() == dense_out.losses.keys()
+    for name, value in dense_out.losses.items():
+        torch.testing.assert_close(sparse_out.losses[name], value, msg=name)
+    dense_params = dict(dense.named_parameters())
+    for name, param in sparse.named_parameters():
+        assert param.grad is not None, name
+        torch.testing.assert_close(param.grad, dense_params[name].grad, msg=name)
+
+
+def test_unpinned_the_decode_kernels_measure_once_and_keep_their_choice(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Both candidates timed on the first call for a key, then only the chosen one; kept on disk."""
+    _pin(monkeypatch, group_decode=None, decoder_weight_grad=None)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "kernels"))
+    calls = _spy(monkeypatch)
+    entries = Entries(per_token=9, widths=WIDTHS["several-groups"], dtype=torch.float32)
+    first = entries.decode()
+    key = decode_key(entries.W_dec, entries.n_tokens, entries.n_groups, len(entries.latent))
+    assert key == (9, 3, (64, 6), 8, torch.float32, torch.device("cpu"))  # 8 entries per token
+    for kernel in KERNELS:
+        assert set(kernel.chosen) == {key}
+        assert kernel.chosen[key] in kernel.candidates
+        # each candidate: one untimed call and the timed ones; then the chosen one runs
+        for name in kernel.candidates:
+            assert calls.count(f"{kernel.name}/{name}") >= 1 + measured._TIMED_CALLS
+        kept = [
+            json.loads(path.read_text())
+            for path in (tmp_path / "kernels").glob(f"{kernel.name}-*.json")
+        ]
+        assert [entry["choice"] for entry in kept] == [kernel.chosen[key]]
+        assert set(kept[0]["measured_ms"]) == set(kernel.candidates)
+        assert measured.choices()[kernel.name] == {measured._describe(key): kernel.chosen[key]}
+    calls.clear()
+    again = entries.decode()
+    assert calls == [
+        f"group_decode/{GROUP_DECODE.chosen[key]}",
+        f"decoder_weight_grad/{DECODER_WEIGHT_GRAD.chosen[key]}",
+    ]
+    for have, want in zip(again, first, strict=True):
+        assert torch.equal(have, want)
+    torch.testing.assert_close(first[0], entries.dense()[0])
