@@ -23,7 +23,7 @@ import torch
 from sae_lens_matryoshka.kernels.selection import (
     Selection,
     batch_topk_entries,
-    sampled_batch_topk_entries,
+    batch_topk_selection,
     topk_entries,
 )
 
@@ -38,11 +38,13 @@ class Collectives:
         token). Without ``count_on_host`` nothing is read back to the host and
         the selection may come back ``missed`` (see ``Selection``): a training
         step reads that with its other numbers and then selects again with it.
+        That selection is the faster of two for this shape on this machine
+        (``kernels.selection.batch_topk_selection``).
         """
         n_keep = kept_entries(k, hidden_pre.shape[0], hidden_pre.numel())
         if count_on_host:
             return batch_topk_entries(hidden_pre, n_keep)
-        return sampled_batch_topk_entries(hidden_pre, n_keep)
+        return batch_topk_selection(hidden_pre, n_keep)
 
     def topk(self, hidden_pre: torch.Tensor, k: int) -> Selection:
         """The ``(token, latent)`` entries TopK keeps: each token's ``k`` largest, token-major."""

@@ -17,9 +17,9 @@ ORDER = [
     "decoder",
     "sae_base",
     # pure tensor functions
-    "kernels.selection",
     "kernels.measured",
     "kernels.encoder_backward",
+    "kernels.selection",
     "kernels.level_decode",
     "kernels.jumprelu",
     "kernels",

@@ -11,13 +11,20 @@ a token's entries are contiguous (a CSR row) and a token's entries of one
 Matryoshka group follow each other, so the bags need no sort and the sparse
 product takes the entries as they are.
 
-- ``selection``: the entries a dense top-k would keep (BatchTopK, TopK),
-  filtering with a threshold estimated from a sample so that the full
-  ``n_tokens x d_sae`` ranking never runs; the dense TopK; and each token's
-  most active dead latents for the aux loss, picked the cheaper of two ways
-  for how many are dead;
+- ``selection``: the entries a dense top-k would keep (BatchTopK, TopK);
+  BatchTopK's without a host read by whichever of two is faster where it
+  runs (measured): filtering with a threshold estimated from a sample so
+  that the full ``n_tokens x d_sae`` ranking never runs (the faster on
+  CPU), or one ``topk`` over the whole matrix (a radix select of a few
+  passes on a GPU); the dense TopK; and each token's most active dead
+  latents for the aux loss, picked the cheaper of two ways for how many
+  are dead;
 - ``measured``: a kernel with several implementations computing the same,
-  the fastest timed on the first call for each shape where it runs;
+  the fastest timed on the first call for each shape where it runs and kept
+  per machine; which wins depends on the machine, the shapes and the entries
+  per token, so each sparse product of the step is one (``W_enc``'s
+  gradient, the groups' decode, ``W_dec``'s gradient) and so is BatchTopK's
+  selection;
 - ``encoder_backward``: selected pre-activations with an encoder backward that
   touches only the selected latents (the ``W_enc`` gradient is one
   sparse-dense product with the gradient matrix in compressed form, or one

@@ -1,7 +1,20 @@
-"""Which ``(token, latent)`` entries a top-k keeps, token-major, without ranking every entry.
+"""Which ``(token, latent)`` entries a top-k keeps, token-major, without a host read where it can.
 
 :func:`batch_topk_entries` and :func:`topk_entries` return the entries a dense
 top-k would keep; :func:`topk` is the dense TopK activation itself.
+:func:`batch_topk_selection` is BatchTopK's selection in a training step,
+which reads nothing back to the host (a flag on the device says when the
+step must select again with :func:`batch_topk_entries`). It is a measured
+kernel (``kernels.measured``) of two candidates that keep the same entries:
+:func:`sampled_batch_topk_entries` ranks only the entries above a threshold
+estimated from a sample, :func:`topk_batch_topk_entries` ranks all
+``n_tokens x d_sae`` of them with one ``topk``. Which is faster depends on
+the machine: on a CPU ``topk`` is a partial sort of the whole matrix, slower
+than the sampled selection's few passes over it; on a GPU it is a radix
+select, a few passes too, against the sampled selection's count, compaction
+and ranking kernels. So each machine times both, once per shape. (The
+sharded step keeps the exact :func:`batch_topk_entries`: its ranks agree on
+a cut-off by reading counts back anyway, so reading nothing gains it nothing.)
 :func:`dead_latent_pick` chooses how the dead-latent aux loss picks each
 token's most active dead latents (the top-k over the pre-activations with the
 live latents masked out): by gathering the dead latents' columns when few are
@@ -10,12 +23,16 @@ dead, by ranking every column in place when nearly all are.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
+
+from sae_lens_matryoshka.kernels.encoder_backward import single_thread
+from sae_lens_matryoshka.kernels.measured import MeasuredKernel
 
 #: the largest and smallest samples for estimating the selection threshold (at
 #: most 1/16 of the values); the result is exact whatever the sample, a better
@@ -80,7 +97,7 @@ class Selection(NamedTuple):
     """The ``(token, latent)`` entries an activation keeps, token-major, and whether they are sure.
 
     A selection whose shapes were fixed without reading a count back to the
-    host (:func:`sampled_batch_topk_entries`) carries ``missed``: a 0-d bool
+    host (:func:`batch_topk_selection`) carries ``missed``: a 0-d bool
     on the device, true where its estimate fell outside what it can answer
     exactly. The training step reads it with its other numbers in one host
     read and, where true, selects again with :func:`batch_topk_entries`.
@@ -120,11 +137,19 @@ def batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> Selection:
 def _first_largest(values: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Positions of ``values``' ``n_keep`` largest, increasing (ties broken by position).
 
-    At least ``n_keep`` values reach the ``n_keep``-th largest; the first
-    ``n_keep`` of them have a static size, so no synchronisation.
+    Every value above the ``n_keep``-th largest (the cut-off), then the first
+    of those equal to it, as many as there is room for: exactly ``n_keep``, a
+    static size, so no synchronisation. (The first ``n_keep`` values at or
+    above the cut-off would drop larger values that come after a run of
+    ties: bfloat16 pre-activations tie at the cut-off in most batches.)
     """
     cutoff = values.kthvalue(values.numel() - n_keep + 1).values
-    return torch.nonzero_static(values >= cutoff, size=n_keep).squeeze(1)
+    above = values > cutoff
+    tied = values == cutoff
+    room_for_tied = n_keep - above.count_nonzero()
+    counts = torch.int32 if values.numel() <= torch.iinfo(torch.int32).max else torch.int64
+    keep = above | (tied & (tied.cumsum(0, dtype=counts) <= room_for_tied))
+    return torch.nonzero_static(keep, size=n_keep).squeeze(1)
 
 
 def sampled_batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> Selection:
@@ -153,6 +178,55 @@ def sampled_batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> Selecti
         candidates = candidates[_first_largest(values, n_keep)]
     missed = (n_passing < n_keep) | (n_passing > room)
     return Selection(candidates // d_sae, candidates % d_sae, missed)
+
+
+def topk_batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> Selection:
+    """:func:`sampled_batch_topk_entries` by a ``topk`` over every entry: no estimate to miss.
+
+    The ``n_keep`` largest of the flattened pre-activations, their positions
+    sorted (token-major). Ranks all ``n_tokens * d_sae`` values, which costs
+    more than ranking the sampled candidates where ``topk``'s selection is
+    slow (a CPU: a partial sort over the whole matrix) and may cost less
+    where it is a few passes of a radix select (a GPU), so
+    :func:`batch_topk_selection` times both. ``missed`` (on the device) is
+    true where its smallest kept value is not positive: fewer than ``n_keep``
+    entries are, so the answer's size depends on the data and the caller
+    selects again with :func:`batch_topk_entries`, as after a sampled miss.
+    """
+    d_sae = hidden_pre.shape[-1]
+    flat = hidden_pre.reshape(-1)
+    if n_keep <= 0:
+        return batch_topk_entries(hidden_pre, n_keep)  # nothing to select: no read either
+    top = flat.topk(n_keep, sorted=False)
+    # narrowed and on one thread on CPU, as latent_major_order sorts (torch's parallel
+    # radix sort stalls on shared cores, one pass per byte of the key's type)
+    narrow = torch.int32 if flat.numel() <= torch.iinfo(torch.int32).max else torch.int64
+    with single_thread() if flat.device.type == "cpu" else contextlib.nullcontext():
+        positions = top.indices.to(narrow).sort().values.long()
+    missed = top.values.min() <= 0
+    return Selection(positions // d_sae, positions % d_sae, missed)
+
+
+#: BatchTopK's host-read-free selection: the faster is measured per shape where it runs
+BATCH_TOPK_SELECTION: MeasuredKernel[Selection] = MeasuredKernel(
+    "batch_topk_selection",
+    {"sampled": sampled_batch_topk_entries, "topk": topk_batch_topk_entries},
+)
+
+
+def batch_topk_selection(hidden_pre: torch.Tensor, n_keep: int) -> Selection:
+    """:func:`batch_topk_entries` without a host read: ``missed`` says where to select again.
+
+    By the faster of :func:`sampled_batch_topk_entries` and
+    :func:`topk_batch_topk_entries` for this shape (``kernels.measured``): the
+    same entries (ties at the cut-off aside), the same ``missed`` where fewer
+    than ``n_keep`` entries are positive, at costs that differ by machine (on
+    one 2-core CPU at 2048 tokens x 16,384 latents in float32, ``n_keep`` =
+    40 per token: the sampled selection in 150-230 ms, the ``topk`` in 500).
+    The first call for a shape runs each three times to time them.
+    """
+    key = (tuple(hidden_pre.shape), n_keep, hidden_pre.dtype, hidden_pre.device)
+    return BATCH_TOPK_SELECTION(key, hidden_pre, n_keep)
 
 
 def topk_entries(hidden_pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
