@@ -15,8 +15,8 @@ depends on the machine, the shapes and the entries per token, as it does for
 the encoder's gradient of the same entries (``encoder_backward``), where the
 CSR product was the faster on a CPU on which the bags win here: on one
 2-thread AMD EPYC at the default benchmark size (d_in 768, d_sae 16384, 2048
-tokens, k 40, five groups) the bags took 17 ms for the decode against the
-CSR product's 34, and 60 ms for ``W_dec``'s gradient against 71. So each is a
+tokens, k 40, five groups) the bags took 24 ms for the decode against the CSR
+product's 26, and 27 ms for ``W_dec``'s gradient against 34. So each is a
 :class:`~sae_lens_matryoshka.kernels.measured.MeasuredKernel`
 (``group_decode``, ``decoder_weight_grad``), timed where it runs and kept.
 """
