@@ -95,9 +95,11 @@ def test_trains_saves_and_loads_in_every_dtype(
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * x.float().std())
     else:
         # folding the decoder norms into bfloat16 weights rounds them, which can
-        # swap a near-tie in a top-k selection: allow a few flipped entries
+        # push a pre-activation across the threshold: a few tokens may decode
+        # another latent set, the rest must agree
         close = torch.isclose(got, expected, rtol=5e-2, atol=5e-2 * float(x.float().std()))
-        assert close.float().mean() > 0.99
+        tokens_apart = int((~close.all(dim=-1)).sum())
+        assert tokens_apart <= 0.05 * len(x), f"{tokens_apart} of {len(x)} tokens decode otherwise"
 
 
 def test_runner_trains_bfloat16_with_autocast(
