@@ -37,6 +37,7 @@ from sae_lens_matryoshka.distributed.sharding import (
 )
 from sae_lens_matryoshka.io.checkpoints import PART_FILE, check_part
 from sae_lens_matryoshka.io.interop import to_inference
+from sae_lens_matryoshka.kernels import measured
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
 from .conftest import join_gloo, spawn_ranks, step_output
@@ -128,6 +129,8 @@ def _step_report(sae: MatryoshkaTrainingSAE, x: torch.Tensor) -> dict[str, Any]:
         "grads": {name: param.grad.clone() for name, param in sae.named_parameters()},
         "cutoff": sae.activation_fn.state_dict().get("last_cutoff"),
         "b_dec": sae.b_dec.detach().clone(),
+        # the candidate each measured kernel ran in this process (pinned: under "*")
+        "kernels": {name: picks.get("*") for name, picks in measured.choices().items()},
     }
 
 
@@ -169,11 +172,23 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7, msg=what)
 
 
-@pytest.mark.parametrize(("n_shards", "n_replicas"), LAYOUTS)
+#: every measured kernel on the candidate the suite does not pin (the ranks inherit it)
+OTHER_CANDIDATES = (
+    "encoder_weight_grad=bagged,group_decode=csr,decoder_weight_grad=csr,batch_topk_selection=topk"
+)
+
+
+@pytest.mark.parametrize(
+    ("n_shards", "n_replicas", "kernels"),
+    [*((*layout, "suite's kernels") for layout in LAYOUTS), (2, 1, "other candidates")],
+)
 @pytest.mark.slow
 def test_sharded_training_equals_one_process(
-    tmp_path: Path, n_shards: int, n_replicas: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_shards: int, n_replicas: int, kernels: str
 ) -> None:
+    if kernels == "other candidates":
+        monkeypatch.setenv("SAE_MATRYOSHKA_KERNELS", OTHER_CANDIDATES)
+    pins = dict(pin.split("=") for pin in os.environ["SAE_MATRYOSHKA_KERNELS"].split(","))
     world = n_shards * n_replicas
     spawn_ranks(_exactness_rank, (tmp_path, n_shards, world), world, timeout_s=240)
     rows = D_SAE // n_shards
@@ -190,6 +205,8 @@ def test_sharded_training_equals_one_process(
         for rank, report in enumerate(ranks):
             shard, replica = rank % n_shards, rank // n_shards
             where = f"{variant} rank {rank}"
+            # the ranks measured nothing: each kernel is pinned as it is here
+            assert report["kernels"] == pins, where
             # the shards of a replica compute one loss
             _close(report["loss"], ranks[replica * n_shards]["loss"], f"{where} loss")
             tokens = slice(replica * BATCH, (replica + 1) * BATCH)
