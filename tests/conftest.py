@@ -23,7 +23,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault(
     "SAE_MATRYOSHKA_KERNELS",
     "encoder_weight_grad=csr,group_decode=bagged,decoder_weight_grad=bagged,"
-    "batch_topk_selection=sampled",
+    "decode_values_grad=bagged,batch_topk_selection=sampled",
 )
 # and no measured choice kept in the user's cache (a test that wants the cache sets a folder)
 os.environ.setdefault("SAE_MATRYOSHKA_KERNEL_CACHE", "")

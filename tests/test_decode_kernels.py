@@ -2,7 +2,9 @@
 
 ``group_decode`` (the groups' decode, ``G @ W_dec``) and ``decoder_weight_grad``
 (``W_dec``'s gradient, ``G.T @ grad``) each have an ``embedding_bag`` and a CSR
-candidate; a run uses whichever its machine measured faster. Every candidate,
+candidate, ``decode_values_grad`` (the values' gradient) torch's
+``embedding_bag`` kernel and a sampled CSR product; a run uses whichever its
+machine measured faster. Every candidate,
 pinned with ``SAE_MATRYOSHKA_KERNELS``, must give the decode and the gradients
 of a dense matmul under autograd, and a whole training step must equal the
 dense path's with each. Unpinned, the kernels measure once per key and keep
@@ -24,6 +26,7 @@ import torch
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.kernels import measured
 from sae_lens_matryoshka.kernels.level_decode import (
+    DECODE_VALUES_GRAD,
     DECODER_WEIGHT_GRAD,
     GROUP_DECODE,
     decode_groups,
@@ -33,12 +36,10 @@ from sae_lens_matryoshka.kernels.measured import CACHE_ENV, CHOICE_ENV
 
 from .conftest import train_step
 
-KERNELS = (GROUP_DECODE, DECODER_WEIGHT_GRAD)
-#: every pair of (group_decode, decoder_weight_grad) candidates
-PAIRS = list(
-    itertools.product(sorted(GROUP_DECODE.candidates), sorted(DECODER_WEIGHT_GRAD.candidates))
-)
-PAIR_IDS = [f"decode-{forward}-grad-{backward}" for forward, backward in PAIRS]
+KERNELS = (GROUP_DECODE, DECODER_WEIGHT_GRAD, DECODE_VALUES_GRAD)
+#: every combination of (group_decode, decoder_weight_grad, decode_values_grad) candidates
+COMBOS = list(itertools.product(*(sorted(kernel.candidates) for kernel in KERNELS)))
+COMBO_IDS = [f"decode-{f}-grad-{b}-values-{v}" for f, b, v in COMBOS]
 
 
 @pytest.fixture(autouse=True)
@@ -138,18 +139,27 @@ WIDTHS = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("widths", list(WIDTHS), ids=list(WIDTHS))
-@pytest.mark.parametrize(("forward", "backward"), PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize(("forward", "backward", "values"), COMBOS, ids=COMBO_IDS)
 def test_each_candidate_is_the_dense_decode_and_its_gradients(
-    monkeypatch: pytest.MonkeyPatch, forward: str, backward: str, widths: str, dtype: torch.dtype
+    monkeypatch: pytest.MonkeyPatch,
+    forward: str,
+    backward: str,
+    values: str,
+    widths: str,
+    dtype: torch.dtype,
 ) -> None:
     """Outputs and both gradients, also when the result is written over NaN-filled memory."""
-    _pin(monkeypatch, group_decode=forward, decoder_weight_grad=backward)
+    _pin(monkeypatch, group_decode=forward, decoder_weight_grad=backward, decode_values_grad=values)
     calls = _spy(monkeypatch)
     entries = Entries(per_token=9, widths=WIDTHS[widths], dtype=dtype)
     assert not bool((entries.latent == entries.d_sae - 1).any())  # a latent with no entry
     expected = entries.dense()
     got = entries.decode()
-    assert calls == [f"group_decode/{forward}", f"decoder_weight_grad/{backward}"]
+    assert calls == [
+        f"group_decode/{forward}",
+        f"decode_values_grad/{values}",
+        f"decoder_weight_grad/{backward}",
+    ]
     for name, have, want in zip(
         ("decode", "values' grad", "W_dec's grad"), got, expected, strict=True
     ):
@@ -209,12 +219,14 @@ def test_the_bagged_candidates_are_torchs_embedding_bag_bit_for_bit(
         assert torch.equal(have, want), name
 
 
-@pytest.mark.parametrize(("forward", "backward"), [("csr", "csr"), ("bagged", "bagged")])
+@pytest.mark.parametrize(
+    ("forward", "backward", "values"), [("csr", "csr", "sampled"), ("bagged", "bagged", "bagged")]
+)
 def test_a_float32_decode_under_bfloat16_autocast_stays_in_float32(
-    monkeypatch: pytest.MonkeyPatch, forward: str, backward: str
+    monkeypatch: pytest.MonkeyPatch, forward: str, backward: str, values: str
 ) -> None:
     """Autocast would multiply a CSR product in bfloat16: the candidates run outside it."""
-    _pin(monkeypatch, group_decode=forward, decoder_weight_grad=backward)
+    _pin(monkeypatch, group_decode=forward, decoder_weight_grad=backward, decode_values_grad=values)
     entries = Entries(per_token=9, widths=WIDTHS["several-groups"], dtype=torch.float32)
     plain = entries.decode()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -248,19 +260,28 @@ STEPS: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("config", list(STEPS))
-@pytest.mark.parametrize(("forward", "backward"), PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize(("forward", "backward", "values"), COMBOS, ids=COMBO_IDS)
 def test_a_training_step_equals_the_dense_path_with_each_candidate(
-    monkeypatch: pytest.MonkeyPatch, forward: str, backward: str, config: str, dtype: str
+    monkeypatch: pytest.MonkeyPatch,
+    forward: str,
+    backward: str,
+    values: str,
+    config: str,
+    dtype: str,
 ) -> None:
     """Every loss and every gradient, with the decode's kernels pinned, dead latents included."""
-    _pin(monkeypatch, group_decode=forward, decoder_weight_grad=backward)
+    _pin(monkeypatch, group_decode=forward, decoder_weight_grad=backward, decode_values_grad=values)
     calls = _spy(monkeypatch)
     dense, sparse = (_sae(path, dtype, **STEPS[config]) for path in ("dense", "sparse"))
     x = torch.randn(40, 12, dtype=getattr(torch, dtype)) * 2 + 0.3
     dead = torch.arange(64) % 3 == 0
     dense_out, sparse_out = train_step(dense, x, dead), train_step(sparse, x, dead)
     # the levels' decode and the dead-latent loss's, forward and backward, each with the pin
-    assert sorted(set(calls)) == [f"decoder_weight_grad/{backward}", f"group_decode/{forward}"]
+    assert sorted(set(calls)) == [
+        f"decode_values_grad/{values}",
+        f"decoder_weight_grad/{backward}",
+        f"group_decode/{forward}",
+    ]
     assert float(sparse_out.losses["auxiliary_reconstruction_loss"].detach()) > 0
     assert sparse_out.losses.keys() == dense_out.losses.keys()
     for name, value in dense_out.losses.items():
@@ -275,7 +296,7 @@ def test_unpinned_the_decode_kernels_measure_once_and_keep_their_choice(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Both candidates timed on the first call for a key, then only the chosen one; kept on disk."""
-    _pin(monkeypatch, group_decode=None, decoder_weight_grad=None)
+    _pin(monkeypatch, group_decode=None, decoder_weight_grad=None, decode_values_grad=None)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "kernels"))
     calls = _spy(monkeypatch)
     entries = Entries(per_token=9, widths=WIDTHS["several-groups"], dtype=torch.float32)
@@ -299,6 +320,7 @@ def test_unpinned_the_decode_kernels_measure_once_and_keep_their_choice(
     again = entries.decode()
     assert calls == [
         f"group_decode/{GROUP_DECODE.chosen[key]}",
+        f"decode_values_grad/{DECODE_VALUES_GRAD.chosen[key]}",
         f"decoder_weight_grad/{DECODER_WEIGHT_GRAD.chosen[key]}",
     ]
     for have, want in zip(again, first, strict=True):

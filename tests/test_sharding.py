@@ -174,7 +174,8 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 
 #: every measured kernel on the candidate the suite does not pin (the ranks inherit it)
 OTHER_CANDIDATES = (
-    "encoder_weight_grad=bagged,group_decode=csr,decoder_weight_grad=csr,batch_topk_selection=topk"
+    "encoder_weight_grad=bagged,group_decode=csr,decoder_weight_grad=csr,"
+    "decode_values_grad=sampled,batch_topk_selection=topk"
 )
 
 

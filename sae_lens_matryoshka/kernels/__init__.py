@@ -23,8 +23,8 @@ product takes the entries as they are.
   the fastest timed on the first call for each shape where it runs and kept
   per machine; which wins depends on the machine, the shapes and the entries
   per token, so each sparse product of the step is one (``W_enc``'s
-  gradient, the groups' decode, ``W_dec``'s gradient) and so is BatchTopK's
-  selection;
+  gradient, the groups' decode, ``W_dec``'s gradient and the decoded values'
+  gradient) and so is BatchTopK's selection;
 - ``encoder_backward``: selected pre-activations with an encoder backward that
   touches only the selected latents (the ``W_enc`` gradient is one
   sparse-dense product with the gradient matrix in compressed form, or one
@@ -37,7 +37,8 @@ product takes the entries as they are.
   decode) or from the entries (one sparse product over (token, group) bags,
   an ``embedding_bag`` or a CSR product, whichever is faster, then a running
   sum over groups, with a ``W_dec`` gradient measured the same way that takes
-  the shared order instead of sorting the entries again);
+  the shared order instead of sorting the entries again, and a values'
+  gradient measured too);
 - ``jumprelu``: the JumpReLU and its straight-through estimators.
 
 The dense path (``training_path="dense"``) computes the same loss and gradients

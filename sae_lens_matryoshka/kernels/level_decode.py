@@ -16,9 +16,13 @@ the encoder's gradient of the same entries (``encoder_backward``), where the
 CSR product was the faster on a CPU on which the bags win here: on one
 2-thread AMD EPYC at the default benchmark size (d_in 768, d_sae 16384, 2048
 tokens, k 40, five groups) the bags took 24 ms for the decode against the CSR
-product's 26, and 27 ms for ``W_dec``'s gradient against 34. So each is a
-:class:`~sae_lens_matryoshka.kernels.measured.MeasuredKernel`
-(``group_decode``, ``decoder_weight_grad``), timed where it runs and kept.
+product's 26, and 27 ms for ``W_dec``'s gradient against 34; the values'
+gradient (the output gradient dotted with each entry's ``W_dec`` row) took 22 ms
+in torch's ``embedding_bag`` kernel against a sampled CSR product's 16 at 40
+entries per token, and 132 against 147 at the dead-latent loss's 384. So each
+is a :class:`~sae_lens_matryoshka.kernels.measured.MeasuredKernel`
+(``group_decode``, ``decoder_weight_grad``, ``decode_values_grad``), timed
+where it runs and kept.
 """
 
 from __future__ import annotations
@@ -215,21 +219,67 @@ DECODER_WEIGHT_GRAD = MeasuredKernel(
 )
 
 
+def bagged_decode_values_grad(
+    grad: torch.Tensor,
+    W_dec: torch.Tensor,
+    latent: torch.Tensor,
+    bag: torch.Tensor,
+    starts: torch.Tensor,
+) -> torch.Tensor:
+    """Each entry's output gradient dotted with its ``W_dec`` row: torch's ``embedding_bag`` kernel.
+
+    Handed the entries' bags (the ``offset2bag`` torch's forward would have
+    made), so it needs nothing from whichever forward candidate ran.
+    """
+    values_grad: torch.Tensor = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad, W_dec, latent, starts[:-1], bag, 0, -1
+    )
+    return values_grad
+
+
+def sampled_decode_values_grad(
+    grad: torch.Tensor,
+    W_dec: torch.Tensor,
+    latent: torch.Tensor,
+    bag: torch.Tensor,
+    starts: torch.Tensor,
+) -> torch.Tensor:
+    """The same dot products as ``grad @ W_dec.T`` sampled at ``G``'s entries (``sampled_addmm``).
+
+    ``G``'s CSR form is the token-major entries as they are; only its
+    pattern counts (``beta=0``), so its values are zeros. Outside autocast,
+    which would multiply in bfloat16.
+    """
+    del bag  # the CSR rows say each entry's bag
+    pattern = torch.sparse_csr_tensor(
+        starts,
+        latent,
+        grad.new_zeros(latent.numel()),
+        (grad.shape[0], W_dec.shape[0]),
+        check_invariants=False,
+    )
+    with torch.autocast(grad.device.type, enabled=False):
+        return torch.sparse.sampled_addmm(pattern, grad, W_dec.t(), beta=0).values()
+
+
+#: the values' gradient of the groups' decode; the faster is measured per shape where it runs
+DECODE_VALUES_GRAD = MeasuredKernel(
+    "decode_values_grad",
+    {"bagged": bagged_decode_values_grad, "sampled": sampled_decode_values_grad},
+)
+
+
 class GroupDecode(torch.autograd.Function):
     """``F.embedding_bag(latent, W_dec, starts[:-1], mode="sum", per_sample_weights=values)``, with its gradients.
 
     The forward is :data:`GROUP_DECODE`, ``W_dec``'s gradient
     :data:`DECODER_WEIGHT_GRAD`: each the faster, where it runs, of one
     ``embedding_bag`` and one CSR product (``kernels.measured``; ``key`` is
-    :func:`decode_key`'s). The values' gradient is always torch's own kernel
-    (each entry's output gradient dotted with its ``W_dec`` row), handed the
-    entries' bags, which it would otherwise rebuild from the bags' starts: it
-    needs nothing from the forward, whichever candidate ran. (A sampled CSR
-    product, ``torch.sparse.sampled_addmm``, computes it too: on the CPU of
-    the figures above level with torch's at 40 entries per token, about a
-    quarter faster at the dead-latent loss's 384, where the values' gradient
-    takes about 0.3 s. It is no candidate yet: it rounds otherwise, and would
-    be one more choice a run must keep to repeat itself.)
+    :func:`decode_key`'s). The values' gradient, each entry's output gradient
+    dotted with its ``W_dec`` row, is :data:`DECODE_VALUES_GRAD`: torch's own
+    ``embedding_bag`` kernel or a sampled CSR product (``sampled_addmm``),
+    both handed what they need from the entries, nothing from the forward,
+    whichever candidate ran.
 
     ``W_dec``'s gradient is computed without torch's backward's sort. That
     backward sorts the entries by latent (``indices.sort()``; on CPU from
@@ -273,10 +323,7 @@ class GroupDecode(torch.autograd.Function):
         grad = grad.contiguous()
         grad_values = grad_W_dec = None
         if ctx.needs_input_grad[0]:
-            # bag is the offset2bag torch's forward would have made (the bag of each entry)
-            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad, W_dec, latent, starts[:-1], bag, 0, -1
-            )
+            grad_values = DECODE_VALUES_GRAD(ctx.key, grad, W_dec, latent, bag, starts)
         if ctx.needs_input_grad[1]:
             grad_W_dec = DECODER_WEIGHT_GRAD(ctx.key, grad, values, bag, ctx.order)
         return grad_values, grad_W_dec, None, None, None, None, None
