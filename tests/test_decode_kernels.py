@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import torch
 
-from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.kernels import measured
 from sae_lens_matryoshka.kernels.level_decode import (
     DECODE_VALUES_GRAD,
@@ -35,6 +34,7 @@ from sae_lens_matryoshka.kernels.level_decode import (
 from sae_lens_matryoshka.kernels.measured import CACHE_ENV, CHOICE_ENV
 
 from .conftest import train_step
+from .test_sparse_path import _sae
 
 KERNELS = (GROUP_DECODE, DECODER_WEIGHT_GRAD, DECODE_VALUES_GRAD)
 #: every combination of (group_decode, decoder_weight_grad, decode_values_grad) candidates
@@ -238,18 +238,6 @@ def test_a_float32_decode_under_bfloat16_autocast_stays_in_float32(
         assert torch.equal(have, want), name
 
 
-def _sae(training_path: str, dtype: str, **fields: Any) -> MatryoshkaTrainingSAE:
-    """The small SAE ``tests/test_sparse_path.py`` steps, its weights at random (not at init)."""
-    base: dict[str, Any] = {"d_in": 12, "d_sae": 64, "k": 5, "matryoshka_widths": [4, 20, 64]}
-    base |= {"training_path": training_path, "dtype": dtype}
-    torch.manual_seed(0)
-    sae = MatryoshkaTrainingSAE(MatryoshkaTrainingSAEConfig(**(base | fields)))
-    with torch.no_grad():
-        for param in sae.parameters():
-            param.copy_(torch.randn_like(param) * 0.5)
-    return sae
-
-
 STEPS: dict[str, dict[str, Any]] = {
     "paper-levels": {},
     "tiny-first-levels": {"matryoshka_widths": [1, 2, 63, 64]},
@@ -272,7 +260,7 @@ def test_a_training_step_equals_the_dense_path_with_each_candidate(
     """Every loss and every gradient, with the decode's kernels pinned, dead latents included."""
     _pin(monkeypatch, group_decode=forward, decoder_weight_grad=backward, decode_values_grad=values)
     calls = _spy(monkeypatch)
-    dense, sparse = (_sae(path, dtype, **STEPS[config]) for path in ("dense", "sparse"))
+    dense, sparse = (_sae(path, dtype=dtype, **STEPS[config]) for path in ("dense", "sparse"))
     x = torch.randn(40, 12, dtype=getattr(torch, dtype)) * 2 + 0.3
     dead = torch.arange(64) % 3 == 0
     dense_out, sparse_out = train_step(dense, x, dead), train_step(sparse, x, dead)
