@@ -353,6 +353,29 @@ def test_a_measured_kernel_runs_the_faster_candidate_and_keeps_its_choice(
         kernel("shape-d", x)
 
 
+def test_a_measurement_times_the_candidates_in_interleaved_rounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst of load during one candidate's first timing does not decide: each keeps its best."""
+    monkeypatch.delenv(CHOICE_ENV, raising=False)
+    monkeypatch.setattr(measured, "_ROUNDS", 2)
+    candidates = {"a": lambda x: x + 1, "b": lambda x: x + 1}
+    order: list[str] = []
+    # a's first timing falls in a burst (5.0); its second is the fastest of all
+    seconds = {"a": iter([5.0, 1.0]), "b": iter([2.0, 2.0])}
+
+    def timed(candidate: Any, _args: Any, _device: Any) -> float:
+        name = next(name for name, c in candidates.items() if c is candidate)
+        order.append(name)
+        return next(seconds[name])
+
+    monkeypatch.setattr(measured, "_time", timed)
+    kernel = MeasuredKernel("bursty", candidates)
+    kernel("shape", torch.zeros(3))
+    assert order == ["a", "b", "a", "b"]
+    assert kernel.chosen == {"shape": "a"}
+
+
 def test_a_measured_choice_is_kept_for_the_machine_and_read_instead_of_timing_again(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

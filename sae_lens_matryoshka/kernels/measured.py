@@ -4,8 +4,9 @@ The fastest way to compute a sparse product depends on the machine: on one
 CPU a CSR product is the faster, on another an ``embedding_bag`` over sorted
 entries is several times faster, and a GPU differs again. A
 :class:`MeasuredKernel` times each candidate a few times on the first call
-for a shape (as ``torch.backends.cudnn.benchmark`` does), keeps the fastest
-for the rest of the run and logs the choice once. Timing synchronises the
+for a shape (as ``torch.backends.cudnn.benchmark`` does; in interleaved
+rounds, so that a burst of load on a shared machine slows them all), keeps
+the fastest for the rest of the run and logs the choice once. Timing synchronises the
 device, but only on those first calls: a steady step reads nothing back for it.
 
 The candidates compute the same sum in different orders, so they agree only
@@ -30,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -45,8 +47,11 @@ import torch
 CHOICE_ENV = "SAE_MATRYOSHKA_KERNELS"
 #: the folder measured choices are kept in; an empty string keeps none
 CACHE_ENV = "SAE_MATRYOSHKA_KERNEL_CACHE"
-#: timed calls per candidate (after one untimed call, which warms caches and allocators)
+#: timed calls per candidate in a round (after one untimed call, which warms caches and allocators)
 _TIMED_CALLS = 2
+#: rounds over the candidates, interleaved: a burst of load from another process
+#: on a shared machine then slows every candidate's calls alike, not one's
+_ROUNDS = 2
 
 _LOG = logging.getLogger(__name__)
 Result = TypeVar("Result")
@@ -91,9 +96,10 @@ class MeasuredKernel(Generic[Result]):
         if chosen is not None:
             _LOG.info("%s for %s: %s (measured before, kept in %s)", self.name, key, chosen, entry)
         else:
-            times = {
-                name: _time(candidate, args, device) for name, candidate in self.candidates.items()
-            }
+            times = dict.fromkeys(self.candidates, math.inf)
+            for _ in range(_ROUNDS):
+                for name, candidate in self.candidates.items():
+                    times[name] = min(times[name], _time(candidate, args, device))
             chosen = min(times, key=times.__getitem__)
             _LOG.info(
                 "%s for %s: %s (measured %s)",

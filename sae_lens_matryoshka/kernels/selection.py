@@ -223,7 +223,7 @@ def batch_topk_selection(hidden_pre: torch.Tensor, n_keep: int) -> Selection:
     than ``n_keep`` entries are positive, at costs that differ by machine (on
     one 2-core CPU at 2048 tokens x 16,384 latents in float32, ``n_keep`` =
     40 per token: the sampled selection in 94 ms, the ``topk`` in 572).
-    The first call for a shape runs each three times to time them.
+    The first call for a shape runs each a few times to time them.
     """
     key = (tuple(hidden_pre.shape), n_keep, hidden_pre.dtype, hidden_pre.device)
     return BATCH_TOPK_SELECTION(key, hidden_pre, n_keep)
