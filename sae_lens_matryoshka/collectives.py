@@ -52,18 +52,20 @@ class Collectives:
 
     def dead_topk(
         self, values: torch.Tensor, latents: torch.Tensor, n_pick: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The dead latents the auxiliary loss decodes: each token's ``n_pick`` most active.
 
         ``values`` and ``latents`` ``[n_tokens, m]`` are this process's
         candidates, its own ``m <= n_pick`` most active dead latents per token
-        (``kernels.selection.DeadLatentPick``); returned are ``(token, latent)``
-        of those among the whole dictionary's ``n_pick`` largest, token-major.
-        One process holds the whole dictionary: its candidates are the answer.
+        (``kernels.selection.DeadLatentPick``); returned are ``(token, latent,
+        value)`` of those among the whole dictionary's ``n_pick`` largest,
+        token-major: the values come along, so that the pre-activations are
+        not read again at the picked entries. One process holds the whole
+        dictionary: its candidates are the answer.
         """
         del n_pick  # they are already each token's n_pick largest of the whole dictionary
         token = torch.arange(values.shape[0], device=values.device)
-        return token.repeat_interleave(values.shape[-1]), latents.reshape(-1)
+        return token.repeat_interleave(values.shape[-1]), latents.reshape(-1), values.reshape(-1)
 
     def dead_everywhere(self, dead: torch.Tensor) -> torch.Tensor:
         """The dead-latent mask of the whole batch (``dead`` is this process's)."""

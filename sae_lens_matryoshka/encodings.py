@@ -107,8 +107,8 @@ class DenseEncoding(NamedTuple):
         collectives: Collectives,
     ) -> torch.Tensor:
         flat = self.hidden_pre.reshape(-1, self.hidden_pre.shape[-1])
-        token, latent = collectives.dead_topk(*dead.top(flat.detach(), n_pick), n_pick)
-        values = flat[token, latent]
+        token, latent, _ = collectives.dead_topk(*dead.top(flat.detach(), n_pick), n_pick)
+        values = flat[token, latent]  # gathered again: the dense path differentiates through it
         values = values.relu() if rectified else values
         acts = self.decoding_acts(values, latent)
         one_group = latent.new_zeros(0)
@@ -142,14 +142,22 @@ class PreActivations(NamedTuple):
     batch_shape: torch.Size
 
     def decoding_values(
-        self, token: torch.Tensor, latent: torch.Tensor, order: EntryOrder | None = None
+        self,
+        token: torch.Tensor,
+        latent: torch.Tensor,
+        order: EntryOrder | None = None,
+        at_entries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The raw pre-activations ``h`` at the entries: what multiplies ``W_dec`` rows, with a graph.
 
-        ``order``: the entries' latent-major order, shared with their decode's backward.
+        ``order``: the entries' latent-major order, shared with their decode's
+        backward. ``at_entries``: ``hidden_pre`` at the entries where the caller
+        has already read it (the dead-latent pick ranks them), else read here.
         """
+        if at_entries is None:
+            at_entries = self.hidden_pre[token, latent]
         with torch.no_grad():
-            values = self.raw_values(self.hidden_pre[token, latent], latent)
+            values = self.raw_values(at_entries, latent)
         attached: torch.Tensor = SparseEncoderValues.apply(
             values, self.sae_in, self.shift, self.W_enc, self.b_enc, token, latent, order
         )
@@ -179,12 +187,13 @@ class SparseEncoding(NamedTuple):
     ) -> SparseEncoding:
         """The encoding of the entries ``(token, latent)`` an activation kept."""
         order = pre.entry_order(latent)
-        decoding_values = pre.decoding_values(token, latent, order).relu()
+        at_entries = pre.hidden_pre[token, latent]
+        decoding_values = pre.decoding_values(token, latent, order, at_entries).relu()
         batch_shape = pre.batch_shape
         rows = torch.unravel_index(token, batch_shape) if len(batch_shape) > 1 else (token,)
         feature_acts = torch.sparse_coo_tensor(
             torch.stack([*rows, latent]),
-            pre.hidden_pre[token, latent].relu(),
+            at_entries.relu(),
             (*batch_shape, pre.hidden_pre.shape[-1]),
             is_coalesced=True,  # token-major: already in coalesced order, each entry once
             check_invariants=False,
@@ -216,9 +225,11 @@ class SparseEncoding(NamedTuple):
         rectified: bool,
         collectives: Collectives,
     ) -> torch.Tensor:
-        token, latent = collectives.dead_topk(*dead.top(self.pre.hidden_pre, n_pick), n_pick)
+        token, latent, picked = collectives.dead_topk(
+            *dead.top(self.pre.hidden_pre, n_pick), n_pick
+        )
         order = self.pre.entry_order(latent)
-        values = self.pre.decoding_values(token, latent, order)
+        values = self.pre.decoding_values(token, latent, order, picked)
         if rectified:
             values = values.relu()
         n_tokens = self.pre.sae_in.shape[0]

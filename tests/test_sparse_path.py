@@ -205,7 +205,8 @@ def test_dead_latent_selection_equals_a_masked_topk(masked_from: float) -> None:
     hidden_pre = torch.randn(20, 40, generator=torch.Generator().manual_seed(0))
     dead = torch.arange(40) % 3 == 0
     pick = dead_latent_pick(dead, 0, int(dead.sum()), masked_from)
-    token, latent = SINGLE_PROCESS.dead_topk(*pick.top(hidden_pre, 5), 5)
+    token, latent, value = SINGLE_PROCESS.dead_topk(*pick.top(hidden_pre, 5), 5)
+    assert torch.equal(value, hidden_pre[token, latent])  # the values come along, exactly
     top = torch.where(dead, hidden_pre, -torch.inf).topk(5, dim=-1).indices
     expected = {(t, int(j)) for t in range(20) for j in top[t]}
     assert _selected_set(token, latent) == expected

@@ -182,18 +182,19 @@ def global_cutoff(values: torch.Tensor, n_keep: int, what: str) -> torch.Tensor:
 
 def _kept_token_major(
     values: torch.Tensor, positions: torch.Tensor, cut: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(token, position)`` of the values at or above each token's cut, token-major."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``(token, position, value)`` of the values at or above each token's cut, token-major."""
     positions, order = positions.sort(dim=-1)
-    keep = (values.gather(-1, order) >= cut) & torch.isfinite(cut)
+    values = values.gather(-1, order)
+    keep = (values >= cut) & torch.isfinite(cut)
     token = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(positions)
-    return token[keep], positions[keep]
+    return token[keep], positions[keep], values[keep]
 
 
 def _per_token_top(
     values: torch.Tensor, n_keep: int, group: Any, what: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(token, position)`` of this rank's share of each token's ``n_keep`` largest over the group.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(token, position, value)`` of this rank's share of each token's ``n_keep`` largest over the group.
 
     Each rank offers its own largest per token (:func:`_group_share`).
     """
@@ -203,11 +204,11 @@ def _per_token_top(
 
 def _group_share(
     values: torch.Tensor, positions: torch.Tensor, n_keep: int, group: Any, what: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's candidates among each token's ``n_keep`` largest over the group, token-major.
 
     ``values [n_tokens, m]`` (``m <= n_keep``) at ``positions`` are this rank's
-    candidates; returned are ``(token, position)`` of those kept. Every rank offers ``n_keep`` values per token (padded with ``-inf``), the
+    candidates; returned are ``(token, position, value)`` of those kept. Every rank offers ``n_keep`` values per token (padded with ``-inf``), the
     group agrees on each token's cut among them, and each keeps its finite
     candidates at or above it.
     """
@@ -268,14 +269,15 @@ class MeshCollectives(Collectives):
     def topk(self, hidden_pre: torch.Tensor, k: int) -> Selection:
         if not self.sharded:
             return super().topk(hidden_pre, k)
-        return Selection(
-            *_per_token_top(hidden_pre, k, self.mesh.shard_group, "the global TopK selection")
+        token, latent, _ = _per_token_top(
+            hidden_pre, k, self.mesh.shard_group, "the global TopK selection"
         )
+        return Selection(token, latent)
 
     @override
     def dead_topk(
         self, values: torch.Tensor, latents: torch.Tensor, n_pick: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.sharded:
             return super().dead_topk(values, latents, n_pick)
         what = "selecting dead latents for the auxiliary loss"
