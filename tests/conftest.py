@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -49,6 +50,19 @@ D_MODEL = 16
 CONTEXT = 16
 VOCAB = 64
 HOOK = "blocks.0.hook_resid_post"
+
+
+@contextlib.contextmanager
+def new_empty_filled_with_nan() -> Iterator[None]:
+    """``Tensor.new_empty`` returns NaN-filled memory: a kernel writing over it must ignore it."""
+    new_empty = torch.Tensor.new_empty
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(
+            torch.Tensor,
+            "new_empty",
+            lambda self, *a, **kw: new_empty(self, *a, **kw).fill_(torch.nan),
+        )
+        yield
 
 
 def pin_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str, candidate: str) -> None:

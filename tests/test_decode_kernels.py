@@ -33,7 +33,7 @@ from sae_lens_matryoshka.kernels.level_decode import (
 )
 from sae_lens_matryoshka.kernels.measured import CACHE_ENV, CHOICE_ENV
 
-from .conftest import train_step
+from .conftest import new_empty_filled_with_nan, train_step
 from .test_sparse_path import _sae
 
 KERNELS = (GROUP_DECODE, DECODER_WEIGHT_GRAD, DECODE_VALUES_GRAD)
@@ -167,13 +167,7 @@ def test_each_candidate_is_the_dense_decode_and_its_gradients(
     assert bool((got[2][-1] == 0).all())  # the latent with no entry: a zero row
     assert bool((got[0][3] == 0).all())  # the token with no entry: zero decodes
     # whatever memory the results are written over held (NaN here) is ignored
-    new_empty = torch.Tensor.new_empty
-    with monkeypatch.context() as patched:
-        patched.setattr(
-            torch.Tensor,
-            "new_empty",
-            lambda self, *a, **kw: new_empty(self, *a, **kw).fill_(torch.nan),
-        )
+    with new_empty_filled_with_nan():
         over_nan = entries.decode()
     for name, have, want in zip(
         ("decode", "values' grad", "W_dec's grad"), over_nan, got, strict=True

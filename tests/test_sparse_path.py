@@ -40,7 +40,7 @@ from sae_lens_matryoshka.kernels.selection import (
     topk_entries,
 )
 
-from .conftest import pin_kernel, step_output, train_step
+from .conftest import new_empty_filled_with_nan, pin_kernel, step_output, train_step
 
 D_IN, D_SAE = 12, 64
 
@@ -293,13 +293,7 @@ def test_encoder_weight_gradient_is_the_dense_product(
     G[TOKEN, LATENT] = grad
     torch.testing.assert_close(encoder_weight_grad(sae_in, TOKEN, LATENT, grad, 9), sae_in.T @ G)
     # whatever memory the result is written over held (NaN here) is ignored
-    new_empty = torch.Tensor.new_empty
-    with monkeypatch.context() as patched:
-        patched.setattr(
-            torch.Tensor,
-            "new_empty",
-            lambda self, *a, **kw: new_empty(self, *a, **kw).fill_(torch.nan),
-        )
+    with new_empty_filled_with_nan():
         got = encoder_weight_grad(sae_in, TOKEN, LATENT, grad, 9)
     torch.testing.assert_close(got, sae_in.T @ G)
     # bfloat16 inputs are multiplied in float32 (no bfloat16 sparse kernel on CPU)
