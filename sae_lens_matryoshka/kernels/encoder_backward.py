@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from sae_lens_matryoshka.kernels.measured import MeasuredKernel
+from sae_lens_matryoshka.kernels.measured import MeasuredKernel, entries_per_token
 
 # torch warns once per process that its CSR support is in beta; the CSR products
 # used here are tested, so that one warning is spent here, silently
@@ -199,14 +199,8 @@ def encoder_weight_grad(
     one. Sorted on the first call, it is left out of the candidates' timing.
     """
     order = EntryOrder(latent, d_sae) if order is None else order
-    per_token = max(1, len(token) // max(1, sae_in.shape[0]))
-    key = (
-        tuple(sae_in.shape),
-        d_sae,
-        1 << (per_token - 1).bit_length(),
-        sae_in.dtype,
-        sae_in.device,
-    )
+    per_token = entries_per_token(len(token), sae_in.shape[0])
+    key = (tuple(sae_in.shape), d_sae, per_token, sae_in.dtype, sae_in.device)
     return ENCODER_WEIGHT_GRAD(key, sae_in, token, latent, grad, d_sae, order)
 
 

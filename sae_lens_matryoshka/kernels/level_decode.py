@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sae_lens_matryoshka.kernels.encoder_backward import EntryOrder, row_starts
-from sae_lens_matryoshka.kernels.measured import MeasuredKernel
+from sae_lens_matryoshka.kernels.measured import MeasuredKernel, entries_per_token
 
 
 def group_bounds(widths: Sequence[int]) -> list[tuple[int, int]]:
@@ -89,7 +89,7 @@ def decode_groups(
     over the token's entries in the group: row ``t * n_groups + g`` of a sparse
     product whose rows (bags) the token-major entries already list in order.
     With a float32 or float64 ``W_dec`` on CPU, under autograd, it is
-    :class:`GroupDecode`, whose forward and ``W_dec`` gradient are measured
+    :class:`GroupDecode`, whose forward and both gradients are measured
     kernels and whose backward takes the entries' latent-major ``order``
     (shared with the encoder's backward, else its own).
 
@@ -120,15 +120,9 @@ def decode_groups(
 def decode_key(
     W_dec: torch.Tensor, n_tokens: int, n_groups: int, n_entries: int
 ) -> tuple[int, int, tuple[int, ...], int, torch.dtype, torch.device]:
-    """What the decode kernels' speed depends on: the shapes, the entries per token, dtype, device.
-
-    Entries per token are rounded up to a power of two, so that a step whose
-    count moves a little (BatchTopK's per-batch budget) reuses one choice,
-    while the dead-latent loss's many per token gets its own.
-    """
-    per_token = max(1, n_entries // max(1, n_tokens))
-    bucket = 1 << (per_token - 1).bit_length()
-    return (n_tokens, n_groups, tuple(W_dec.shape), bucket, W_dec.dtype, W_dec.device)
+    """What the decode kernels' speed depends on: the shapes, the entries per token, dtype, device."""
+    per_token = entries_per_token(n_entries, n_tokens)
+    return (n_tokens, n_groups, tuple(W_dec.shape), per_token, W_dec.dtype, W_dec.device)
 
 
 def bagged_group_decode(

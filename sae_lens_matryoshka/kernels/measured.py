@@ -223,6 +223,16 @@ def _describe(key: Hashable) -> str:
     return repr(tuple(part.type if isinstance(part, torch.device) else part for part in parts))
 
 
+def entries_per_token(n_entries: int, n_tokens: int) -> int:
+    """Entries per token rounded up to a power of two: the part of a sparse kernel's key that moves.
+
+    A step whose count moves a little (BatchTopK's per-batch budget) reuses
+    one choice, while the dead-latent loss's many per token gets its own.
+    """
+    per_token = max(1, n_entries // max(1, n_tokens))
+    return 1 << (per_token - 1).bit_length()
+
+
 def choices() -> dict[str, dict[str, str]]:
     """Each kernel's candidate per key so far in this process (a fixed choice under ``"*"``).
 
