@@ -46,7 +46,7 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _key_dtype(bound: int) -> torch.dtype:
+def narrowest_int_dtype(bound: int) -> torch.dtype:
     """The narrowest signed integer type holding ``0 .. bound - 1``."""
     for dtype in (torch.int16, torch.int32):
         if bound - 1 <= torch.iinfo(dtype).max:
@@ -67,7 +67,7 @@ def latent_major_order(latent: torch.Tensor, d_sae: int) -> torch.Tensor:
     smallest integer type that holds ``d_sae`` (two passes up to 32,768
     latents) and sorted on one thread, whose passes wait for no one.
     """
-    key = latent.to(_key_dtype(d_sae))
+    key = latent.to(narrowest_int_dtype(d_sae))
     with single_thread() if latent.device.type == "cpu" else contextlib.nullcontext():
         return torch.argsort(key, stable=True)
 

@@ -31,7 +31,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from sae_lens_matryoshka.kernels.encoder_backward import single_thread
+from sae_lens_matryoshka.kernels.encoder_backward import narrowest_int_dtype, single_thread
 from sae_lens_matryoshka.kernels.measured import MeasuredKernel
 
 #: the largest and smallest samples for estimating the selection threshold (at
@@ -147,7 +147,7 @@ def _first_largest(values: torch.Tensor, n_keep: int) -> torch.Tensor:
     above = values > cutoff
     tied = values == cutoff
     room_for_tied = n_keep - above.count_nonzero()
-    counts = torch.int32 if values.numel() <= torch.iinfo(torch.int32).max else torch.int64
+    counts = narrowest_int_dtype(values.numel() + 1)  # a count of up to every value
     keep = above | (tied & (tied.cumsum(0, dtype=counts) <= room_for_tied))
     return torch.nonzero_static(keep, size=n_keep).squeeze(1)
 
@@ -200,7 +200,7 @@ def topk_batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> Selection:
     top = flat.topk(n_keep, sorted=False)
     # narrowed and on one thread on CPU, as latent_major_order sorts (torch's parallel
     # radix sort stalls on shared cores, one pass per byte of the key's type)
-    narrow = torch.int32 if flat.numel() <= torch.iinfo(torch.int32).max else torch.int64
+    narrow = narrowest_int_dtype(flat.numel())
     with single_thread() if flat.device.type == "cpu" else contextlib.nullcontext():
         positions = top.indices.to(narrow).sort().values.long()
     missed = top.values.min() <= 0
