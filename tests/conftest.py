@@ -65,10 +65,19 @@ def new_empty_filled_with_nan() -> Iterator[None]:
         yield
 
 
-def pin_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str, candidate: str) -> None:
-    """Fix one measured kernel's candidate for a test, keeping the suite's other pins."""
-    pins = os.environ.get("SAE_MATRYOSHKA_KERNELS", "")
-    monkeypatch.setenv("SAE_MATRYOSHKA_KERNELS", f"{kernel}={candidate},{pins}")  # first wins
+def pin_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str, candidate: str | None) -> None:
+    """Fix one measured kernel's candidate for a test (None: measure it), keeping the other pins."""
+    pins = dict(
+        item.strip().partition("=")[::2]
+        for item in os.environ.get("SAE_MATRYOSHKA_KERNELS", "").split(",")
+        if item.strip()
+    )
+    pins.pop(kernel, None)
+    if candidate is not None:
+        pins[kernel] = candidate
+    monkeypatch.setenv(
+        "SAE_MATRYOSHKA_KERNELS", ",".join(f"{name}={pick}" for name, pick in pins.items())
+    )
 
 
 def tiny_model_cfg() -> HookedTransformerConfig:

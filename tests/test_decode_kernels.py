@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,9 @@ from sae_lens_matryoshka.kernels.level_decode import (
     decode_groups,
     decode_key,
 )
-from sae_lens_matryoshka.kernels.measured import CACHE_ENV, CHOICE_ENV
+from sae_lens_matryoshka.kernels.measured import CACHE_ENV
 
-from .conftest import new_empty_filled_with_nan, train_step
+from .conftest import new_empty_filled_with_nan, pin_kernel, train_step
 from .test_sparse_path import _sae
 
 KERNELS = (GROUP_DECODE, DECODER_WEIGHT_GRAD, DECODE_VALUES_GRAD)
@@ -51,16 +50,8 @@ def _fresh_choices(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _pin(monkeypatch: pytest.MonkeyPatch, **choices: str | None) -> None:
     """Pin (or, with None, unpin) these kernels; the suite's other pins stay as they are."""
-    pins = dict(
-        item.strip().partition("=")[::2]
-        for item in os.environ.get(CHOICE_ENV, "").split(",")
-        if item.strip()
-    )
     for kernel, candidate in choices.items():
-        pins.pop(kernel, None)
-        if candidate is not None:
-            pins[kernel] = candidate
-    monkeypatch.setenv(CHOICE_ENV, ",".join(f"{name}={pick}" for name, pick in pins.items()))
+        pin_kernel(monkeypatch, kernel, candidate)
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:

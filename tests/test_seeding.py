@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from sae_lens_matryoshka import MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.kernels import measured
 from sae_lens_matryoshka.kernels.encoder_backward import ENCODER_WEIGHT_GRAD
 from sae_lens_matryoshka.seeding import derived_seed
-from tests.conftest import D_MODEL, tiny_runner_cfg
+from tests.conftest import D_MODEL, pin_kernel, tiny_runner_cfg
 
 
 def _train(model: HookedTransformer, dataset: Dataset, seed: int) -> dict[str, torch.Tensor]:
@@ -51,9 +50,7 @@ def test_the_same_seed_trains_the_same_weights_whatever_the_kernel_timings(
     cache, is what the second run uses.
     """
     # the encoder's gradient measured; the other kernels keep the suite's pins
-    pins = os.environ[measured.CHOICE_ENV].split(",")
-    kept = [pin for pin in pins if not pin.startswith("encoder_weight_grad=")]
-    monkeypatch.setenv(measured.CHOICE_ENV, ",".join(kept))
+    pin_kernel(monkeypatch, "encoder_weight_grad", None)
     monkeypatch.setenv(measured.CACHE_ENV, str(tmp_path / "kernels"))
     favoured = itertools.cycle(["csr", "bagged"])
     timings: list[str] = []

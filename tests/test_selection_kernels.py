@@ -17,7 +17,6 @@ choice.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig, collectives
 from sae_lens_matryoshka.kernels import measured, selection
-from sae_lens_matryoshka.kernels.measured import CACHE_ENV, CHOICE_ENV
+from sae_lens_matryoshka.kernels.measured import CACHE_ENV
 from sae_lens_matryoshka.kernels.selection import (
     BATCH_TOPK_SELECTION,
     Selection,
@@ -51,15 +50,7 @@ def _no_choice_yet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def pin(monkeypatch: pytest.MonkeyPatch, candidate: str | None) -> None:
     """Pin the selection's candidate (None: measure it); the suite's other pins stay."""
-    if candidate is not None:
-        pin_kernel(monkeypatch, BATCH_TOPK_SELECTION.name, candidate)
-        return
-    others = [
-        item
-        for item in os.environ.get(CHOICE_ENV, "").split(",")
-        if item.strip() and item.partition("=")[0].strip() != BATCH_TOPK_SELECTION.name
-    ]
-    monkeypatch.setenv(CHOICE_ENV, ",".join(others))
+    pin_kernel(monkeypatch, BATCH_TOPK_SELECTION.name, candidate)
 
 
 def oracle(hidden_pre: torch.Tensor, n_keep: int) -> tuple[set[tuple[int, int]], torch.Tensor]:
