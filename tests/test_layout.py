@@ -18,6 +18,7 @@ ORDER = [
     "sae_base",
     # pure tensor functions
     "kernels.measured",
+    "kernels.gradient_memory",
     "kernels.encoder_backward",
     "kernels.selection",
     "kernels.level_decode",

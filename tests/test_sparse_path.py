@@ -434,14 +434,19 @@ def test_a_measured_choice_is_kept_for_the_machine_and_read_instead_of_timing_ag
     assert measured.cache_folder() is None
 
 
+def _nan_out(d_in: int, d_sae: int) -> torch.Tensor:
+    """Memory for a ``W_enc`` gradient that a candidate must write all over (a kept one is not zero)."""
+    return torch.full((d_in, d_sae), torch.nan)
+
+
 def test_the_encoder_kernels_round_differently_so_a_run_must_keep_one() -> None:
     """Why the choice is kept: both candidates are right, and their last bits differ."""
     generator = torch.Generator().manual_seed(0)
     token, latent = topk_entries(torch.randn(256, 512, generator=generator), 64)
     grad = torch.randn(len(token), generator=generator)
     sae_in = torch.randn(256, 48, generator=generator)
-    csr = csr_weight_grad(sae_in, token, latent, grad, 512)
-    bagged = bagged_weight_grad(sae_in, token, latent, grad, 512)
+    csr = csr_weight_grad(sae_in, token, latent, grad, _nan_out(48, 512))
+    bagged = bagged_weight_grad(sae_in, token, latent, grad, _nan_out(48, 512))
     torch.testing.assert_close(csr, bagged)
     assert not torch.equal(csr, bagged)
 
@@ -572,12 +577,12 @@ def test_the_csr_product_through_the_shared_order_sorts_nothing_and_equals_torch
     order = EntryOrder(latent, 4096)
     _ = order.order, order.starts
     with torch.profiler.profile() as through_csc:
-        got = csr_weight_grad(sae_in, token, latent, grad, 4096, order)
+        got = csr_weight_grad(sae_in, token, latent, grad, _nan_out(16, 4096), order)
     assert not [event.name for event in through_csc.events() if "sort" in event.name]
     assert torch.equal(got, expected)
     assert torch.equal(
-        bagged_weight_grad(sae_in, token, latent, grad, 4096, order),
-        bagged_weight_grad(sae_in, token, latent, grad, 4096),
+        bagged_weight_grad(sae_in, token, latent, grad, _nan_out(16, 4096), order),
+        bagged_weight_grad(sae_in, token, latent, grad, _nan_out(16, 4096)),
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from sae_lens_matryoshka.kernels.gradient_memory import empty_gradient
 from sae_lens_matryoshka.kernels.measured import MeasuredKernel, entries_per_token
 
 # torch warns once per process that its CSR support is in beta; the CSR products
@@ -102,7 +103,7 @@ def csr_weight_grad(
     token: torch.Tensor,
     latent: torch.Tensor,
     grad: torch.Tensor,
-    d_sae: int,
+    out: torch.Tensor,
     order: EntryOrder | None = None,
 ) -> torch.Tensor:
     """``sae_in.T @ G`` as one sparse-dense product with ``G``'s compressed form (see :func:`encoder_weight_grad`).
@@ -112,9 +113,9 @@ def csr_weight_grad(
     entries as they are) it converts it with an internal sort of the
     entries; handed the CSC form built from ``order`` (the entries' shared
     latent-major order) it sorts nothing and computes the same product, bit
-    for bit. Elsewhere ``G`` goes in CSR form.
+    for bit. Elsewhere ``G`` goes in CSR form. Written into ``out``.
     """
-    dtype = torch.promote_types(sae_in.dtype, torch.float32)
+    dtype, d_sae = out.dtype, out.shape[1]
     shape = (sae_in.shape[0], d_sae)
     if sae_in.device.type == "cpu":
         order = EntryOrder(latent, d_sae) if order is None else order
@@ -133,10 +134,9 @@ def csr_weight_grad(
             shape,
             check_invariants=False,
         )
-    # written in place over an uninitialised output (beta=0 ignores it, NaN
+    # written in place over the uninitialised output (beta=0 ignores it, NaN
     # included): a plain mm zero-fills its result and copies the product over
     # it. A backward under autocast would cast the product back to bfloat16.
-    out = sae_in.new_empty(sae_in.shape[1], d_sae, dtype=dtype)
     with torch.autocast(sae_in.device.type, enabled=False):
         return out.addmm_(sae_in.t().to(dtype), matrix, beta=0)
 
@@ -146,7 +146,7 @@ def bagged_weight_grad(
     token: torch.Tensor,
     latent: torch.Tensor,
     grad: torch.Tensor,
-    d_sae: int,
+    out: torch.Tensor,
     order: EntryOrder | None = None,
 ) -> torch.Tensor:
     """``sae_in.T @ G`` as one ``embedding_bag`` over the entries sorted by latent (see :func:`encoder_weight_grad`).
@@ -154,11 +154,11 @@ def bagged_weight_grad(
     Column ``j`` of the gradient is the sum of the input rows of latent
     ``j``'s entries weighted by their gradients: one bag per latent, in the
     entries' latent-major ``order`` (sorted here if not given). Costs a
-    transposing copy of the result; on some CPUs several times faster than
-    the CSR product when entries are many (the dead-latent loss's
-    ``d_in / 2`` per token).
+    transposing copy of the result into ``out``; on some CPUs several times
+    faster than the CSR product when entries are many (the dead-latent
+    loss's ``d_in / 2`` per token).
     """
-    dtype = torch.promote_types(sae_in.dtype, torch.float32)
+    dtype, d_sae = out.dtype, out.shape[1]
     order = EntryOrder(latent, d_sae) if order is None else order
     with torch.autocast(sae_in.device.type, enabled=False):
         per_latent = torch.nn.functional.embedding_bag(
@@ -168,7 +168,7 @@ def bagged_weight_grad(
             mode="sum",
             per_sample_weights=grad.to(dtype)[order.order],
         )
-    return per_latent.t().contiguous()
+    return out.copy_(per_latent.t())
 
 
 #: the ``W_enc`` gradient's implementations; the faster is measured per shape where it runs
@@ -184,6 +184,7 @@ def encoder_weight_grad(
     grad: torch.Tensor,
     d_sae: int,
     order: EntryOrder | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sae_in.T @ G`` with ``G [n_tokens, d_sae]`` holding ``grad`` at the (token-major) entries.
 
@@ -197,11 +198,17 @@ def encoder_weight_grad(
     ``order``: the entries' latent-major order, if the caller shares one
     (:class:`EntryOrder`): the bagged candidate uses it, and on CPU the CSR
     one. Sorted on the first call, it is left out of the candidates' timing.
+    ``out``: where to write it (``[d_in, d_sae]``, contiguous, uninitialised;
+    a kept gradient's memory, :func:`~.gradient_memory.empty_gradient`), else
+    new memory.
     """
+    if out is None:
+        dtype = torch.promote_types(sae_in.dtype, torch.float32)
+        out = sae_in.new_empty(sae_in.shape[1], d_sae, dtype=dtype)
     order = EntryOrder(latent, d_sae) if order is None else order
     per_token = entries_per_token(len(token), sae_in.shape[0])
     key = (tuple(sae_in.shape), d_sae, per_token, sae_in.dtype, sae_in.device)
-    return ENCODER_WEIGHT_GRAD(key, sae_in, token, latent, grad, d_sae, order)
+    return ENCODER_WEIGHT_GRAD(key, sae_in, token, latent, grad, out, order)
 
 
 class SparseEncoderValues(torch.autograd.Function):
@@ -213,6 +220,7 @@ class SparseEncoderValues(torch.autograd.Function):
     ``sae_in = x - shift`` is the processed input (``shift`` is ``b_dec`` when
     it is subtracted from the input, else None). Backward touches only the
     selected latents: ``W_enc``'s gradient is :func:`encoder_weight_grad`,
+    written into the memory of an earlier step's (``kernels.gradient_memory``),
     ``b_enc``'s sums the gradient per latent, and ``shift``'s is
     ``-W_enc @ (b_enc's gradient)``: the input is data, so its per-token
     gradient is never needed, only its sum, which reaches ``b_dec``.
@@ -248,6 +256,7 @@ class SparseEncoderValues(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_shift = -(W_enc @ grad_b_enc)
         if ctx.needs_input_grad[3]:
-            grad_W_enc = encoder_weight_grad(sae_in, token, latent, grad, d_sae, ctx.order)
+            out = empty_gradient(W_enc, torch.promote_types(sae_in.dtype, torch.float32))
+            grad_W_enc = encoder_weight_grad(sae_in, token, latent, grad, d_sae, ctx.order, out)
             grad_W_enc = grad_W_enc.to(W_enc.dtype)
         return None, None, grad_shift, grad_W_enc, grad_b_enc, None, None, None

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sae_lens_matryoshka.kernels.encoder_backward import EntryOrder, row_starts
+from sae_lens_matryoshka.kernels.gradient_memory import empty_gradient
 from sae_lens_matryoshka.kernels.measured import MeasuredKernel, entries_per_token
 
 
@@ -167,32 +168,42 @@ GROUP_DECODE = MeasuredKernel(
 
 
 def bagged_decoder_weight_grad(
-    grad: torch.Tensor, values: torch.Tensor, bag: torch.Tensor, order: EntryOrder
+    grad: torch.Tensor,
+    values: torch.Tensor,
+    bag: torch.Tensor,
+    order: EntryOrder,
+    out: torch.Tensor,
 ) -> torch.Tensor:
     """``G.T @ grad`` as one ``embedding_bag`` over the output gradient's rows, a bag per latent.
 
     The entries in ``order`` (latent-major) list each latent's bags: the
     terms torch's ``embedding_bag`` backward adds, in the order it adds them
-    (see :class:`GroupDecode`).
+    (see :class:`GroupDecode`). ``embedding_bag`` writes only into memory of
+    its own, so its result is copied into ``out``.
     """
     with torch.autocast(grad.device.type, enabled=False):
-        return F.embedding_bag(
+        per_latent = F.embedding_bag(
             bag[order.order],
             grad,
             order.starts[:-1],
             mode="sum",
             per_sample_weights=values[order.order],
         )
+    return out.copy_(per_latent)
 
 
 def csr_decoder_weight_grad(
-    grad: torch.Tensor, values: torch.Tensor, bag: torch.Tensor, order: EntryOrder
+    grad: torch.Tensor,
+    values: torch.Tensor,
+    bag: torch.Tensor,
+    order: EntryOrder,
+    out: torch.Tensor,
 ) -> torch.Tensor:
     """``G.T @ grad`` as one sparse-dense product with ``G.T`` in CSR form, built from ``order``.
 
     ``G.T``'s CSR form is the entries in latent-major ``order``, a row per
-    latent: the same gather the bagged form makes, and no sort. Written over an
-    uninitialised output, outside autocast (see :func:`csr_group_decode`).
+    latent: the same gather the bagged form makes, and no sort. Written over
+    the uninitialised ``out``, outside autocast (see :func:`csr_group_decode`).
     """
     matrix = torch.sparse_csr_tensor(
         order.starts,
@@ -201,7 +212,6 @@ def csr_decoder_weight_grad(
         (order.d_sae, grad.shape[0]),
         check_invariants=False,
     )
-    out = grad.new_empty(order.d_sae, grad.shape[1])
     with torch.autocast(grad.device.type, enabled=False):
         return out.addmm_(matrix, grad, beta=0)
 
@@ -269,7 +279,8 @@ class GroupDecode(torch.autograd.Function):
     The forward is :data:`GROUP_DECODE`, ``W_dec``'s gradient
     :data:`DECODER_WEIGHT_GRAD`: each the faster, where it runs, of one
     ``embedding_bag`` and one CSR product (``kernels.measured``; ``key`` is
-    :func:`decode_key`'s). The values' gradient, each entry's output gradient
+    :func:`decode_key`'s), the gradient written into the memory of an
+    earlier step's (``kernels.gradient_memory``). The values' gradient, each entry's output gradient
     dotted with its ``W_dec`` row, is :data:`DECODE_VALUES_GRAD`: torch's own
     ``embedding_bag`` kernel or a sampled CSR product (``sampled_addmm``),
     both handed what they need from the entries, nothing from the forward,
@@ -319,7 +330,8 @@ class GroupDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_values = DECODE_VALUES_GRAD(ctx.key, grad, W_dec, latent, bag, starts)
         if ctx.needs_input_grad[1]:
-            grad_W_dec = DECODER_WEIGHT_GRAD(ctx.key, grad, values, bag, ctx.order)
+            out = empty_gradient(W_dec, W_dec.dtype)
+            grad_W_dec = DECODER_WEIGHT_GRAD(ctx.key, grad, values, bag, ctx.order, out)
         return grad_values, grad_W_dec, None, None, None, None, None
 
 

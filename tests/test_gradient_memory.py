@@ -1,0 +1,143 @@
+"""The weight matrices' gradients written where the last step's were (``kernels.gradient_memory``).
+
+Against the same training with new memory for every gradient: the same
+weights bit for bit, through SAELens's trainer, with every candidate of the
+two kernels that write the gradients, with and without the dead-latent loss;
+and nothing anyone still holds is ever written over.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import weakref
+
+import pytest
+import torch
+from sae_lens.training.sae_trainer import SAETrainer
+
+from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
+from sae_lens_matryoshka.kernels import encoder_backward, gradient_memory, level_decode
+from sae_lens_matryoshka.kernels.encoder_backward import ENCODER_WEIGHT_GRAD
+from sae_lens_matryoshka.kernels.level_decode import DECODER_WEIGHT_GRAD
+from sae_lens_matryoshka.toy import short_run_trainer_config
+
+from .conftest import pin_kernel, step_input, train_step
+
+STEPS = 4
+
+
+def _sae() -> MatryoshkaTrainingSAE:
+    torch.manual_seed(0)
+    cfg = MatryoshkaTrainingSAEConfig(d_in=12, d_sae=48, k=3, matryoshka_widths=[6, 18, 48])
+    return MatryoshkaTrainingSAE(cfg)
+
+
+def _new_memory_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every gradient in memory of its own, as before gradients were kept."""
+
+    def new(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(weight.shape, dtype=dtype, device=weight.device)
+
+    monkeypatch.setattr(encoder_backward, "empty_gradient", new)
+    monkeypatch.setattr(level_decode, "empty_gradient", new)
+
+
+def _train(dead_window: int) -> tuple[MatryoshkaTrainingSAE, list[tuple[int, int]], list[bool]]:
+    """``STEPS`` steps of SAELens's trainer: the SAE, where each step's ``W_enc`` and
+    ``W_dec`` gradients lay, and whether any latent was dead at each step."""
+    sae = _sae()
+    batches = iter(torch.randn(STEPS, 64, 12, generator=torch.Generator().manual_seed(1)) * 2)
+    # a dead-feature window of 1 step: from the second step on, the latents that
+    # did not fire are dead and the dead-latent loss adds its own gradients
+    cfg = short_run_trainer_config(STEPS, batch_size=64, lr=1e-2, dead_feature_window=dead_window)
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches)
+    places: list[tuple[int, int]] = []
+    any_dead: list[bool] = []
+
+    def note(*_: object) -> None:
+        assert sae.W_enc.grad is not None and sae.W_dec.grad is not None
+        places.append((sae.W_enc.grad.data_ptr(), sae.W_dec.grad.data_ptr()))
+        any_dead.append(bool(trainer.dead_neurons.any()))
+
+    trainer.optimizer.register_step_pre_hook(note)
+    trainer.fit()
+    return sae, places, any_dead
+
+
+@pytest.mark.parametrize(
+    ("encoder", "decoder"),
+    list(itertools.product(sorted(ENCODER_WEIGHT_GRAD.candidates), DECODER_WEIGHT_GRAD.candidates)),
+)
+@pytest.mark.parametrize("dead_window", [1000, 1], ids=["no-dead-latent", "dead-latents"])
+def test_trainer_steps_reuse_gradient_memory_and_train_the_same_weights(
+    monkeypatch: pytest.MonkeyPatch, encoder: str, decoder: str, dead_window: int
+) -> None:
+    pin_kernel(monkeypatch, "encoder_weight_grad", encoder)
+    pin_kernel(monkeypatch, "decoder_weight_grad", decoder)
+    kept, places, any_dead = _train(dead_window)
+    if dead_window == 1000:  # one gradient of each weight per step: it lies where the last one did
+        assert not any(any_dead)
+        assert len(set(places)) == 1, places
+    else:  # the dead-latent loss adds a second gradient of each weight, which autograd sums
+        assert any(any_dead)
+    with monkeypatch.context() as fresh:
+        _new_memory_every_time(fresh)
+        new, _, _ = _train(dead_window)
+    for name, parameter in kept.named_parameters():
+        assert torch.equal(parameter, dict(new.named_parameters())[name]), name
+
+
+def test_a_gradient_someone_keeps_is_never_written_over() -> None:
+    sae = _sae()
+    x, y = torch.randn(2, 32, 12, generator=torch.Generator().manual_seed(2)) * 2
+    train_step(sae, x)
+    held_enc, held_dec = sae.W_enc.grad, sae.W_dec.grad
+    assert held_enc is not None and held_dec is not None
+    copies = held_enc.clone(), held_dec.clone()
+    sae.zero_grad(set_to_none=True)
+    train_step(sae, y)
+    assert torch.equal(held_enc, copies[0]) and torch.equal(held_dec, copies[1])
+    assert sae.W_enc.grad.data_ptr() != held_enc.data_ptr()
+    assert sae.W_dec.grad.data_ptr() != held_dec.data_ptr()
+
+
+def test_gradients_of_two_backward_passes_add_up() -> None:
+    """Gradient accumulation (no ``zero_grad`` between two batches) sums, as with new memory."""
+    x, y = torch.randn(2, 32, 12, generator=torch.Generator().manual_seed(3)) * 2
+    alone = {}
+    for batch in (x, y):
+        sae = _sae()
+        train_step(sae, batch)
+        alone[id(batch)] = (sae.W_enc.grad.clone(), sae.W_dec.grad.clone())
+    sae = _sae()
+    train_step(sae, x)
+    sae.training_forward_pass(step_input(y)).loss.backward()  # added to the kept gradients
+    torch.testing.assert_close(sae.W_enc.grad, alone[id(x)][0] + alone[id(y)][0])
+    torch.testing.assert_close(sae.W_dec.grad, alone[id(x)][1] + alone[id(y)][1])
+
+
+def test_kept_memory_is_bounded_and_goes_with_its_weight() -> None:
+    weight = torch.nn.Parameter(torch.zeros(5, 7))
+    first = gradient_memory.empty_gradient(weight, torch.float32)
+    place = first.data_ptr()
+    del first
+    assert gradient_memory.empty_gradient(weight, torch.float32).data_ptr() == place
+
+    held = [gradient_memory.empty_gradient(weight, torch.float32) for _ in range(5)]
+    assert len({tensor.data_ptr() for tensor in held}) == 5  # each held one is its own
+    assert len(gradient_memory._KEPT[weight]) == gradient_memory.KEPT_PER_WEIGHT
+
+    # another dtype than the weight's (a float32 gradient of bfloat16 weights) is not kept
+    wide = torch.nn.Parameter(torch.zeros(5, 7, dtype=torch.bfloat16))
+    assert gradient_memory.empty_gradient(wide, torch.float32).dtype == torch.float32
+    assert wide not in gradient_memory._KEPT
+    # nor is memory on another device than the CPU (a GPU's allocator reuses it already)
+    meta = torch.nn.Parameter(torch.zeros(5, 7, device="meta"))
+    assert gradient_memory.empty_gradient(meta, torch.float32).device.type == "meta"
+    assert meta not in gradient_memory._KEPT
+
+    blocks = [weakref.ref(block) for block in gradient_memory._KEPT[weight]]
+    del weight, held
+    gc.collect()
+    assert all(block() is None for block in blocks)  # the kept memory went with its weight
