@@ -403,6 +403,13 @@ def test_a_measured_choice_is_kept_for_the_machine_and_read_instead_of_timing_ag
     fresh(("other", x.device), x)
     assert fresh.chosen[("other", x.device)] == "b" and len(list(entry.parent.iterdir())) == 2
 
+    # another release of this package measures again (its candidates may have changed)
+    with monkeypatch.context() as release:
+        release.setattr(measured, "package_version", lambda: "99.0")
+        released = MeasuredKernel("cached", candidates)
+        released(("shape", x.device), x)
+    assert released.chosen[("shape", x.device)] == "b" and len(list(entry.parent.iterdir())) == 3
+
     # a damaged entry, or one naming a candidate that no longer exists, is measured again
     entry.write_text('{"choice": "gone"}')
     again = MeasuredKernel("cached", candidates)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -118,7 +119,9 @@ class MeasuredKernel(Generic[Result]):
         folder = cache_folder()
         if folder is None:
             return None
-        identity = json.dumps([self.name, sorted(self.candidates), _describe(key), machine(device)])
+        identity = json.dumps(
+            [self.name, sorted(self.candidates), _describe(key), machine(device), package_version()]
+        )
         return folder / f"{self.name}-{hashlib.sha256(identity.encode()).hexdigest()[:24]}.json"
 
     def _read(self, entry: Path) -> str | None:
@@ -206,6 +209,12 @@ def machine(device: torch.device) -> str:
     else:
         name = f"{device.type} {cpu_model()}, {torch.get_num_threads()} threads"
     return f"{name}, torch {torch.__version__}"
+
+
+def package_version() -> str:
+    """This package's version: part of a kept choice's identity, as a release may change a
+    kernel's candidates and with them which is faster."""
+    return importlib.metadata.version("sae-lens-matryoshka")
 
 
 def cpu_model() -> str:
