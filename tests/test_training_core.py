@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import torch
 from sae_lens.training.sae_trainer import SAETrainer
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sae_lens_matryoshka import (
@@ -242,17 +241,29 @@ class _DeviceReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class _UndispatchedReads(TorchFunctionMode):
-    """Records ``tolist`` and ``numpy``: of a CPU tensor they read its memory without an op."""
+@contextmanager
+def _undispatched_reads(syncs: list[str]) -> Iterator[None]:
+    """Records ``tolist`` and ``numpy``: of a CPU tensor they read its memory without an op.
 
-    def __init__(self, syncs: list[str]) -> None:
-        super().__init__()
-        self.syncs = syncs
+    Patched on ``torch.Tensor`` itself: a ``TorchFunctionMode`` is not active
+    in the backward pass, where a custom function's kernels run.
+    """
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", None) in ("tolist", "numpy"):
-            self.syncs.append(func.__name__ + _package_site())
-        return func(*args, **(kwargs or {}))
+    def recording(name: str) -> Any:
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            syncs.append(name + _package_site())
+            return originals[name](self, *args, **kwargs)
+
+        return read
+
+    try:
+        for name in originals:
+            setattr(torch.Tensor, name, recording(name))
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
 
 
 def _package_site() -> str:
@@ -273,7 +284,7 @@ def counted_host_syncs() -> Iterator[list[str]]:
     0-d tensor as an index, ``tolist``), each as ``"op@file.py:function"``.
     """
     syncs: list[str] = []
-    with _UndispatchedReads(syncs), _DeviceReads(syncs):
+    with _undispatched_reads(syncs), _DeviceReads(syncs):
         yield syncs
 
 
