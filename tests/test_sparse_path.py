@@ -20,7 +20,7 @@ import torch
 
 from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS
-from sae_lens_matryoshka.kernels import measured, selection
+from sae_lens_matryoshka.kernels import encoder_backward, measured, selection
 from sae_lens_matryoshka.kernels.encoder_backward import (
     ENCODER_WEIGHT_GRAD,
     EntryOrder,
@@ -308,6 +308,29 @@ def test_encoder_weight_gradient_is_the_dense_product(
     G[token, latent] = grad
     got = encoder_weight_grad(sae_in, token, latent, grad, 512)
     torch.testing.assert_close(got, sae_in.T @ G, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 7, 9, 64])
+def test_the_bagged_encoder_gradient_in_blocks_is_the_same_sums(
+    monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    """Blocks of latents on CPU: one or several, a last one shorter, and blocks without entries.
+
+    Latents 0 and 4-6 have no entry here; the sums are the one-block result bit for bit.
+    """
+    generator = torch.Generator().manual_seed(1)
+    token = torch.tensor([0, 0, 1, 2, 2, 3, 4, 5])
+    latent = torch.tensor([1, 7, 3, 2, 8, 3, 7, 8])
+    grad = torch.randn(len(token), generator=generator)
+    sae_in = torch.randn(6, 5, generator=generator)
+    G = torch.zeros(6, 9)
+    G[token, latent] = grad
+    monkeypatch.setattr(encoder_backward, "BAG_BLOCK", 9)
+    whole = bagged_weight_grad(sae_in, token, latent, grad, _nan_out(5, 9))
+    monkeypatch.setattr(encoder_backward, "BAG_BLOCK", block)
+    got = bagged_weight_grad(sae_in, token, latent, grad, _nan_out(5, 9))
+    assert torch.equal(got, whole)
+    torch.testing.assert_close(got, sae_in.T @ G)
 
 
 def test_a_measured_kernel_runs_the_faster_candidate_and_keeps_its_choice(

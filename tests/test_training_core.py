@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,10 +38,19 @@ from sae_lens_matryoshka.activations import (
 from sae_lens_matryoshka.collectives import Collectives
 from sae_lens_matryoshka.config import INFERENCE_ACTIVATIONS, TRAINING_ACTIVATIONS
 from sae_lens_matryoshka.inference_activations import INFERENCE_ACTIVATION_CLASSES
+from sae_lens_matryoshka.kernels import encoder_backward
 from sae_lens_matryoshka.kernels.selection import Selection
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
-from .conftest import ACTIVATION_FIELDS, small_sae_cfg, step_input, step_output, train_step
+from .conftest import (
+    ACTIVATION_FIELDS,
+    pin_kernel,
+    small_sae_cfg,
+    step_input,
+    step_output,
+    train_step,
+)
+from .fake_device import on_fake_device, to_fake_device
 
 D_IN, D_SAE = 10, 64
 
@@ -342,6 +352,42 @@ def test_a_steady_step_reads_from_the_device_once(
     assert syncs == (PREFIX_DRAW if "prefix_sampling" in fields else []) + ONE_READ
     aux = float(out.losses["auxiliary_reconstruction_loss"].detach())
     assert aux > 0 if dead is not None else aux == 0  # dead latents trained
+
+
+@pytest.mark.parametrize("dead_every", [5, None], ids=["dead", "none-dead"])
+def test_the_bagged_encoder_gradient_reads_its_blocks_on_cpu_only(
+    monkeypatch: pytest.MonkeyPatch, dead_every: int | None
+) -> None:
+    """On CPU it reads where each block of latents starts (CPU memory, no wait); elsewhere nothing.
+
+    One read per ``W_enc`` gradient: the reconstruction's and the dead-latent
+    loss's. On the stand-in device the same step reads once, as every step.
+    """
+    pin_kernel(monkeypatch, "encoder_weight_grad", "bagged")
+    monkeypatch.setattr(encoder_backward, "BAG_BLOCK", 256)  # four blocks of 1024 latents
+    cfg = MatryoshkaTrainingSAEConfig(d_in=16, d_sae=1024, k=8, matryoshka_widths=[64, 256, 1024])
+    x = torch.randn(64, cfg.d_in, generator=torch.Generator().manual_seed(0))
+    dead = None if dead_every is None else torch.arange(cfg.d_sae) % dead_every == 0
+    torch.manual_seed(0)
+    on_cpu = MatryoshkaTrainingSAE(cfg)
+    on_device = to_fake_device(copy.deepcopy(on_cpu))
+
+    def second_step_reads(sae: MatryoshkaTrainingSAE) -> list[str]:
+        batch = x.to(sae.W_enc.device)
+        mask = None if dead is None else dead.to(sae.W_enc.device)
+        train_step(sae, batch, mask)
+        with counted_host_syncs() as syncs:
+            out = sae.training_forward_pass(step_input(batch, mask, logging=False, step=1))
+            out.loss.backward()
+        return syncs
+
+    gradients = 1 if dead is None else 2
+    block_reads = ["tolist@encoder_backward.py:bagged_weight_grad"] * gradients
+    assert sorted(second_step_reads(on_cpu)) == sorted(ONE_READ + block_reads)
+    with on_fake_device():
+        # (a stand-in tensor's tolist calls its CPU data's too: the one read counts twice)
+        assert set(second_step_reads(on_device)) == set(ONE_READ)
+    torch.testing.assert_close(on_device.W_enc.grad.cpu(), on_cpu.W_enc.grad)
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
