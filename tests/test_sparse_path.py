@@ -9,6 +9,7 @@ for the same parameters, for every level configuration.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import time
@@ -432,6 +433,14 @@ def test_a_measured_choice_is_kept_for_the_machine_and_read_instead_of_timing_ag
         released = MeasuredKernel("cached", candidates)
         released(("shape", x.device), x)
     assert released.chosen[("shape", x.device)] == "b" and len(list(entry.parent.iterdir())) == 3
+    # run from a source tree, not installed: still a version to key by
+    with monkeypatch.context() as source_tree:
+
+        def not_installed(name: str) -> str:
+            raise importlib.metadata.PackageNotFoundError(name)
+
+        source_tree.setattr(importlib.metadata, "version", not_installed)
+        assert measured.package_version() == "not installed"
 
     # a damaged entry, or one naming a candidate that no longer exists, is measured again
     entry.write_text('{"choice": "gone"}')

@@ -213,8 +213,11 @@ def machine(device: torch.device) -> str:
 
 def package_version() -> str:
     """This package's version: part of a kept choice's identity, as a release may change a
-    kernel's candidates and with them which is faster."""
-    return importlib.metadata.version("sae-lens-matryoshka")
+    kernel's candidates and with them which is faster ("not installed" run from a source tree)."""
+    try:
+        return importlib.metadata.version("sae-lens-matryoshka")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def cpu_model() -> str:
