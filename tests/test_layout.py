@@ -17,6 +17,7 @@ ORDER = [
     "decoder",
     "sae_base",
     # pure tensor functions
+    "kernels.threads",
     "kernels.measured",
     "kernels.gradient_memory",
     "kernels.encoder_backward",

@@ -43,7 +43,9 @@ product takes the entries as they are.
   gradients kept from one step to the next (glibc hands blocks this large
   back to the operating system, and every step faulted them in anew), handed
   out again only once nothing holds it; the two gradient kernels write there;
-- ``jumprelu``: the JumpReLU and its straight-through estimators.
+- ``jumprelu``: the JumpReLU and its straight-through estimators;
+- ``threads``: torch on one thread, where its intra-op threads only wait for
+  each other (sorts on shared cores, tiny tensors).
 
 The dense path (``training_path="dense"``) computes the same loss and gradients
 with dense matmuls; the tests hold the two equal.

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from sae_lens_matryoshka.kernels.gradient_memory import empty_gradient
 from sae_lens_matryoshka.kernels.measured import MeasuredKernel, entries_per_token
+from sae_lens_matryoshka.kernels.threads import single_thread
 
 # torch warns once per process that its CSR support is in beta; the CSR products
 # used here are tested, so that one warning is spent here, silently
@@ -25,26 +25,6 @@ with warnings.catch_warnings():
 def row_starts(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Where each row starts in the non-decreasing ``rows``: ``[n_rows + 1]``, the last is ``len(rows)``."""
     return torch.searchsorted(rows, torch.arange(n_rows + 1, device=rows.device))
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """torch on one thread (its intra-op threads), restored after; also a decorator.
-
-    The thread count is the process's: torch operations another Python
-    thread runs meanwhile run on one thread too. Where tensors are small or
-    cores are shared, intra-op threads only add synchronisation (see
-    :func:`latent_major_order`, and ``toy.model``'s tiny tensors).
-    """
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def narrowest_int_dtype(bound: int) -> torch.dtype:

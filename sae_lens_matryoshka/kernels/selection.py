@@ -31,8 +31,9 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from sae_lens_matryoshka.kernels.encoder_backward import narrowest_int_dtype, single_thread
+from sae_lens_matryoshka.kernels.encoder_backward import narrowest_int_dtype
 from sae_lens_matryoshka.kernels.measured import MeasuredKernel
+from sae_lens_matryoshka.kernels.threads import single_thread
 
 #: the largest and smallest samples for estimating the selection threshold (at
 #: most 1/16 of the values); the result is exact whatever the sample, a better

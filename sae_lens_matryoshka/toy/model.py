@@ -36,7 +36,7 @@ from sae_lens_matryoshka.evals import decoder_feature_cosines
 # add synchronisation (on this project's 2-core machine, building the toy's orthogonal
 # feature directions took 2 to 5 s on two threads and 0.08 s on one, and training one
 # seed's pair of SAEs 14 s against 8 s)
-from sae_lens_matryoshka.kernels.encoder_backward import single_thread
+from sae_lens_matryoshka.kernels.threads import single_thread
 
 
 def short_run_trainer_config(
