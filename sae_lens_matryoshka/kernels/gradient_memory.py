@@ -18,7 +18,9 @@ reference a caller kept, no view of it). A gradient accumulated over several
 backward passes, or one whose tensor the caller keeps, gets fresh memory.
 At most :data:`KEPT_PER_WEIGHT` blocks are kept per weight (one step's
 backward may make two gradients of one weight: the reconstruction's and the
-dead-latent loss's, which autograd sums), and they go with the weight.
+dead-latent loss's, which autograd sums), and they go with the weight: while
+it lives, so does up to twice its size in kept memory (one gradient's worth
+is what ``zero_grad(set_to_none=False)`` keeps).
 
 On a GPU nothing is kept: the caching allocator already reuses freed blocks
 without a fault, and kept gradients would raise the forward pass's peak
