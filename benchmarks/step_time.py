@@ -36,7 +36,9 @@ without it, under the same policy as the others. Adam's state is made
 before the first step; then every contender takes ``--warmup`` untimed steps
 (on a GPU the caching allocator and cuBLAS's kernel choices settle over the
 first few) before the timed ones, and on a GPU the clock is read after
-``torch.cuda.synchronize()`` on both sides of each step.
+``torch.cuda.synchronize()`` on both sides of each step. Beside each median
+time is the memory the step faulted in (``faulted MiB``, :func:`faulted_mib`):
+on CPU, what allocating large tensors afresh every step costs.
 
 Peak memory of one step is measured per contender, after the same warm-up:
 on a GPU with CUDA's peak-allocation counter (``reset_peak_memory_stats``,
@@ -77,6 +79,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -331,8 +334,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds per step of every contender and the floor, interleaved, after ``args.warmup`` steps each."""
+def faulted_mib() -> float:
+    """Memory this process has faulted in so far (its minor page faults), in MiB.
+
+    On CPU a step that allocates a large tensor afresh pays for faulting its
+    pages in (glibc hands blocks above 32 MiB back to the operating system when
+    they are freed): the step times include it, a profile books it to
+    whichever operation touched the pages first, and this shows it apart.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt * resource.getpagesize() / 2**20
+
+
+def time_steps(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per step of every contender and the floor, interleaved, after ``args.warmup`` steps each.
+
+    And the median memory each step faulted in (:func:`faulted_mib`), in MiB.
+    """
     torch.manual_seed(0)
     models = {name: build(name, args) for name in args.contenders}
     # one set of initial weights for all: the first SAELens-style contender's
@@ -348,14 +365,19 @@ def time_steps(args: argparse.Namespace) -> dict[str, float]:
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    faults: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.repeats):
         for name, step in steps.items():
             _sync(args.device)
-            start = time.perf_counter()
+            faulted, start = faulted_mib(), time.perf_counter()
             step()
             _sync(args.device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            faults[name].append(faulted_mib() - faulted)
+    return (
+        {name: statistics.median(values) for name, values in times.items()},
+        {name: statistics.median(values) for name, values in faults.items()},
+    )
 
 
 def step_peak_mib(name: str, args: argparse.Namespace) -> float:
@@ -559,10 +581,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.skip_timing:
         # sparsify announces its decoder on import; stdout is for the result
         with contextlib.redirect_stdout(sys.stderr):
-            median = time_steps(args)
+            median, faults = time_steps(args)
         floor = median.pop(FLOOR)
         result["median_step_seconds"] = median
         result["floor_step_seconds"] = floor
+        result["floor_page_faults_mib"] = faults.pop(FLOOR)
+        result["step_page_faults_mib"] = faults
         result["step_time_ratio_to_floor"] = {name: s / floor for name, s in median.items()}
         if OURS in median:
             result["ours_step_time_ratio_to"] = {
@@ -603,15 +627,23 @@ def report(result: dict[str, Any]) -> None:
     memory = result.get("step_peak_memory_mib", {})
     ratios = result.get("ours_step_time_ratio_to", {})
     to_floor = result.get("step_time_ratio_to_floor", {})
-    print(f"  {'':<32} {'ms/step':>9} {'/ floor':>8} {'step peak MiB':>14} {'ours / this':>12}")
+    faults = result.get("step_page_faults_mib", {})
+    print(
+        f"  {'':<32} {'ms/step':>9} {'/ floor':>8} {'faulted MiB':>12} {'step peak MiB':>14}"
+        f" {'ours / this':>12}"
+    )
     if "floor_step_seconds" in result:
-        print(f"  {FLOOR + ' (GEMM + Adam)':<32} {result['floor_step_seconds'] * 1000:9.1f}")
+        print(
+            f"  {FLOOR + ' (GEMM + Adam)':<32} {result['floor_step_seconds'] * 1000:9.1f}"
+            f" {'':8} {result['floor_page_faults_mib']:12.0f}"
+        )
     for name in {**seconds, **memory}:
         time_ms = f"{seconds[name] * 1000:9.1f}" if name in seconds else f"{'':9}"
         floor = f"{to_floor[name]:7.2f}x" if name in to_floor else f"{'':8}"
+        faulted = f"{faults[name]:12.0f}" if name in faults else f"{'':12}"
         peak = f"{memory[name]:14.0f}" if name in memory else f"{'':14}"
         ratio = f"{ratios[name]:11.2f}x" if name in ratios else f"{'':12}"
-        print(f"  {name:<32} {time_ms} {floor} {peak} {ratio}")
+        print(f"  {name:<32} {time_ms} {floor} {faulted} {peak} {ratio}")
     for name in result["not_installed"]:
         print(f"  {name:<32} {SPARSIFY_MISSING}")
     for target in result.get("targets", []):

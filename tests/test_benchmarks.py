@@ -58,12 +58,25 @@ def test_every_contender_steps_with_dead_latents_at_every_precision(
     assert checked == [
         name for name, _ in step_time.TARGETS if name in {*args.contenders, step_time.FLOOR}
     ]
+    assert result["step_page_faults_mib"].keys() == set(args.contenders)
+    assert result["floor_page_faults_mib"] >= 0
     step_time.report(result)
     out = capsys.readouterr().out
+    assert "faulted MiB" in out
     assert f"{precision}, 50% of latents dead, 2 warm-up steps" in out
     assert "floor_gemm_adam (GEMM + Adam)" in out
     assert "target: ours / floor_gemm_adam at most 1.5x" in out  # half dead: the looser bound
     assert "kernels chosen: " in out
+
+
+def test_faulted_memory_counts_what_a_step_touches_afresh(step_time: ModuleType) -> None:
+    """64 MiB allocated and written: faulted in; written again: nothing more."""
+    before = step_time.faulted_mib()
+    block = torch.ones(16 * 2**20)
+    assert step_time.faulted_mib() - before >= 60
+    before = step_time.faulted_mib()
+    block.fill_(2.0)
+    assert step_time.faulted_mib() - before < 4
 
 
 def test_the_floor_step_is_the_encoder_matmul_and_one_adam_step(step_time: ModuleType) -> None:
