@@ -177,6 +177,11 @@ ENCODER_WEIGHT_GRAD = MeasuredKernel(
 )
 
 
+def weight_grad_dtype(sae_in: torch.Tensor) -> torch.dtype:
+    """The ``W_enc`` gradient's dtype: at least float32 (sparse products have no bfloat16 kernel on CPU)."""
+    return torch.promote_types(sae_in.dtype, torch.float32)
+
+
 def encoder_weight_grad(
     sae_in: torch.Tensor,
     token: torch.Tensor,
@@ -205,8 +210,7 @@ def encoder_weight_grad(
     new memory.
     """
     if out is None:
-        dtype = torch.promote_types(sae_in.dtype, torch.float32)
-        out = sae_in.new_empty(sae_in.shape[1], d_sae, dtype=dtype)
+        out = sae_in.new_empty(sae_in.shape[1], d_sae, dtype=weight_grad_dtype(sae_in))
     order = EntryOrder(latent, d_sae) if order is None else order
     per_token = entries_per_token(len(token), sae_in.shape[0])
     key = (tuple(sae_in.shape), d_sae, per_token, sae_in.dtype, sae_in.device)
@@ -258,7 +262,7 @@ class SparseEncoderValues(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_shift = -(W_enc @ grad_b_enc)
         if ctx.needs_input_grad[3]:
-            out = empty_gradient(W_enc, torch.promote_types(sae_in.dtype, torch.float32))
+            out = empty_gradient(W_enc, weight_grad_dtype(sae_in))
             grad_W_enc = encoder_weight_grad(sae_in, token, latent, grad, d_sae, ctx.order, out)
             grad_W_enc = grad_W_enc.to(W_enc.dtype)
         return None, None, grad_shift, grad_W_enc, grad_b_enc, None, None, None
