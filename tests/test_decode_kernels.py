@@ -3,8 +3,9 @@
 ``group_decode`` (the groups' decode, ``G @ W_dec``) and ``decoder_weight_grad``
 (``W_dec``'s gradient, ``G.T @ grad``) each have an ``embedding_bag`` and a CSR
 candidate, ``decode_values_grad`` (the values' gradient) torch's
-``embedding_bag`` kernel and a sampled CSR product; a run uses whichever its
-machine measured faster. Every candidate,
+``embedding_bag`` kernel and sampled CSR products over the token-major
+entries and over their latent-major order; a run uses whichever its
+machine measured fastest. Every candidate,
 pinned with ``SAE_MATRYOSHKA_KERNELS``, must give the decode and the gradients
 of a dense matmul under autograd, and a whole training step must equal the
 dense path's with each. Unpinned, the kernels measure once per key and keep
@@ -177,6 +178,23 @@ def test_the_values_gradient_does_not_depend_on_the_forward_candidate(
     _pin(monkeypatch, group_decode=forward, decoder_weight_grad="bagged")
     _, values_grad, _ = entries.decode()
     assert torch.equal(values_grad, reference)
+
+
+@pytest.mark.parametrize("widths", list(WIDTHS), ids=list(WIDTHS))
+def test_the_values_gradient_latent_by_latent_is_the_token_major_one_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch, widths: str
+) -> None:
+    """The same dot products, read in another order and put back: not one bit differs.
+
+    Its tokens and latents without entries included (token 3, the last latent).
+    """
+    entries = Entries(per_token=9, widths=WIDTHS[widths], dtype=torch.float32, n_tokens=40)
+    _pin(monkeypatch, decode_values_grad="sampled")
+    _, token_major, _ = entries.decode()
+    _pin(monkeypatch, decode_values_grad="sampled_by_latent")
+    _, latent_major, _ = entries.decode()
+    assert torch.equal(latent_major, token_major)
+    assert not torch.equal(latent_major, latent_major.sort().values)  # token-major, not sorted
 
 
 def test_the_bagged_candidates_are_torchs_embedding_bag_bit_for_bit(

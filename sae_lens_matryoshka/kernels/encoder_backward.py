@@ -71,6 +71,14 @@ class EntryOrder:
         """The entries' positions, by latent, token order kept within a latent."""
         return latent_major_order(self.latent, self.d_sae)
 
+    def by_latent(self, per_entry: torch.Tensor) -> torch.Tensor:
+        """``per_entry`` (a value per entry, token-major) in latent-major :attr:`order`.
+
+        ``index_select``: on CPU it gathers a dead-latent loss's 786,432
+        entries in about half the time indexing (``per_entry[order]``) takes.
+        """
+        return per_entry.index_select(0, self.order)
+
     @functools.cached_property
     def starts(self) -> torch.Tensor:
         """Where each latent's entries start in :attr:`order`: ``[d_sae + 1]``, the last is their count."""
@@ -101,8 +109,8 @@ def csr_weight_grad(
         order = EntryOrder(latent, d_sae) if order is None else order
         matrix = torch.sparse_csc_tensor(
             order.starts,
-            token[order.order],
-            grad.to(dtype)[order.order],
+            order.by_latent(token),
+            order.by_latent(grad.to(dtype)),
             shape,
             check_invariants=False,
         )
@@ -151,7 +159,8 @@ def bagged_weight_grad(
     """
     dtype, d_sae = out.dtype, out.shape[1]
     order = EntryOrder(latent, d_sae) if order is None else order
-    tokens, weights, table = token[order.order], grad.to(dtype)[order.order], sae_in.to(dtype)
+    tokens, weights = order.by_latent(token), order.by_latent(grad.to(dtype))
+    table = sae_in.to(dtype)
     block = BAG_BLOCK if sae_in.device.type == "cpu" else d_sae
     firsts = list(range(0, d_sae, block))
     # each block's first entry, then the entries' end: read only where there are several

@@ -16,11 +16,13 @@ the encoder's gradient of the same entries (``encoder_backward``), where the
 CSR product was the faster on a CPU on which the bags win here: on one
 2-thread AMD EPYC at the default benchmark size (d_in 768, d_sae 16384, 2048
 tokens, k 40, five groups) the bags took 24 ms for the decode against the CSR
-product's 26, and 27 ms for ``W_dec``'s gradient against 34; the values'
-gradient (the output gradient dotted with each entry's ``W_dec`` row) took 22 ms
-in torch's ``embedding_bag`` kernel against a sampled CSR product's 16 at 40
-entries per token, and 132 against 147 at the dead-latent loss's 384. So each
-is a :class:`~sae_lens_matryoshka.kernels.measured.MeasuredKernel`
+product's 26, and 27 ms for ``W_dec``'s gradient against 34. The values'
+gradient (the output gradient dotted with each entry's ``W_dec`` row) is
+torch's ``embedding_bag`` kernel or a sampled product, token by token or
+latent by latent: 24, 20 and 13 ms at 40 entries per token, 195, 170-190 and
+58 at the dead-latent loss's 384 (latent by latent each ``W_dec`` row is read
+once, and the rows gathered per entry are the output gradient's, which stay
+in cache). So each is a :class:`~sae_lens_matryoshka.kernels.measured.MeasuredKernel`
 (``group_decode``, ``decoder_weight_grad``, ``decode_values_grad``), timed
 where it runs and kept.
 """
@@ -183,11 +185,11 @@ def bagged_decoder_weight_grad(
     """
     with torch.autocast(grad.device.type, enabled=False):
         per_latent = F.embedding_bag(
-            bag[order.order],
+            order.by_latent(bag),
             grad,
             order.starts[:-1],
             mode="sum",
-            per_sample_weights=values[order.order],
+            per_sample_weights=order.by_latent(values),
         )
     return out.copy_(per_latent)
 
@@ -207,8 +209,8 @@ def csr_decoder_weight_grad(
     """
     matrix = torch.sparse_csr_tensor(
         order.starts,
-        bag[order.order],
-        values[order.order],
+        order.by_latent(bag),
+        order.by_latent(values),
         (order.d_sae, grad.shape[0]),
         check_invariants=False,
     )
@@ -229,12 +231,14 @@ def bagged_decode_values_grad(
     latent: torch.Tensor,
     bag: torch.Tensor,
     starts: torch.Tensor,
+    order: EntryOrder,
 ) -> torch.Tensor:
     """Each entry's output gradient dotted with its ``W_dec`` row: torch's ``embedding_bag`` kernel.
 
     Handed the entries' bags (the ``offset2bag`` torch's forward would have
     made), so it needs nothing from whichever forward candidate ran.
     """
+    del order  # token-major, as the entries come
     values_grad: torch.Tensor = torch.ops.aten._embedding_bag_per_sample_weights_backward(
         grad, W_dec, latent, starts[:-1], bag, 0, -1
     )
@@ -247,6 +251,7 @@ def sampled_decode_values_grad(
     latent: torch.Tensor,
     bag: torch.Tensor,
     starts: torch.Tensor,
+    order: EntryOrder,
 ) -> torch.Tensor:
     """The same dot products as ``grad @ W_dec.T`` sampled at ``G``'s entries (``sampled_addmm``).
 
@@ -254,7 +259,7 @@ def sampled_decode_values_grad(
     pattern counts (``beta=0``), so its values are zeros. Outside autocast,
     which would multiply in bfloat16.
     """
-    del bag  # the CSR rows say each entry's bag
+    del bag, order  # the CSR rows say each entry's bag
     pattern = torch.sparse_csr_tensor(
         starts,
         latent,
@@ -266,10 +271,47 @@ def sampled_decode_values_grad(
         return torch.sparse.sampled_addmm(pattern, grad, W_dec.t(), beta=0).values()
 
 
-#: the values' gradient of the groups' decode; the faster is measured per shape where it runs
+def latent_major_decode_values_grad(
+    grad: torch.Tensor,
+    W_dec: torch.Tensor,
+    latent: torch.Tensor,
+    bag: torch.Tensor,
+    starts: torch.Tensor,
+    order: EntryOrder,
+) -> torch.Tensor:
+    """The same dot products sampled latent by latent: ``W_dec @ grad.T`` at ``G.T``'s entries.
+
+    ``G.T``'s CSR form is the entries in latent-major ``order`` (as for
+    ``W_dec``'s gradient), so each ``W_dec`` row is read once for all of its
+    entries and the rows gathered per entry are the output gradient's
+    (``[n_bags, d_in]``, a few MiB, in cache) instead of ``W_dec``'s (tens of
+    MiB): on one 2-thread AMD EPYC at the dead-latent loss's 384 entries per
+    token (d_in 768, d_sae 16,384, 2048 tokens) 50 ms, against 113-143 for the
+    token-major product and 137 for the ``embedding_bag`` kernel. Each dot
+    product is the token-major one's, bit for bit (the same two rows, the
+    same reduction); they are put back in the entries' token-major order.
+    """
+    del latent, starts  # the latent-major order says each entry's latent
+    pattern = torch.sparse_csr_tensor(
+        order.starts,
+        order.by_latent(bag),
+        grad.new_zeros(bag.numel()),
+        (order.d_sae, grad.shape[0]),
+        check_invariants=False,
+    )
+    with torch.autocast(grad.device.type, enabled=False):
+        dots = torch.sparse.sampled_addmm(pattern, W_dec, grad.t(), beta=0).values()
+    return torch.empty_like(dots).index_copy_(0, order.order, dots)
+
+
+#: the values' gradient of the groups' decode; the fastest is measured per shape where it runs
 DECODE_VALUES_GRAD = MeasuredKernel(
     "decode_values_grad",
-    {"bagged": bagged_decode_values_grad, "sampled": sampled_decode_values_grad},
+    {
+        "bagged": bagged_decode_values_grad,
+        "sampled": sampled_decode_values_grad,
+        "sampled_by_latent": latent_major_decode_values_grad,
+    },
 )
 
 
@@ -282,9 +324,10 @@ class GroupDecode(torch.autograd.Function):
     :func:`decode_key`'s), the gradient written into the memory of an
     earlier step's (``kernels.gradient_memory``). The values' gradient, each entry's output gradient
     dotted with its ``W_dec`` row, is :data:`DECODE_VALUES_GRAD`: torch's own
-    ``embedding_bag`` kernel or a sampled CSR product (``sampled_addmm``),
-    both handed what they need from the entries, nothing from the forward,
-    whichever candidate ran.
+    ``embedding_bag`` kernel or a sampled CSR product (``sampled_addmm``) over
+    the token-major entries or over their latent-major ``order``, each handed
+    what it needs from the entries, nothing from the forward, whichever
+    candidate ran.
 
     ``W_dec``'s gradient is computed without torch's backward's sort. That
     backward sorts the entries by latent (``indices.sort()``; on CPU from
@@ -328,7 +371,7 @@ class GroupDecode(torch.autograd.Function):
         grad = grad.contiguous()
         grad_values = grad_W_dec = None
         if ctx.needs_input_grad[0]:
-            grad_values = DECODE_VALUES_GRAD(ctx.key, grad, W_dec, latent, bag, starts)
+            grad_values = DECODE_VALUES_GRAD(ctx.key, grad, W_dec, latent, bag, starts, ctx.order)
         if ctx.needs_input_grad[1]:
             out = empty_gradient(W_dec, W_dec.dtype)
             grad_W_dec = DECODER_WEIGHT_GRAD(ctx.key, grad, values, bag, ctx.order, out)

@@ -320,8 +320,10 @@ class GatheredDeadLatents(NamedTuple):
         n_out = min(n_pick, n_dead)
 
         def block_top(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            top = block.index_select(-1, self.latents).topk(n_out, dim=-1, sorted=False)
-            return top.values, self.latents[top.indices]
+            # gather and take: on CPU a little faster than index_select and indexing
+            columns = block.gather(-1, self.latents.expand(block.shape[0], -1))
+            top = columns.topk(n_out, dim=-1, sorted=False)
+            return top.values, self.latents.take(top.indices)
 
         return _by_blocks(hidden_pre, n_out, n_dead, block_top)
 
