@@ -218,8 +218,14 @@ class Floor(nn.Module):
     competes in a top-k selection, so no sparse path avoids it) and one Adam
     step over the SAE's four parameters (Adam touches every parameter,
     whatever the gradient's sparsity). Its gradients are made once and kept,
-    so the floor allocates nothing per step; a contender's time over it is
-    everything else: selection, decode, losses, backward, allocation.
+    and the matmul writes into the memory of the last step's result (as ours
+    does on CPU, ``kernels.kept_memory``; in a result of its own under bf16
+    autocast, which casts the inputs), so the floor allocates nothing per
+    step but Adam's own temporaries, which every contender's Adam allocates
+    too; a contender's time over it is everything else: selection, decode,
+    losses, backward, allocation. (Until 2026-12-07 the floor's matmul
+    wrote a fresh result every step, 128 MiB at the CPU default size, which
+    took it 60 ms more on one 2-thread AMD EPYC to fault in.)
     """
 
     def __init__(self, d_in: int, d_sae: int, device: str) -> None:
@@ -232,12 +238,22 @@ class Floor(nn.Module):
         for parameter in self.parameters():
             parameter.grad = torch.randn_like(parameter)
         self.optimizer.step()  # Adam's state, before any timed step
+        #: the last step's pre-activations, whose memory the next step's are written into
+        self.pre_activations: torch.Tensor | None = None
 
-    def step(self, x: torch.Tensor, args: argparse.Namespace) -> None:
-        """The encoder's forward matmul on ``x`` (under ``args``' precision), then Adam."""
+    def step(self, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+        """The encoder's forward matmul on ``x`` (under ``args``' precision), then Adam.
+
+        Returns the pre-activations.
+        """
         with torch.no_grad(), forward_precision(args):
-            torch.addmm(self.b_enc, x, self.W_enc)
+            last = self.pre_activations
+            if args.precision == "bf16" or last is None or last.shape[0] != x.shape[0]:
+                self.pre_activations = torch.addmm(self.b_enc, x, self.W_enc)
+            else:
+                torch.addmm(self.b_enc, x, self.W_enc, out=last)
         self.optimizer.step()
+        return self.pre_activations
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
 from sae_lens_matryoshka.first_batch import check_first_batch
+from sae_lens_matryoshka.kernels.kept_memory import pre_activations
 from sae_lens_matryoshka.kernels.selection import dead_latent_pick
 from sae_lens_matryoshka.levels import LevelPlan
 from sae_lens_matryoshka.losses import aux_k, level_metrics, level_mse
@@ -227,8 +228,9 @@ def encode_sparse(
         sae_in = sae.process_sae_in(x)
         batch_shape = sae_in.shape[:-1]
         sae_in = sae_in.reshape(-1, sae.cfg.d_in)
-        # one n_tokens x d_sae buffer: the bias and the norms are applied in place
-        hidden_pre = torch.addmm(sae.b_enc, sae_in, sae.W_enc)
+        # one n_tokens x d_sae buffer (on CPU an earlier step's memory): the bias
+        # and the norms are applied in place
+        hidden_pre = pre_activations(sae.b_enc, sae_in, sae.W_enc)
         raw_values = sae.decoder.scale_pre_activations_(hidden_pre, sae.W_dec)
     sae.hook_sae_acts_pre(hidden_pre.view(*batch_shape, -1))
     shift = sae.b_dec if sae.cfg.apply_b_dec_to_input else None

@@ -93,10 +93,30 @@ def test_the_floor_step_is_the_encoder_matmul_and_one_adam_step(step_time: Modul
     }
     before = {name: p.detach().clone() for name, p in floor.named_parameters()}
     grads = {name: p.grad for name, p in floor.named_parameters()}
-    floor.step(x, args)
+    first = floor.step(x, args)
+    torch.testing.assert_close(first, x @ before["W_enc"] + before["b_enc"])
     for name, p in floor.named_parameters():
         assert not torch.equal(p.detach(), before[name]), name
         assert p.grad is grads[name], name  # kept, not made again
+    # the next step's matmul is written where the last one's was
+    place = first.data_ptr()
+    weights = floor.W_enc.detach().clone(), floor.b_enc.detach().clone()
+    second = floor.step(x, args)
+    assert second.data_ptr() == place
+    torch.testing.assert_close(second, x @ weights[0] + weights[1])
+
+
+def test_the_floor_matmul_under_bf16_autocast_is_autocasts(step_time: ModuleType) -> None:
+    """bf16 autocast casts the matmul's inputs: a bfloat16 result of its own each step."""
+    args = step_time.parse_args([*TINY, "--precision", "bf16"])
+    x = torch.randn(args.batch, args.d_in)
+    floor = step_time.Floor(args.d_in, args.d_sae, args.device)
+    weights = floor.W_enc.detach().clone(), floor.b_enc.detach().clone()
+    first = floor.step(x, args)
+    assert first.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(first, torch.addmm(weights[1], x, weights[0]))
+    assert floor.step(x, args) is not first
 
 
 @pytest.mark.parametrize(

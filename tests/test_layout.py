@@ -19,7 +19,7 @@ ORDER = [
     # pure tensor functions
     "kernels.threads",
     "kernels.measured",
-    "kernels.gradient_memory",
+    "kernels.kept_memory",
     "kernels.encoder_backward",
     "kernels.selection",
     "kernels.level_decode",

@@ -39,10 +39,11 @@ product takes the entries as they are.
   sum over groups, with a ``W_dec`` gradient measured the same way that takes
   the shared order instead of sorting the entries again, and a values'
   gradient measured too);
-- ``gradient_memory``: on CPU, the memory of ``W_enc``'s and ``W_dec``'s
-  gradients kept from one step to the next (glibc hands blocks this large
-  back to the operating system, and every step faulted them in anew), handed
-  out again only once nothing holds it; the two gradient kernels write there;
+- ``kept_memory``: on CPU, the memory of ``W_enc``'s and ``W_dec``'s
+  gradients and of the pre-activations kept from one step to the next (glibc
+  hands blocks this large back to the operating system, and every step
+  faulted them in anew), handed out again only once nothing holds it; the
+  two gradient kernels and the encoder's matmul write there;
 - ``jumprelu``: the JumpReLU and its straight-through estimators;
 - ``threads``: torch on one thread, where its intra-op threads only wait for
   each other (sorts on shared cores, tiny tensors).

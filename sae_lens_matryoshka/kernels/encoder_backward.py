@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from sae_lens_matryoshka.kernels.gradient_memory import empty_gradient
+from sae_lens_matryoshka.kernels.kept_memory import empty_gradient
 from sae_lens_matryoshka.kernels.measured import MeasuredKernel, entries_per_token
 from sae_lens_matryoshka.kernels.threads import single_thread
 
@@ -215,7 +215,7 @@ def encoder_weight_grad(
     (:class:`EntryOrder`): the bagged candidate uses it, and on CPU the CSR
     one. Sorted on the first call, it is left out of the candidates' timing.
     ``out``: where to write it (``[d_in, d_sae]``, contiguous, uninitialised;
-    a kept gradient's memory, :func:`~.gradient_memory.empty_gradient`), else
+    a kept gradient's memory, :func:`~.kept_memory.empty_gradient`), else
     new memory.
     """
     if out is None:
@@ -235,7 +235,7 @@ class SparseEncoderValues(torch.autograd.Function):
     ``sae_in = x - shift`` is the processed input (``shift`` is ``b_dec`` when
     it is subtracted from the input, else None). Backward touches only the
     selected latents: ``W_enc``'s gradient is :func:`encoder_weight_grad`,
-    written into the memory of an earlier step's (``kernels.gradient_memory``),
+    written into the memory of an earlier step's (``kernels.kept_memory``),
     ``b_enc``'s sums the gradient per latent, and ``shift``'s is
     ``-W_enc @ (b_enc's gradient)``: the input is data, so its per-token
     gradient is never needed, only its sum, which reaches ``b_dec``.

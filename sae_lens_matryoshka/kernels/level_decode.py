@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sae_lens_matryoshka.kernels.encoder_backward import EntryOrder, row_starts
-from sae_lens_matryoshka.kernels.gradient_memory import empty_gradient
+from sae_lens_matryoshka.kernels.kept_memory import empty_gradient
 from sae_lens_matryoshka.kernels.measured import MeasuredKernel, entries_per_token
 
 
@@ -322,7 +322,7 @@ class GroupDecode(torch.autograd.Function):
     :data:`DECODER_WEIGHT_GRAD`: each the faster, where it runs, of one
     ``embedding_bag`` and one CSR product (``kernels.measured``; ``key`` is
     :func:`decode_key`'s), the gradient written into the memory of an
-    earlier step's (``kernels.gradient_memory``). The values' gradient, each entry's output gradient
+    earlier step's (``kernels.kept_memory``). The values' gradient, each entry's output gradient
     dotted with its ``W_dec`` row, is :data:`DECODE_VALUES_GRAD`: torch's own
     ``embedding_bag`` kernel or a sampled CSR product (``sampled_addmm``) over
     the token-major entries or over their latent-major ``order``, each handed

@@ -1,9 +1,10 @@
-"""The weight matrices' gradients written where the last step's were (``kernels.gradient_memory``).
+"""A step's largest tensors written where an earlier step's were (``kernels.kept_memory``).
 
-Against the same training with new memory for every gradient: the same
-weights bit for bit, through SAELens's trainer, with every candidate of the
-two kernels that write the gradients, with and without the dead-latent loss;
-and nothing anyone still holds is ever written over.
+The weight matrices' gradients and the pre-activations. Against the same
+training with new memory for each: the same weights bit for bit, through
+SAELens's trainer, with every candidate of the two kernels that write the
+gradients, with and without the dead-latent loss; and nothing anyone still
+holds is ever written over.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import gc
 import itertools
 import weakref
+from typing import NamedTuple
 
 import pytest
 import torch
 from sae_lens.training.sae_trainer import SAETrainer
 
-from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
-from sae_lens_matryoshka.kernels import encoder_backward, gradient_memory, level_decode
+from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig, step
+from sae_lens_matryoshka.kernels import encoder_backward, kept_memory, level_decode
 from sae_lens_matryoshka.kernels.encoder_backward import ENCODER_WEIGHT_GRAD
 from sae_lens_matryoshka.kernels.level_decode import DECODER_WEIGHT_GRAD
 from sae_lens_matryoshka.toy import short_run_trainer_config
@@ -34,30 +36,43 @@ def _sae() -> MatryoshkaTrainingSAE:
 
 
 def _new_memory_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every gradient in memory of its own, as before gradients were kept."""
+    """Every gradient and the pre-activations in memory of their own, as before they were kept."""
 
     def new(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(weight.shape, dtype=dtype, device=weight.device)
 
     monkeypatch.setattr(encoder_backward, "empty_gradient", new)
     monkeypatch.setattr(level_decode, "empty_gradient", new)
+    monkeypatch.setattr(step, "pre_activations", torch.addmm)
 
 
-def _train(dead_window: int) -> tuple[MatryoshkaTrainingSAE, list[tuple[int, int]], list[bool]]:
-    """``STEPS`` steps of SAELens's trainer: the SAE, where each step's ``W_enc`` and
-    ``W_dec`` gradients lay, and whether any latent was dead at each step."""
+class Places(NamedTuple):
+    """Where a run's tensors lay, step by step."""
+
+    #: each step's ``W_enc`` and ``W_dec`` gradients
+    gradients: list[tuple[int, int]]
+    #: each step's pre-activations
+    pre_activations: list[int]
+
+
+def _train(dead_window: int) -> tuple[MatryoshkaTrainingSAE, Places, list[bool]]:
+    """``STEPS`` steps of SAELens's trainer: the SAE, where each step's gradients and
+    pre-activations lay, and whether any latent was dead at each step."""
     sae = _sae()
+    places = Places([], [])
+    sae.hook_sae_acts_pre.register_forward_hook(
+        lambda _module, _inputs, hidden_pre: places.pre_activations.append(hidden_pre.data_ptr())
+    )
     batches = iter(torch.randn(STEPS, 64, 12, generator=torch.Generator().manual_seed(1)) * 2)
     # a dead-feature window of 1 step: from the second step on, the latents that
     # did not fire are dead and the dead-latent loss adds its own gradients
     cfg = short_run_trainer_config(STEPS, batch_size=64, lr=1e-2, dead_feature_window=dead_window)
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches)
-    places: list[tuple[int, int]] = []
     any_dead: list[bool] = []
 
     def note(*_: object) -> None:
         assert sae.W_enc.grad is not None and sae.W_dec.grad is not None
-        places.append((sae.W_enc.grad.data_ptr(), sae.W_dec.grad.data_ptr()))
+        places.gradients.append((sae.W_enc.grad.data_ptr(), sae.W_dec.grad.data_ptr()))
         any_dead.append(bool(trainer.dead_neurons.any()))
 
     trainer.optimizer.register_step_pre_hook(note)
@@ -70,7 +85,7 @@ def _train(dead_window: int) -> tuple[MatryoshkaTrainingSAE, list[tuple[int, int
     list(itertools.product(sorted(ENCODER_WEIGHT_GRAD.candidates), DECODER_WEIGHT_GRAD.candidates)),
 )
 @pytest.mark.parametrize("dead_window", [1000, 1], ids=["no-dead-latent", "dead-latents"])
-def test_trainer_steps_reuse_gradient_memory_and_train_the_same_weights(
+def test_trainer_steps_reuse_kept_memory_and_train_the_same_weights(
     monkeypatch: pytest.MonkeyPatch, encoder: str, decoder: str, dead_window: int
 ) -> None:
     pin_kernel(monkeypatch, "encoder_weight_grad", encoder)
@@ -78,9 +93,12 @@ def test_trainer_steps_reuse_gradient_memory_and_train_the_same_weights(
     kept, places, any_dead = _train(dead_window)
     if dead_window == 1000:  # one gradient of each weight per step: it lies where the last one did
         assert not any(any_dead)
-        assert len(set(places)) == 1, places
+        assert len(set(places.gradients)) == 1, places
     else:  # the dead-latent loss adds a second gradient of each weight, which autograd sums
         assert any(any_dead)
+    # the trainer's step output no longer holds them after the step (kept_outputs)
+    assert len(places.pre_activations) == STEPS
+    assert len(set(places.pre_activations)) == 1, places
     with monkeypatch.context() as fresh:
         _new_memory_every_time(fresh)
         new, _, _ = _train(dead_window)
@@ -102,6 +120,48 @@ def test_a_gradient_someone_keeps_is_never_written_over() -> None:
     assert sae.W_dec.grad.data_ptr() != held_dec.data_ptr()
 
 
+def test_pre_activations_someone_keeps_are_never_written_over() -> None:
+    """A loop that holds each step's output (SAELens's trainer without ``kept_outputs``)."""
+    sae = _sae()
+    batches = torch.randn(4, 32, 12, generator=torch.Generator().manual_seed(4)) * 2
+    outputs = [sae.training_forward_pass(step_input(batch)) for batch in batches]
+    copies = [output.hidden_pre.clone() for output in outputs]
+    for output, copy in zip(outputs, copies, strict=True):
+        assert torch.equal(output.hidden_pre, copy)
+    assert len({output.hidden_pre.data_ptr() for output in outputs}) == len(outputs)
+    # each one the encoder's matmul, as with new memory: a fresh SAE's same steps
+    del outputs
+    fresh = _sae()
+    for batch, copy in zip(batches, copies, strict=True):
+        with torch.no_grad():
+            again = fresh.training_forward_pass(step_input(batch)).hidden_pre
+        assert torch.equal(again, copy)
+
+
+def test_pre_activations_are_torchs_addmm_wherever_they_are_not_kept() -> None:
+    """Under autocast, with a graph or off the CPU: ``addmm`` itself, nothing kept."""
+    generator = torch.Generator().manual_seed(5)
+    b_enc, sae_in, W_enc = (
+        torch.randn(*shape, generator=generator) for shape in ((6,), (4, 3), (3, 6))
+    )
+    expected = torch.addmm(b_enc, sae_in, W_enc)
+    with torch.no_grad():
+        kept = kept_memory.pre_activations(b_enc, sae_in, W_enc)
+    assert torch.equal(kept, expected)
+    assert len(kept_memory._KEPT[W_enc]["pre-activations"]) == 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = kept_memory.pre_activations(b_enc, sae_in, W_enc)
+        assert torch.equal(low, torch.addmm(b_enc, sae_in, W_enc))
+    assert low.dtype == torch.bfloat16
+    weight = W_enc.clone().requires_grad_()
+    with_graph = kept_memory.pre_activations(b_enc, sae_in, weight)
+    assert with_graph.grad_fn is not None and weight not in kept_memory._KEPT
+    with torch.no_grad():
+        meta = kept_memory.pre_activations(*(t.to("meta") for t in (b_enc, sae_in, W_enc)))
+    assert meta.device.type == "meta"
+    assert len(kept_memory._KEPT[W_enc]["pre-activations"]) == 1
+
+
 def test_gradients_of_two_backward_passes_add_up() -> None:
     """Gradient accumulation (no ``zero_grad`` between two batches) sums, as with new memory."""
     x, y = torch.randn(2, 32, 12, generator=torch.Generator().manual_seed(3)) * 2
@@ -119,25 +179,25 @@ def test_gradients_of_two_backward_passes_add_up() -> None:
 
 def test_kept_memory_is_bounded_and_goes_with_its_weight() -> None:
     weight = torch.nn.Parameter(torch.zeros(5, 7))
-    first = gradient_memory.empty_gradient(weight, torch.float32)
+    first = kept_memory.empty_gradient(weight, torch.float32)
     place = first.data_ptr()
     del first
-    assert gradient_memory.empty_gradient(weight, torch.float32).data_ptr() == place
+    assert kept_memory.empty_gradient(weight, torch.float32).data_ptr() == place
 
-    held = [gradient_memory.empty_gradient(weight, torch.float32) for _ in range(5)]
+    held = [kept_memory.empty_gradient(weight, torch.float32) for _ in range(5)]
     assert len({tensor.data_ptr() for tensor in held}) == 5  # each held one is its own
-    assert len(gradient_memory._KEPT[weight]) == gradient_memory.KEPT_PER_WEIGHT
+    assert len(kept_memory._KEPT[weight]["gradient"]) == kept_memory.KEPT_PER_USE
 
     # another dtype than the weight's (a float32 gradient of bfloat16 weights) is not kept
     wide = torch.nn.Parameter(torch.zeros(5, 7, dtype=torch.bfloat16))
-    assert gradient_memory.empty_gradient(wide, torch.float32).dtype == torch.float32
-    assert wide not in gradient_memory._KEPT
+    assert kept_memory.empty_gradient(wide, torch.float32).dtype == torch.float32
+    assert wide not in kept_memory._KEPT
     # nor is memory on another device than the CPU (a GPU's allocator reuses it already)
     meta = torch.nn.Parameter(torch.zeros(5, 7, device="meta"))
-    assert gradient_memory.empty_gradient(meta, torch.float32).device.type == "meta"
-    assert meta not in gradient_memory._KEPT
+    assert kept_memory.empty_gradient(meta, torch.float32).device.type == "meta"
+    assert meta not in kept_memory._KEPT
 
-    blocks = [weakref.ref(block) for block in gradient_memory._KEPT[weight]]
+    blocks = [weakref.ref(block) for block in kept_memory._KEPT[weight]["gradient"]]
     del weight, held
     gc.collect()
     assert all(block() is None for block in blocks)  # the kept memory went with its weight
