@@ -22,6 +22,7 @@ from sae_lens_matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConf
 from sae_lens_matryoshka.kernels import encoder_backward, kept_memory, level_decode
 from sae_lens_matryoshka.kernels.encoder_backward import ENCODER_WEIGHT_GRAD
 from sae_lens_matryoshka.kernels.level_decode import DECODER_WEIGHT_GRAD
+from sae_lens_matryoshka.kernels.selection import batch_topk_entries, sampled_batch_topk_entries
 from sae_lens_matryoshka.toy import short_run_trainer_config
 
 from .conftest import pin_kernel, step_input, train_step
@@ -160,6 +161,22 @@ def test_pre_activations_are_torchs_addmm_wherever_they_are_not_kept() -> None:
         meta = kept_memory.pre_activations(*(t.to("meta") for t in (b_enc, sae_in, W_enc)))
     assert meta.device.type == "meta"
     assert len(kept_memory._KEPT[W_enc]["pre-activations"]) == 1
+
+
+def test_the_selection_flags_each_call_where_the_last_call_did() -> None:
+    """Scratch memory: the same block every call, the same entries as with new memory."""
+    hidden_pre = torch.randn(64, 512, generator=torch.Generator().manual_seed(6))
+    first = sampled_batch_topk_entries(hidden_pre, 40)
+    (block,) = kept_memory._KEPT[kept_memory._SCRATCH]["selection flags"]
+    again = sampled_batch_topk_entries(hidden_pre * 2, 40)
+    (same,) = kept_memory._KEPT[kept_memory._SCRATCH]["selection flags"]
+    assert same is block
+    for have, want in zip(again, first, strict=True):
+        assert torch.equal(have, want)
+    smaller = sampled_batch_topk_entries(hidden_pre[:32], 20)  # another shape: replaced
+    (other,) = kept_memory._KEPT[kept_memory._SCRATCH]["selection flags"]
+    assert other.shape == (32 * 512,)
+    assert torch.equal(smaller.latent, batch_topk_entries(hidden_pre[:32], 20).latent)
 
 
 def test_gradients_of_two_backward_passes_add_up() -> None:

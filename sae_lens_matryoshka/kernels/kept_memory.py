@@ -11,10 +11,11 @@ zero-fills it: on one 2-thread AMD EPYC about 20 ms per 48 MiB, 40 of a
 matmul took 483 ms into fresh memory against 420 into kept memory. The
 sparse path writes these tensors itself (the gradients in
 ``encoder_backward`` and ``level_decode``, the pre-activations in the
-step's encoder matmul, :func:`pre_activations`), so it can write them
-where an earlier step's were, once nothing holds that memory any more;
-autograd then takes a gradient as the parameter's without a copy, as it
-takes any fresh one.
+step's encoder matmul, :func:`pre_activations`, and scratch tensors such as
+the selection's flags, :func:`empty_scratch`), so it can write them where
+an earlier step's were, once nothing holds that memory any more; autograd
+then takes a gradient as the parameter's without a copy, as it takes any
+fresh one.
 
 Nothing is shared that anyone still holds: the memory is handed out again
 only when the tensor kept here is its storage's sole user (no ``.grad``, no
@@ -44,7 +45,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 #: while a loop holds the last step's; more held at once get memory of their own
 KEPT_PER_USE = 2
 
-#: weight -> use ("gradient", "pre-activations") -> the blocks kept for it
+#: weight (or :data:`_SCRATCH`) -> use ("gradient", "pre-activations", ...) -> the blocks kept for it
 _KEPT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -76,6 +77,28 @@ def _kept_empty(
     block = torch.empty(shape, dtype=dtype)
     kept[:] = [*kept[len(kept) - KEPT_PER_USE + 1 :], block]
     return block.detach()
+
+
+class _Scratch:
+    """The owner of the memory no weight owns: a step's scratch tensors, kept for the process's life."""
+
+
+_SCRATCH = _Scratch()
+
+
+def empty_scratch(
+    use: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Uninitialised memory for a scratch tensor a kernel makes and drops within a step: on CPU, an earlier step's.
+
+    Such as the BatchTopK selection's flag per pre-activation (32 MiB at the
+    CPU default size, half of whose 33 ms went to faulting it in). Kept for
+    the process's life, at most :data:`KEPT_PER_USE` blocks per ``use``, of
+    the last shape asked for; elsewhere than on CPU always new memory.
+    """
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return _kept_empty(_SCRATCH, use, shape, dtype)
 
 
 def empty_gradient(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

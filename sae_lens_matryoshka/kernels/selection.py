@@ -32,6 +32,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from sae_lens_matryoshka.kernels.encoder_backward import narrowest_int_dtype
+from sae_lens_matryoshka.kernels.kept_memory import empty_scratch
 from sae_lens_matryoshka.kernels.measured import MeasuredKernel
 from sae_lens_matryoshka.kernels.threads import single_thread
 
@@ -168,7 +169,9 @@ def sampled_batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> Selecti
     if n_keep <= 0:
         return batch_topk_entries(hidden_pre, n_keep)  # nothing to select: no read either
     room = _candidate_room(flat.numel(), n_keep)
-    passing = flat > _candidate_threshold(flat, n_keep)
+    # one flag per value, in memory an earlier step's flags used (on CPU)
+    flags = empty_scratch("selection flags", (flat.numel(),), torch.bool, flat.device)
+    passing = torch.gt(flat, _candidate_threshold(flat, n_keep), out=flags)
     n_passing = passing.count_nonzero()  # a sum would convert every flag to int64 first
     # the buffer's unused end repeats the last entry, so that every index stays
     # valid and increasing whatever the count (a missed selection is still decoded)
