@@ -49,6 +49,13 @@ KEPT_PER_USE = 2
 _KEPT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+class _Scratch:
+    """The owner of the memory no weight owns: a step's scratch tensors, kept for the process's life."""
+
+
+_SCRATCH = _Scratch()
+
+
 def _users(tensor: torch.Tensor) -> int:
     """How many references ``tensor``'s storage has (tensors, views, storage objects)."""
     storage = tensor.untyped_storage()  # held while counted: the count includes it
@@ -63,13 +70,13 @@ def _only_user(kept: torch.Tensor) -> bool:
 
 
 def _kept_empty(
-    weight: torch.Tensor, use: str, shape: tuple[int, ...], dtype: torch.dtype
+    owner: torch.Tensor | _Scratch, use: str, shape: tuple[int, ...], dtype: torch.dtype
 ) -> torch.Tensor:
-    """Uninitialised CPU memory of ``shape`` and ``dtype``: a block kept for ``weight``'s ``use`` that nothing else uses, else a new one.
+    """Uninitialised CPU memory of ``shape`` and ``dtype``: a block kept for ``owner``'s ``use`` that nothing else uses, else a new one.
 
     A new block is kept in place of the oldest where :data:`KEPT_PER_USE` are.
     """
-    kept: list[torch.Tensor] = _KEPT.setdefault(weight, {}).setdefault(use, [])
+    kept: list[torch.Tensor] = _KEPT.setdefault(owner, {}).setdefault(use, [])
     kept[:] = [block for block in kept if block.shape == shape and block.dtype == dtype]
     for block in kept:
         if _only_user(block):
@@ -77,13 +84,6 @@ def _kept_empty(
     block = torch.empty(shape, dtype=dtype)
     kept[:] = [*kept[len(kept) - KEPT_PER_USE + 1 :], block]
     return block.detach()
-
-
-class _Scratch:
-    """The owner of the memory no weight owns: a step's scratch tensors, kept for the process's life."""
-
-
-_SCRATCH = _Scratch()
 
 
 def empty_scratch(
