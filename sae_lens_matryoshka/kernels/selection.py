@@ -79,7 +79,7 @@ def _candidate_threshold(flat: torch.Tensor, n_keep: int) -> torch.Tensor | floa
     if sample_plan is None:
         return 0.0
     size, above = sample_plan
-    sample = flat[_sample_positions(flat.numel(), size, flat.device)]
+    sample = flat.index_select(0, _sample_positions(flat.numel(), size, flat.device))
     return sample.kthvalue(size - above).values.clamp(min=0.0)
 
 
@@ -132,7 +132,7 @@ def batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> Selection:
     if candidates.numel() < n_keep:
         candidates = (flat > 0).nonzero().squeeze(1)
     if candidates.numel() > n_keep:
-        candidates = candidates[_first_largest(flat[candidates], n_keep)]
+        candidates = candidates[_first_largest(flat.index_select(0, candidates), n_keep)]
     return Selection(candidates // d_sae, candidates % d_sae)
 
 
@@ -178,7 +178,7 @@ def sampled_batch_topk_entries(hidden_pre: torch.Tensor, n_keep: int) -> Selecti
     candidates = torch.nonzero_static(passing, size=room, fill_value=flat.numel() - 1).squeeze(1)
     if room > n_keep:
         used = torch.arange(room, device=flat.device) < n_passing
-        values = torch.where(used, flat[candidates], -torch.inf)
+        values = torch.where(used, flat.index_select(0, candidates), -torch.inf)
         candidates = candidates[_first_largest(values, n_keep)]
     missed = (n_passing < n_keep) | (n_passing > room)
     return Selection(candidates // d_sae, candidates % d_sae, missed)
