@@ -223,7 +223,7 @@ class Floor(nn.Module):
     autocast, which casts the inputs), so the floor allocates nothing per
     step but Adam's own temporaries, which every contender's Adam allocates
     too; a contender's time over it is everything else: selection, decode,
-    losses, backward, allocation. (Until 2026-12-07 the floor's matmul
+    losses, backward, allocation. (Before commit af1a0ce the floor's matmul
     wrote a fresh result every step, 128 MiB at the CPU default size, which
     took it 60 ms more on one 2-thread AMD EPYC to fault in.)
     """
