@@ -18,8 +18,19 @@ import torch
 
 from sae_lens_matryoshka.collectives import Collectives
 from sae_lens_matryoshka.decoder import FreeDecoder, RawValues
-from sae_lens_matryoshka.kernels.encoder_backward import EntryOrder, SparseEncoderValues
-from sae_lens_matryoshka.kernels.level_decode import RunningLevels, decode_groups, decode_levels
+from sae_lens_matryoshka.kernels.encoder_backward import (
+    EncoderEntries,
+    EntryOrder,
+    LaterEncoderValues,
+    SparseEncoderValues,
+)
+from sae_lens_matryoshka.kernels.entry_sets import EntrySets
+from sae_lens_matryoshka.kernels.level_decode import (
+    DecodeEntries,
+    RunningLevels,
+    decode_groups,
+    decode_levels,
+)
 from sae_lens_matryoshka.kernels.selection import DeadLatentPick
 from sae_lens_matryoshka.levels import LevelPlan
 
@@ -140,6 +151,9 @@ class PreActivations(NamedTuple):
     raw_values: RawValues
     #: the leading dimensions of the step's input (``[n_tokens]`` flattens them)
     batch_shape: torch.Size
+    #: the sets of entries differentiated through ``W_enc``: the first, then the
+    #: dead-latent loss's, whose gradients the first one's backward sums (``kernels.entry_sets``)
+    entry_sets: EntrySets[EncoderEntries]
 
     def decoding_values(
         self,
@@ -158,9 +172,24 @@ class PreActivations(NamedTuple):
             at_entries = self.hidden_pre[token, latent]
         with torch.no_grad():
             values = self.raw_values(at_entries, latent)
-        attached: torch.Tensor = SparseEncoderValues.apply(
-            values, self.sae_in, self.shift, self.W_enc, self.b_enc, token, latent, order
+        sets = self.entry_sets
+        attached: torch.Tensor
+        if sets.link is not None:
+            attached = LaterEncoderValues.apply(values, sets.link, token, latent, order, sets.later)
+            return attached
+        attached, link = SparseEncoderValues.apply(
+            values,
+            self.sae_in,
+            self.shift,
+            self.W_enc,
+            self.b_enc,
+            token,
+            latent,
+            order,
+            sets.later,
         )
+        if link.requires_grad:  # a first set with a graph: later sets join it
+            sets.link = link
         return attached
 
     def entry_order(self, latent: torch.Tensor) -> EntryOrder:
@@ -180,6 +209,9 @@ class SparseEncoding(NamedTuple):
     feature_acts: torch.Tensor
     #: the entries' latent-major order, which the encoder's and the decode's backward share
     order: EntryOrder
+    #: the sets of entries decoded through ``W_dec``: these, then the dead-latent loss's,
+    #: whose ``W_dec`` gradients the first decode's backward computes (``kernels.entry_sets``)
+    decode_sets: EntrySets[DecodeEntries]
 
     @classmethod
     def of_entries(
@@ -198,7 +230,7 @@ class SparseEncoding(NamedTuple):
             is_coalesced=True,  # token-major: already in coalesced order, each entry once
             check_invariants=False,
         )
-        return cls(pre, token, latent, decoding_values, feature_acts, order)
+        return cls(pre, token, latent, decoding_values, feature_acts, order, EntrySets())
 
     @property
     def hidden_pre(self) -> torch.Tensor:
@@ -212,7 +244,14 @@ class SparseEncoding(NamedTuple):
     ) -> torch.Tensor:
         n_tokens = self.pre.sae_in.shape[0]
         partials = decode_groups(
-            self.decoding_values, self.token, self.latent, W_dec, n_tokens, plan.bounds, self.order
+            self.decoding_values,
+            self.token,
+            self.latent,
+            W_dec,
+            n_tokens,
+            plan.bounds,
+            self.order,
+            self.decode_sets,
         )
         reconstructions = RunningLevels.apply(partials, b_dec, detach)
         return reconstructions.unflatten(1, self.pre.batch_shape)
@@ -234,8 +273,9 @@ class SparseEncoding(NamedTuple):
             values = values.relu()
         n_tokens = self.pre.sae_in.shape[0]
         one_group = latent.new_zeros(0)
-        recon = decode_groups(values, token, latent, W_dec, n_tokens, one_group, order)[:, 0]
-        return recon.unflatten(0, self.pre.batch_shape)
+        sets = self.decode_sets
+        recon = decode_groups(values, token, latent, W_dec, n_tokens, one_group, order, sets)
+        return recon[:, 0].unflatten(0, self.pre.batch_shape)
 
 
 def dense_only(encoding: Encoding) -> DenseEncoding:

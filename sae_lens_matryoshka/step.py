@@ -25,6 +25,7 @@ from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens_matryoshka.collectives import SINGLE_PROCESS, Collectives
 from sae_lens_matryoshka.encodings import DenseEncoding, Encoding, PreActivations, SparseEncoding
 from sae_lens_matryoshka.first_batch import check_first_batch
+from sae_lens_matryoshka.kernels.entry_sets import EntrySets
 from sae_lens_matryoshka.kernels.kept_memory import pre_activations
 from sae_lens_matryoshka.kernels.selection import dead_latent_pick
 from sae_lens_matryoshka.levels import LevelPlan
@@ -234,7 +235,9 @@ def encode_sparse(
         raw_values = sae.decoder.scale_pre_activations_(hidden_pre, sae.W_dec)
     sae.hook_sae_acts_pre(hidden_pre.view(*batch_shape, -1))
     shift = sae.b_dec if sae.cfg.apply_b_dec_to_input else None
-    pre = PreActivations(hidden_pre, sae_in, shift, sae.W_enc, sae.b_enc, raw_values, batch_shape)
+    pre = PreActivations(
+        hidden_pre, sae_in, shift, sae.W_enc, sae.b_enc, raw_values, batch_shape, EntrySets()
+    )
     token, latent, missed = sae.activation_fn.select(hidden_pre, collectives, count_on_host)
     encoding = SparseEncoding.of_entries(pre, token, latent)
     sae.hook_sae_acts_post(encoding.feature_acts)

@@ -20,6 +20,7 @@ ORDER = [
     "kernels.threads",
     "kernels.measured",
     "kernels.kept_memory",
+    "kernels.entry_sets",
     "kernels.encoder_backward",
     "kernels.selection",
     "kernels.level_decode",

@@ -24,7 +24,9 @@ from sae_lens_matryoshka.collectives import SINGLE_PROCESS
 from sae_lens_matryoshka.kernels import encoder_backward, measured, selection
 from sae_lens_matryoshka.kernels.encoder_backward import (
     ENCODER_WEIGHT_GRAD,
+    EncoderEntries,
     EntryOrder,
+    LaterEncoderValues,
     SparseEncoderValues,
     bagged_weight_grad,
     csr_weight_grad,
@@ -32,6 +34,7 @@ from sae_lens_matryoshka.kernels.encoder_backward import (
     latent_major_order,
     row_starts,
 )
+from sae_lens_matryoshka.kernels.entry_sets import LaterGradients
 from sae_lens_matryoshka.kernels.level_decode import RunningLevels, decode_groups, decode_levels
 from sae_lens_matryoshka.kernels.measured import CACHE_ENV, CHOICE_ENV, MeasuredKernel
 from sae_lens_matryoshka.kernels.selection import (
@@ -235,7 +238,10 @@ def _sparse_values(
     """The pre-activations at the entries, computed without a graph and re-attached sparsely."""
     sae_in = (x - shift).detach()
     values = (sae_in @ W_enc + b_enc).detach()[TOKEN, LATENT]
-    return SparseEncoderValues.apply(values, sae_in, shift, W_enc, b_enc, TOKEN, LATENT)
+    values, _link = SparseEncoderValues.apply(
+        values, sae_in, shift, W_enc, b_enc, TOKEN, LATENT, None, LaterGradients()
+    )
+    return values
 
 
 def test_sparse_encoder_backward_passes_gradcheck() -> None:
@@ -254,6 +260,72 @@ def test_sparse_encoder_gradients_equal_dense_autograd() -> None:
     got = torch.autograd.grad((_sparse_values(x, *inputs) * upstream).sum(), inputs)
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have, want)
+
+
+# a later set of entries of the same pre-activations (the dead-latent loss's), sharing latents
+LATER_TOKEN = torch.tensor([0, 1, 1, 2, 4, 5, 5])
+LATER_LATENT = torch.tensor([7, 3, 7, 1, 4, 2, 6])
+
+
+@pytest.mark.parametrize("reached", ["both", "first", "later"])
+def test_a_later_set_of_entries_joins_the_first_sets_backward(reached: str) -> None:
+    """One backward for both sets equals dense autograd of both, whichever losses the pass reaches.
+
+    The later set's gradients reach ``W_enc``, ``b_enc`` and the shift through
+    the first set's backward (the link), also when only the later set's loss
+    is differentiated; a pass that reaches only the first set computes its own.
+    """
+    x, shift, W_enc, b_enc = _encoder_inputs()
+    inputs = (shift, W_enc, b_enc)
+    generator = torch.Generator().manual_seed(3)
+    up_first = torch.randn(len(TOKEN), dtype=torch.double, generator=generator)
+    up_later = torch.randn(len(LATER_TOKEN), dtype=torch.double, generator=generator)
+    weights = {"both": (1, 1), "first": (1, 0), "later": (0, 1)}[reached]
+
+    dense = (x - shift) @ W_enc + b_enc
+    dense_loss = weights[0] * (dense[TOKEN, LATENT] * up_first).sum()
+    dense_loss = dense_loss + weights[1] * (dense[LATER_TOKEN, LATER_LATENT] * up_later).sum()
+    expected = torch.autograd.grad(dense_loss, inputs)
+
+    sae_in = (x - shift).detach()
+    pre = (sae_in @ W_enc + b_enc).detach()
+    later = LaterGradients[EncoderEntries]()
+    first, link = SparseEncoderValues.apply(
+        pre[TOKEN, LATENT], sae_in, shift, W_enc, b_enc, TOKEN, LATENT, None, later
+    )
+    second = LaterEncoderValues.apply(
+        pre[LATER_TOKEN, LATER_LATENT], link, LATER_TOKEN, LATER_LATENT, None, later
+    )
+    losses = [(first * up_first).sum(), (second * up_later).sum()]
+    loss = sum(loss for loss, weight in zip(losses, weights, strict=True) if weight)
+    got = torch.autograd.grad(loss, inputs)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want)
+    assert later.take() == []  # the first set's backward took what the later one left
+
+
+@pytest.mark.parametrize("kernel", sorted(ENCODER_WEIGHT_GRAD.candidates))
+def test_the_encoder_gradient_of_several_sets_is_their_sum(
+    monkeypatch: pytest.MonkeyPatch, kernel: str
+) -> None:
+    """One call over both sets, on uninitialised memory: the sum of each set's gradient."""
+    pin_kernel(monkeypatch, "encoder_weight_grad", kernel)
+    generator = torch.Generator().manual_seed(4)
+    sae_in = torch.randn(6, 5, generator=generator)
+    sets = [
+        EncoderEntries(TOKEN, LATENT, torch.randn(len(TOKEN), generator=generator)),
+        EncoderEntries(
+            LATER_TOKEN, LATER_LATENT, torch.randn(len(LATER_TOKEN), generator=generator)
+        ),
+    ]
+    alone = [encoder_weight_grad(sae_in, [part], 9) for part in sets]
+    with new_empty_filled_with_nan():
+        both = encoder_weight_grad(sae_in, sets, 9)
+    torch.testing.assert_close(both, alone[0] + alone[1])
+    if (
+        kernel == "bagged"
+    ):  # the blocks' sums, then one copy: what adding the two gives, bit for bit
+        assert torch.equal(both, alone[0] + alone[1])
 
 
 @pytest.mark.parametrize("detach", [False, True])
@@ -292,13 +364,17 @@ def test_encoder_weight_gradient_is_the_dense_product(
     grad = torch.randn(len(TOKEN), generator=generator)
     G = torch.zeros(6, 9)
     G[TOKEN, LATENT] = grad
-    torch.testing.assert_close(encoder_weight_grad(sae_in, TOKEN, LATENT, grad, 9), sae_in.T @ G)
+    torch.testing.assert_close(
+        encoder_weight_grad(sae_in, [EncoderEntries(TOKEN, LATENT, grad)], 9), sae_in.T @ G
+    )
     # whatever memory the result is written over held (NaN here) is ignored
     with new_empty_filled_with_nan():
-        got = encoder_weight_grad(sae_in, TOKEN, LATENT, grad, 9)
+        got = encoder_weight_grad(sae_in, [EncoderEntries(TOKEN, LATENT, grad)], 9)
     torch.testing.assert_close(got, sae_in.T @ G)
     # bfloat16 inputs are multiplied in float32 (no bfloat16 sparse kernel on CPU)
-    low = encoder_weight_grad(sae_in.bfloat16(), TOKEN, LATENT, grad.bfloat16(), 9)
+    low = encoder_weight_grad(
+        sae_in.bfloat16(), [EncoderEntries(TOKEN, LATENT, grad.bfloat16())], 9
+    )
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, sae_in.T @ G, rtol=2e-2, atol=2e-2)
     # and at a size with many entries per token, as the dead-latent loss has
@@ -307,7 +383,7 @@ def test_encoder_weight_gradient_is_the_dense_product(
     sae_in = torch.randn(64, 24, generator=generator)
     G = torch.zeros(64, 512)
     G[token, latent] = grad
-    got = encoder_weight_grad(sae_in, token, latent, grad, 512)
+    got = encoder_weight_grad(sae_in, [EncoderEntries(token, latent, grad)], 512)
     torch.testing.assert_close(got, sae_in.T @ G, rtol=1e-5, atol=1e-5)
 
 
@@ -327,9 +403,9 @@ def test_the_bagged_encoder_gradient_in_blocks_is_the_same_sums(
     G = torch.zeros(6, 9)
     G[token, latent] = grad
     monkeypatch.setattr(encoder_backward, "BAG_BLOCK", 9)
-    whole = bagged_weight_grad(sae_in, token, latent, grad, _nan_out(5, 9))
+    whole = bagged_weight_grad(sae_in, [EncoderEntries(token, latent, grad)], _nan_out(5, 9))
     monkeypatch.setattr(encoder_backward, "BAG_BLOCK", block)
-    got = bagged_weight_grad(sae_in, token, latent, grad, _nan_out(5, 9))
+    got = bagged_weight_grad(sae_in, [EncoderEntries(token, latent, grad)], _nan_out(5, 9))
     assert torch.equal(got, whole)
     torch.testing.assert_close(got, sae_in.T @ G)
 
@@ -484,8 +560,8 @@ def test_the_encoder_kernels_round_differently_so_a_run_must_keep_one() -> None:
     token, latent = topk_entries(torch.randn(256, 512, generator=generator), 64)
     grad = torch.randn(len(token), generator=generator)
     sae_in = torch.randn(256, 48, generator=generator)
-    csr = csr_weight_grad(sae_in, token, latent, grad, _nan_out(48, 512))
-    bagged = bagged_weight_grad(sae_in, token, latent, grad, _nan_out(48, 512))
+    csr = csr_weight_grad(sae_in, [EncoderEntries(token, latent, grad)], _nan_out(48, 512))
+    bagged = bagged_weight_grad(sae_in, [EncoderEntries(token, latent, grad)], _nan_out(48, 512))
     torch.testing.assert_close(csr, bagged)
     assert not torch.equal(csr, bagged)
 
@@ -616,12 +692,16 @@ def test_the_csr_product_through_the_shared_order_sorts_nothing_and_equals_torch
     order = EntryOrder(latent, 4096)
     _ = order.order, order.starts
     with torch.profiler.profile() as through_csc:
-        got = csr_weight_grad(sae_in, token, latent, grad, _nan_out(16, 4096), order)
+        got = csr_weight_grad(
+            sae_in, [EncoderEntries(token, latent, grad, order)], _nan_out(16, 4096)
+        )
     assert not [event.name for event in through_csc.events() if "sort" in event.name]
     assert torch.equal(got, expected)
     assert torch.equal(
-        bagged_weight_grad(sae_in, token, latent, grad, _nan_out(16, 4096), order),
-        bagged_weight_grad(sae_in, token, latent, grad, _nan_out(16, 4096)),
+        bagged_weight_grad(
+            sae_in, [EncoderEntries(token, latent, grad, order)], _nan_out(16, 4096)
+        ),
+        bagged_weight_grad(sae_in, [EncoderEntries(token, latent, grad)], _nan_out(16, 4096)),
     )
 
 

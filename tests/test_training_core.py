@@ -381,8 +381,9 @@ def test_the_bagged_encoder_gradient_reads_its_blocks_on_cpu_only(
             out.loss.backward()
         return syncs
 
-    gradients = 1 if dead is None else 2
-    block_reads = ["tolist@encoder_backward.py:bagged_weight_grad"] * gradients
+    # one W_enc gradient over one or two sets of entries, each set's blocks read once
+    sets = 1 if dead is None else 2
+    block_reads = ["tolist@encoder_backward.py:in_blocks"] * sets
     assert sorted(second_step_reads(on_cpu)) == sorted(ONE_READ + block_reads)
     with on_fake_device():
         # (a stand-in tensor's tolist calls its CPU data's too: the one read counts twice)

@@ -44,6 +44,10 @@ product takes the entries as they are.
   hands blocks this large back to the operating system, and every step
   faulted them in anew), handed out again only once nothing holds it; the
   two gradient kernels and the encoder's matmul write there;
+- ``entry_sets``: several sets of a step's entries through one weight (the
+  reconstruction's and the dead-latent loss's), whose gradients the first
+  set's backward computes in one kernel call, where autograd would sum
+  separate gradients into new memory;
 - ``jumprelu``: the JumpReLU and its straight-through estimators;
 - ``threads``: torch on one thread, where its intra-op threads only wait for
   each other (sorts on shared cores, tiny tensors).

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
+from sae_lens_matryoshka.kernels.entry_sets import LaterGradients
 from sae_lens_matryoshka.kernels.kept_memory import empty_gradient
 from sae_lens_matryoshka.kernels.measured import MeasuredKernel, entries_per_token
 from sae_lens_matryoshka.kernels.threads import single_thread
@@ -86,47 +88,60 @@ class EntryOrder:
         return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
+class EncoderEntries(NamedTuple):
+    """One set of a step's token-major entries and their values' gradient: what ``W_enc``'s gradient sums."""
+
+    token: torch.Tensor
+    latent: torch.Tensor
+    #: the gradient of each entry's value
+    grad: torch.Tensor
+    #: the entries' latent-major order where another backward shares it, else None
+    order: EntryOrder | None = None
+
+    def ordered(self, d_sae: int) -> EntryOrder:
+        """The entries' latent-major order: the shared one, or one of their own."""
+        return EntryOrder(self.latent, d_sae) if self.order is None else self.order
+
+
 def csr_weight_grad(
-    sae_in: torch.Tensor,
-    token: torch.Tensor,
-    latent: torch.Tensor,
-    grad: torch.Tensor,
-    out: torch.Tensor,
-    order: EntryOrder | None = None,
+    sae_in: torch.Tensor, entries: Sequence[EncoderEntries], out: torch.Tensor
 ) -> torch.Tensor:
-    """``sae_in.T @ G`` as one sparse-dense product with ``G``'s compressed form (see :func:`encoder_weight_grad`).
+    """``sae_in.T @ G`` as sparse-dense products with ``G``'s compressed form, one per set (see :func:`encoder_weight_grad`).
 
     On CPU torch computes a dense-times-sparse product through ``G``'s
     transpose, ``G`` in CSC form: handed ``G``'s CSR form (the token-major
     entries as they are) it converts it with an internal sort of the
-    entries; handed the CSC form built from ``order`` (the entries' shared
-    latent-major order) it sorts nothing and computes the same product, bit
-    for bit. Elsewhere ``G`` goes in CSR form. Written into ``out``.
+    entries; handed the CSC form built from the entries' shared latent-major
+    order it sorts nothing and computes the same product, bit for bit.
+    Elsewhere ``G`` goes in CSR form. The first set's product is written into
+    ``out``, each later set's added to it.
     """
     dtype, d_sae = out.dtype, out.shape[1]
     shape = (sae_in.shape[0], d_sae)
-    if sae_in.device.type == "cpu":
-        order = EntryOrder(latent, d_sae) if order is None else order
-        matrix = torch.sparse_csc_tensor(
-            order.starts,
-            order.by_latent(token),
-            order.by_latent(grad.to(dtype)),
-            shape,
-            check_invariants=False,
-        )
-    else:
-        matrix = torch.sparse_csr_tensor(
-            row_starts(token, sae_in.shape[0]),
-            latent,
-            grad.to(dtype),
-            shape,
-            check_invariants=False,
-        )
     # written in place over the uninitialised output (beta=0 ignores it, NaN
     # included): a plain mm zero-fills its result and copies the product over
     # it. A backward under autocast would cast the product back to bfloat16.
     with torch.autocast(sae_in.device.type, enabled=False):
-        return out.addmm_(sae_in.t().to(dtype), matrix, beta=0)
+        for number, part in enumerate(entries):
+            if sae_in.device.type == "cpu":
+                order = part.ordered(d_sae)
+                matrix = torch.sparse_csc_tensor(
+                    order.starts,
+                    order.by_latent(part.token),
+                    order.by_latent(part.grad.to(dtype)),
+                    shape,
+                    check_invariants=False,
+                )
+            else:
+                matrix = torch.sparse_csr_tensor(
+                    row_starts(part.token, sae_in.shape[0]),
+                    part.latent,
+                    part.grad.to(dtype),
+                    shape,
+                    check_invariants=False,
+                )
+            out.addmm_(sae_in.t().to(dtype), matrix, beta=0 if number == 0 else 1)
+    return out
 
 
 #: latents per block of the bagged ``W_enc`` gradient on CPU: a block's ``[block, d_in]``
@@ -135,49 +150,71 @@ BAG_BLOCK = 512
 
 
 def bagged_weight_grad(
-    sae_in: torch.Tensor,
-    token: torch.Tensor,
-    latent: torch.Tensor,
-    grad: torch.Tensor,
-    out: torch.Tensor,
-    order: EntryOrder | None = None,
+    sae_in: torch.Tensor, entries: Sequence[EncoderEntries], out: torch.Tensor
 ) -> torch.Tensor:
     """``sae_in.T @ G`` as ``embedding_bag``s over the entries sorted by latent (see :func:`encoder_weight_grad`).
 
     Column ``j`` of the gradient is the sum of the input rows of latent
-    ``j``'s entries weighted by their gradients: one bag per latent, in the
-    entries' latent-major ``order`` (sorted here if not given). The bags give
-    rows, ``[d_sae, d_in]``, and ``out`` is ``W_enc``'s layout, ``[d_in,
-    d_sae]``: on CPU the latents go in blocks of :data:`BAG_BLOCK`, each
-    block's rows copied transposed into its columns of ``out`` while they are
-    in cache (one whole ``[d_sae, d_in]`` result and its transposing copy took
-    53 ms where the blocks take 18, on one 2-thread AMD EPYC at the default
-    benchmark size, and a fresh 48 MiB to fault in). The blocks' first
-    entries are read from ``order`` (CPU memory: no synchronisation). On
-    other devices, where that read would wait for the device, it is one
-    block. The sums are the same either way, bit for bit.
+    ``j``'s entries weighted by their gradients: one bag per latent, in each
+    set's latent-major order. The bags give rows, ``[d_sae, d_in]``, and
+    ``out`` is ``W_enc``'s layout, ``[d_in, d_sae]``: on CPU the latents go in
+    blocks of :data:`BAG_BLOCK`, each block's rows (summed over the sets)
+    copied transposed into its columns of ``out`` while they are in cache (one
+    whole ``[d_sae, d_in]`` result and its transposing copy took 53 ms where
+    the blocks take 18, on one 2-thread AMD EPYC at the default benchmark
+    size, and a fresh 48 MiB to fault in). The blocks' first entries are read
+    from each set's order (CPU memory: no synchronisation). On other devices,
+    where that read would wait for the device, it is one block. The sums are
+    the same either way, bit for bit, and the same as summing each set's
+    whole gradient afterwards.
     """
     dtype, d_sae = out.dtype, out.shape[1]
-    order = EntryOrder(latent, d_sae) if order is None else order
-    tokens, weights = order.by_latent(token), order.by_latent(grad.to(dtype))
     table = sae_in.to(dtype)
     block = BAG_BLOCK if sae_in.device.type == "cpu" else d_sae
     firsts = list(range(0, d_sae, block))
-    # each block's first entry, then the entries' end: read only where there are several
-    many = len(firsts) > 1
-    bounds = order.starts[[*firsts, d_sae]].tolist() if many else [0, len(token)]
+    sets = [_LatentBags.in_blocks(part, dtype, d_sae, firsts) for part in entries]
     with torch.autocast(sae_in.device.type, enabled=False):
-        for first, start, stop in zip(firsts, bounds, bounds[1:], strict=False):
+        for number, first in enumerate(firsts):
             last = min(first + block, d_sae)
-            sums = torch.nn.functional.embedding_bag(
-                tokens[start:stop],
-                table,
-                order.starts[first:last] - start,
-                mode="sum",
-                per_sample_weights=weights[start:stop],
-            )
+            sums = sets[0].block_sums(table, number, first, last)
+            for later in sets[1:]:
+                sums += later.block_sums(table, number, first, last)
             out[:, first:last].copy_(sums.t())
     return out
+
+
+class _LatentBags(NamedTuple):
+    """One set's entries as bags per latent, and where each block of latents' entries start."""
+
+    tokens: torch.Tensor
+    weights: torch.Tensor
+    order: EntryOrder
+    #: each block's first entry, then the entries' end
+    bounds: list[int]
+
+    @classmethod
+    def in_blocks(
+        cls, part: EncoderEntries, dtype: torch.dtype, d_sae: int, firsts: list[int]
+    ) -> _LatentBags:
+        """``part``'s entries by latent, in blocks of latents starting at ``firsts``."""
+        order = part.ordered(d_sae)
+        # read only where there are several blocks (CPU memory there)
+        many = len(firsts) > 1
+        bounds = order.starts[[*firsts, d_sae]].tolist() if many else [0, len(part.token)]
+        tokens, weights = order.by_latent(part.token), order.by_latent(part.grad.to(dtype))
+        return cls(tokens, weights, order, bounds)
+
+    def block_sums(self, table: torch.Tensor, number: int, first: int, last: int) -> torch.Tensor:
+        """Latents ``[first, last)``'s rows, ``[last - first, d_in]``: block ``number``."""
+        start, stop = self.bounds[number], self.bounds[number + 1]
+        sums: torch.Tensor = torch.nn.functional.embedding_bag(
+            self.tokens[start:stop],
+            table,
+            self.order.starts[first:last] - start,
+            mode="sum",
+            per_sample_weights=self.weights[start:stop],
+        )
+        return sums
 
 
 #: the ``W_enc`` gradient's implementations; the faster is measured per shape where it runs
@@ -193,37 +230,35 @@ def weight_grad_dtype(sae_in: torch.Tensor) -> torch.dtype:
 
 def encoder_weight_grad(
     sae_in: torch.Tensor,
-    token: torch.Tensor,
-    latent: torch.Tensor,
-    grad: torch.Tensor,
+    entries: Sequence[EncoderEntries],
     d_sae: int,
-    order: EntryOrder | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``sae_in.T @ G`` with ``G [n_tokens, d_sae]`` holding ``grad`` at the (token-major) entries.
+    """``sae_in.T @ G`` with ``G [n_tokens, d_sae]`` holding each set's ``grad`` at its (token-major) entries, summed.
 
     The gradient of ``W_enc [d_in, d_sae]``, in its own layout, computed in at
     least float32 (sparse products have no bfloat16 kernel on CPU), by the
-    faster of :func:`csr_weight_grad` and :func:`bagged_weight_grad` for this
-    shape (``kernels.measured``): which is faster depends on the machine and
+    faster of :func:`csr_weight_grad` and :func:`bagged_weight_grad` for these
+    shapes (``kernels.measured``): which is faster depends on the machine and
     on how many entries each token has (on one CPU at d_in 768, d_sae 16384,
     2048 tokens: before the bags went in blocks, the CSR product for ``k`` =
     40 per token, 25 ms against 63, and the bags for the dead-latent loss's
     384, 117 against 301; in blocks, the bags for both, 18-32 ms against the
-    CSR product's 40-49 and 68 against 290-364).
-    ``order``: the entries' latent-major order, if the caller shares one
-    (:class:`EntryOrder`): the bagged candidate uses it, and on CPU the CSR
-    one. Sorted on the first call, it is left out of the candidates' timing.
-    ``out``: where to write it (``[d_in, d_sae]``, contiguous, uninitialised;
-    a kept gradient's memory, :func:`~.kept_memory.empty_gradient`), else
-    new memory.
+    CSR product's 40-49 and 68 against 290-364). Several sets (the
+    reconstruction's and the dead-latent loss's entries, ``entry_sets``) give
+    one gradient, in one call. A set's ``order``: the entries' latent-major
+    order, if the caller shares one (:class:`EntryOrder`): the bagged
+    candidate uses it, and on CPU the CSR one. Sorted on the first call, it
+    is left out of the candidates' timing. ``out``: where to write it
+    (``[d_in, d_sae]``, contiguous, uninitialised; a kept gradient's memory,
+    :func:`~.kept_memory.empty_gradient`), else new memory.
     """
     if out is None:
         out = sae_in.new_empty(sae_in.shape[1], d_sae, dtype=weight_grad_dtype(sae_in))
-    order = EntryOrder(latent, d_sae) if order is None else order
-    per_token = entries_per_token(len(token), sae_in.shape[0])
+    entries = [part._replace(order=part.ordered(d_sae)) for part in entries]
+    per_token = tuple(entries_per_token(len(part.token), sae_in.shape[0]) for part in entries)
     key = (tuple(sae_in.shape), d_sae, per_token, sae_in.dtype, sae_in.device)
-    return ENCODER_WEIGHT_GRAD(key, sae_in, token, latent, grad, out, order)
+    return ENCODER_WEIGHT_GRAD(key, sae_in, entries, out)
 
 
 class SparseEncoderValues(torch.autograd.Function):
@@ -241,6 +276,12 @@ class SparseEncoderValues(torch.autograd.Function):
     gradient is never needed, only its sum, which reaches ``b_dec``.
     ``order`` is the entries' latent-major order when the decode of the same
     entries shares it (:class:`EntryOrder`), else None.
+
+    The step's first set of entries: it returns ``(values, link)``, and later
+    sets of the same pre-activations (:class:`LaterEncoderValues`, the
+    dead-latent loss's) take the link and leave their gradients in ``later``,
+    which this backward sums with its own, in one ``W_enc`` gradient
+    (``kernels.entry_sets``).
     """
 
     @staticmethod
@@ -253,25 +294,62 @@ class SparseEncoderValues(torch.autograd.Function):
         b_enc: torch.Tensor,  # noqa: ARG004 (an input so that it receives a gradient)
         token: torch.Tensor,
         latent: torch.Tensor,
-        order: EntryOrder | None = None,
-    ) -> torch.Tensor:
+        order: EntryOrder | None,
+        later: LaterGradients[EncoderEntries],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(sae_in, W_enc, token, latent)
         ctx.order = order
-        return values.clone()
+        ctx.later = later
+        return values.clone(), values.new_empty(0)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad: torch.Tensor, grad_link: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        del grad_link  # empty: what later sets hand on is in ctx.later
         sae_in, W_enc, token, latent = ctx.saved_tensors
         d_sae = W_enc.shape[1]
-        grad = grad.to(W_enc.dtype)
+        entries = [EncoderEntries(token, latent, grad, ctx.order), *ctx.later.take()]
+        entries = [part._replace(grad=part.grad.to(W_enc.dtype)) for part in entries]
         grad_shift = grad_W_enc = grad_b_enc = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
             grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype, device=grad.device)
-            grad_b_enc.index_add_(0, latent, grad)
+            for part in entries:
+                grad_b_enc.index_add_(0, part.latent, part.grad)
         if ctx.needs_input_grad[2]:
             grad_shift = -(W_enc @ grad_b_enc)
         if ctx.needs_input_grad[3]:
             out = empty_gradient(W_enc, weight_grad_dtype(sae_in))
-            grad_W_enc = encoder_weight_grad(sae_in, token, latent, grad, d_sae, ctx.order, out)
-            grad_W_enc = grad_W_enc.to(W_enc.dtype)
-        return None, None, grad_shift, grad_W_enc, grad_b_enc, None, None, None
+            grad_W_enc = encoder_weight_grad(sae_in, entries, d_sae, out).to(W_enc.dtype)
+        return None, None, grad_shift, grad_W_enc, grad_b_enc, None, None, None, None
+
+
+class LaterEncoderValues(torch.autograd.Function):
+    """A later set of selected pre-activations of the same step: gradients left for the first set's backward.
+
+    The same values as :class:`SparseEncoderValues` gives (cloned, no
+    gradient of their own to ``W_enc``, ``b_enc`` or the shift); ``link`` is
+    the first set's, so autograd runs this backward before that one, which
+    sums the entries and gradients left in ``later`` with its own.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        values: torch.Tensor,
+        link: torch.Tensor,  # noqa: ARG004 (an input so that the first set's backward waits)
+        token: torch.Tensor,
+        latent: torch.Tensor,
+        order: EntryOrder | None,
+        later: LaterGradients[EncoderEntries],
+    ) -> torch.Tensor:
+        ctx.save_for_backward(token, latent)
+        ctx.order = order
+        ctx.later = later
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        token, latent = ctx.saved_tensors
+        ctx.later.leave(EncoderEntries(token, latent, grad, ctx.order))
+        return None, grad.new_empty(0), None, None, None, None

@@ -22,13 +22,13 @@ only when the tensor kept here is its storage's sole user (no ``.grad``, no
 step output a caller still holds, no other reference, no view of it). A
 gradient accumulated over several backward passes, or a tensor the caller
 keeps, gets fresh memory. At most :data:`KEPT_PER_USE` blocks are kept per
-weight and use: one step's backward may make two gradients of one weight
-(the reconstruction's and the dead-latent loss's, which autograd sums), and
-a training loop may hold the last step's output (its pre-activations
-included) while the next step runs (SAELens's trainer does; for it
-``kept_outputs`` drops the pre-activations after the step, and one block
-serves every step). They go with the weight: while it lives, so does up to
-twice the size of each in kept memory.
+weight and use: a training loop may hold the last step's output (its
+pre-activations included) or gradient while the next step runs (SAELens's
+trainer holds the output; for it ``kept_outputs`` drops the pre-activations
+after the step, and one block serves every step, as it does for each
+gradient, the dead-latent loss's entries included, ``kernels.entry_sets``),
+and a second block is made only then. They go with the weight: while it
+lives, so does up to twice the size of each in kept memory.
 
 On a GPU nothing is kept: the caching allocator already reuses freed blocks
 without a fault, and kept blocks would raise the step's peak memory by their
@@ -40,9 +40,8 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-#: the most blocks kept per weight and use: one step's two gradients of a weight (the
-#: reconstruction loss's and the dead-latent loss's), or this step's pre-activations
-#: while a loop holds the last step's; more held at once get memory of their own
+#: the most blocks kept per weight and use: this step's, and the last step's while a
+#: loop still holds it; more held at once get memory of their own
 KEPT_PER_USE = 2
 
 #: weight (or :data:`_SCRATCH`) -> use ("gradient", "pre-activations", ...) -> the blocks kept for it

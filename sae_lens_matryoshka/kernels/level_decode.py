@@ -29,14 +29,15 @@ where it runs and kept.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sae_lens_matryoshka.kernels.encoder_backward import EntryOrder, row_starts
+from sae_lens_matryoshka.kernels.entry_sets import EntrySets, LaterGradients
 from sae_lens_matryoshka.kernels.kept_memory import empty_gradient
 from sae_lens_matryoshka.kernels.measured import MeasuredKernel, entries_per_token
 
@@ -84,6 +85,7 @@ def decode_groups(
     n_tokens: int,
     bounds: torch.Tensor,
     order: EntryOrder | None = None,
+    sets: EntrySets[DecodeEntries] | None = None,
 ) -> torch.Tensor:
     """Each token's decode of each Matryoshka group, ``[n_tokens, n_groups, d_in]``.
 
@@ -94,7 +96,11 @@ def decode_groups(
     With a float32 or float64 ``W_dec`` on CPU, under autograd, it is
     :class:`GroupDecode`, whose forward and both gradients are measured
     kernels and whose backward takes the entries' latent-major ``order``
-    (shared with the encoder's backward, else its own).
+    (shared with the encoder's backward, else its own). ``sets``: the step's
+    sets of entries decoded through ``W_dec`` (``kernels.entry_sets``): the
+    first decode with a graph is :class:`GroupDecode`, each later one
+    :class:`LaterGroupDecode`, whose ``W_dec`` gradients the first one's
+    backward computes with its own, in one kernel call.
 
     Elsewhere it is torch's ``embedding_bag``, forward and backward. For
     bfloat16 or float16 weights, because torch's backward rounds every addition
@@ -114,7 +120,16 @@ def decode_groups(
     if needs_grad and on_cpu and W_dec.dtype in (torch.float32, torch.float64):
         order = EntryOrder(latent, W_dec.shape[0]) if order is None else order
         key = decode_key(W_dec, n_tokens, n_groups, len(latent))
-        out = GroupDecode.apply(values, W_dec, latent, bag, starts, order, key)
+        sets = EntrySets() if sets is None else sets
+        if sets.link is not None:
+            out = LaterGroupDecode.apply(
+                values, sets.link, W_dec.detach(), latent, bag, starts, order, key, sets.later
+            )
+        else:
+            out, link = GroupDecode.apply(
+                values, W_dec, latent, bag, starts, order, key, sets.later
+            )
+            sets.link = link
     else:
         out = F.embedding_bag(latent, W_dec, starts[:-1], mode="sum", per_sample_weights=values)
     return out.view(n_tokens, n_groups, -1)
@@ -169,53 +184,64 @@ GROUP_DECODE = MeasuredKernel(
 )
 
 
-def bagged_decoder_weight_grad(
-    grad: torch.Tensor,
-    values: torch.Tensor,
-    bag: torch.Tensor,
-    order: EntryOrder,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """``G.T @ grad`` as one ``embedding_bag`` over the output gradient's rows, a bag per latent.
+class DecodeEntries(NamedTuple):
+    """One set of a step's decoded entries with its output gradient: what ``W_dec``'s gradient sums."""
 
-    The entries in ``order`` (latent-major) list each latent's bags: the
-    terms torch's ``embedding_bag`` backward adds, in the order it adds them
-    (see :class:`GroupDecode`). ``embedding_bag`` writes only into memory of
-    its own, so its result is copied into ``out``.
+    #: the gradient of the set's decode, a row per bag
+    grad: torch.Tensor
+    values: torch.Tensor
+    #: each entry's bag (its row of ``grad``)
+    bag: torch.Tensor
+    #: the entries' latent-major order
+    order: EntryOrder
+    #: the set's :func:`decode_key`
+    key: Hashable
+
+
+def bagged_decoder_weight_grad(entries: Sequence[DecodeEntries], out: torch.Tensor) -> torch.Tensor:
+    """``G.T @ grad`` as one ``embedding_bag`` per set over its output gradient's rows, a bag per latent.
+
+    The entries in latent-major order list each latent's bags: the terms
+    torch's ``embedding_bag`` backward adds, in the order it adds them (see
+    :class:`GroupDecode`). ``embedding_bag`` writes only into memory of its
+    own, so the first set's result is copied into ``out`` and each later
+    set's added to it (as autograd would sum separate gradients).
     """
-    with torch.autocast(grad.device.type, enabled=False):
-        per_latent = F.embedding_bag(
-            order.by_latent(bag),
-            grad,
-            order.starts[:-1],
-            mode="sum",
-            per_sample_weights=order.by_latent(values),
-        )
-    return out.copy_(per_latent)
+    with torch.autocast(out.device.type, enabled=False):
+        for number, part in enumerate(entries):
+            per_latent = F.embedding_bag(
+                part.order.by_latent(part.bag),
+                part.grad,
+                part.order.starts[:-1],
+                mode="sum",
+                per_sample_weights=part.order.by_latent(part.values),
+            )
+            if number == 0:
+                out.copy_(per_latent)
+            else:
+                out.add_(per_latent)
+    return out
 
 
-def csr_decoder_weight_grad(
-    grad: torch.Tensor,
-    values: torch.Tensor,
-    bag: torch.Tensor,
-    order: EntryOrder,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """``G.T @ grad`` as one sparse-dense product with ``G.T`` in CSR form, built from ``order``.
+def csr_decoder_weight_grad(entries: Sequence[DecodeEntries], out: torch.Tensor) -> torch.Tensor:
+    """``G.T @ grad`` as one sparse-dense product per set with ``G.T`` in CSR form, built from its order.
 
-    ``G.T``'s CSR form is the entries in latent-major ``order``, a row per
-    latent: the same gather the bagged form makes, and no sort. Written over
-    the uninitialised ``out``, outside autocast (see :func:`csr_group_decode`).
+    ``G.T``'s CSR form is the entries in latent-major order, a row per
+    latent: the same gather the bagged form makes, and no sort. The first
+    set's product is written over the uninitialised ``out``, each later one's
+    added to it, outside autocast (see :func:`csr_group_decode`).
     """
-    matrix = torch.sparse_csr_tensor(
-        order.starts,
-        order.by_latent(bag),
-        order.by_latent(values),
-        (order.d_sae, grad.shape[0]),
-        check_invariants=False,
-    )
-    with torch.autocast(grad.device.type, enabled=False):
-        return out.addmm_(matrix, grad, beta=0)
+    with torch.autocast(out.device.type, enabled=False):
+        for number, part in enumerate(entries):
+            matrix = torch.sparse_csr_tensor(
+                part.order.starts,
+                part.order.by_latent(part.bag),
+                part.order.by_latent(part.values),
+                (part.order.d_sae, part.grad.shape[0]),
+                check_invariants=False,
+            )
+            out.addmm_(matrix, part.grad, beta=0 if number == 0 else 1)
+    return out
 
 
 #: ``W_dec``'s gradient (``G.T @ grad``); the faster is measured per shape where it runs
@@ -345,6 +371,11 @@ class GroupDecode(torch.autograd.Function):
     candidates sum in another order: equal up to rounding. For weights in
     bfloat16 this would sum in float32 and round once, where torch's backward
     rounds every addition: :func:`decode_groups` leaves those to torch.
+
+    The step's first decoded set of entries: it returns ``(out, link)``, and
+    later sets (:class:`LaterGroupDecode`, the dead-latent loss's) take the
+    link and leave their output gradients in ``later``, which this backward
+    sums with its own in one ``W_dec`` gradient (``kernels.entry_sets``).
     """
 
     @staticmethod
@@ -356,11 +387,61 @@ class GroupDecode(torch.autograd.Function):
         bag: torch.Tensor,
         starts: torch.Tensor,
         order: EntryOrder,
-        key: tuple[object, ...],
+        key: Hashable,
+        later: LaterGradients[DecodeEntries],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(values, W_dec, latent, bag, starts)
+        ctx.order = order
+        ctx.key = key
+        ctx.later = later
+        out: torch.Tensor = GROUP_DECODE(key, values, W_dec, latent, starts)
+        return out, out.new_empty(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad: torch.Tensor, grad_link: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        del grad_link  # empty: what later sets hand on is in ctx.later
+        values, W_dec, latent, bag, starts = ctx.saved_tensors
+        grad = grad.contiguous()
+        entries = [DecodeEntries(grad, values, bag, ctx.order, ctx.key), *ctx.later.take()]
+        grad_values = grad_W_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_values = DECODE_VALUES_GRAD(ctx.key, grad, W_dec, latent, bag, starts, ctx.order)
+        if ctx.needs_input_grad[1]:
+            out = empty_gradient(W_dec, W_dec.dtype)
+            key = tuple(part.key for part in entries)
+            grad_W_dec = DECODER_WEIGHT_GRAD(key, entries, out)
+        return grad_values, grad_W_dec, None, None, None, None, None, None
+
+
+class LaterGroupDecode(torch.autograd.Function):
+    """A later set's decode of the same step: its ``W_dec`` gradient left for the first set's backward.
+
+    The same decode and values' gradient as :class:`GroupDecode` (``W_dec``
+    comes detached: no gradient of its own); ``link`` is the first set's, so
+    autograd runs this backward before that one, which computes ``W_dec``'s
+    gradient over its own entries and those left in ``later``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        values: torch.Tensor,
+        link: torch.Tensor,  # noqa: ARG004 (an input so that the first set's backward waits)
+        W_dec: torch.Tensor,
+        latent: torch.Tensor,
+        bag: torch.Tensor,
+        starts: torch.Tensor,
+        order: EntryOrder,
+        key: Hashable,
+        later: LaterGradients[DecodeEntries],
     ) -> torch.Tensor:
         ctx.save_for_backward(values, W_dec, latent, bag, starts)
         ctx.order = order
         ctx.key = key
+        ctx.later = later
         out: torch.Tensor = GROUP_DECODE(key, values, W_dec, latent, starts)
         return out
 
@@ -369,13 +450,11 @@ class GroupDecode(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         values, W_dec, latent, bag, starts = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_values = grad_W_dec = None
+        ctx.later.leave(DecodeEntries(grad, values, bag, ctx.order, ctx.key))
+        grad_values = None
         if ctx.needs_input_grad[0]:
             grad_values = DECODE_VALUES_GRAD(ctx.key, grad, W_dec, latent, bag, starts, ctx.order)
-        if ctx.needs_input_grad[1]:
-            out = empty_gradient(W_dec, W_dec.dtype)
-            grad_W_dec = DECODER_WEIGHT_GRAD(ctx.key, grad, values, bag, ctx.order, out)
-        return grad_values, grad_W_dec, None, None, None, None, None
+        return grad_values, grad.new_empty(0), None, None, None, None, None, None, None
 
 
 def _running_sums(
